@@ -1,0 +1,40 @@
+"""Where kernels run: a CUDA GPU, or Triton's interpreter on the CPU.
+
+Importing this module before triton decides the mode: with no CUDA device and
+``TRITON_INTERPRET`` unset, it sets ``TRITON_INTERPRET=1`` so that the same
+kernels run (slowly) on CPU tensors.  The variable must be set before triton
+is first imported, which is why ``bitstable/__init__.py`` imports this first.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+if "triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ:
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+def interpreting() -> bool:
+    """True when kernels run through Triton's interpreter on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernel_device_type() -> str:
+    """The tensor device type kernels accept: 'cpu' under the interpreter, else 'cuda'."""
+    return "cpu" if interpreting() else "cuda"
+
+
+def describe() -> str:
+    """One line naming where kernels run, for CLI output and result files."""
+    import triton
+
+    if interpreting():
+        return f"Triton interpreter on CPU (torch {torch.__version__}, triton {triton.__version__})"
+    name = torch.cuda.get_device_name()
+    cap = torch.cuda.get_device_capability()
+    return (f"{name} (sm_{cap[0]}{cap[1]}, torch {torch.__version__}, "
+            f"triton {triton.__version__}, CUDA {torch.version.cuda})")

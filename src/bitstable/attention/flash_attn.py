@@ -1,0 +1,105 @@
+"""``flash_attn_func``: flash-attn's signature, bitwise-reproducible forward.
+
+Switching from flash-attn is an import change::
+
+    from bitstable import flash_attn_func   # was: from flash_attn import flash_attn_func
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..mode import get_deterministic_mode
+from ..reference import attention_reference
+from .launch import attention_forward
+from .validation import check_options, check_qkv, last_dim_contiguous, normalize_window
+
+
+class _AttentionFn(torch.autograd.Function):
+    """Autograd wrapper: forward through the kernel; backward not implemented yet."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, softmax_scale, left, right, softcap, alibi_slopes):
+        out, lse = attention_forward(q, k, v, softmax_scale, left, right, softcap, alibi_slopes)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        raise NotImplementedError(
+            "bitstable.flash_attn_func: the deterministic attention backward is not "
+            "implemented yet (tracked in its own issue); call the forward under "
+            "torch.no_grad() or use bitstable.set_deterministic(False) to train with stock PyTorch")
+
+
+def _stock_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes):
+    """Stock PyTorch: SDPA where it can express the call, eager math otherwise."""
+    B, Lq, Hq, D = q.shape
+    Lk, Hk = k.shape[1], k.shape[2]
+    left, right = window_size
+    plain = (softcap == 0 and alibi_slopes is None and left < 0 and right < 0
+             and (not causal or Lq == Lk))
+    if plain:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+            scale=softmax_scale, enable_gqa=Hq != Hk)
+        out = out.transpose(1, 2)
+        _, lse = attention_reference(q, k, v, softmax_scale, causal, window_size, softcap,
+                                     alibi_slopes, compute_dtype=torch.float32)
+        return out, lse
+    out, lse = attention_reference(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    return out, lse.float()
+
+
+def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                    softmax_scale: Optional[float] = None, causal: bool = False,
+                    window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                    alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = True,
+                    return_attn_probs: bool = False):
+    """Scaled dot-product attention, bitwise reproducible.
+
+    Args (flash-attn's names and meanings):
+        q: (batch, seqlen_q, nheads, headdim), bfloat16 / float16 / float32.
+        k, v: (batch, seqlen_k, nheads_k, headdim); nheads % nheads_k == 0 (GQA/MQA).
+        dropout_p: must be 0.0 (dropout is not implemented; raises NotImplementedError).
+        softmax_scale: defaults to 1 / sqrt(headdim).
+        causal: causal mask aligned to the bottom-right corner (FlashAttention 2).
+        window_size: (left, right) sliding window; -1 is unbounded.
+        softcap: if > 0, scores become softcap * tanh(scores / softcap).
+        alibi_slopes: (nheads,) or (batch, nheads) float32; adds
+            -slope * |i + seqlen_k - seqlen_q - j| to the score of query i, key j.
+        deterministic: accepted for compatibility; bitstable is always deterministic.
+        return_attn_probs: if True, also return the softmax log-sum-exp
+            (batch, nheads, seqlen_q) float32 and ``None`` in place of the
+            attention-probability matrix, which is never materialised.
+
+    Returns:
+        out (batch, seqlen_q, nheads, headdim) in q's dtype; or
+        ``(out, softmax_lse, None)`` when ``return_attn_probs``.
+
+    Invariance: a query row's output bits depend only on its own query vector,
+    the keys/values it can see, and (arch, dtype, head_dim, split_size), never
+    on the batch, the other rows, the tensors' strides, or how the queries
+    were cut into chunks (for the same keys and absolute positions).
+    Rows that see no key (e.g. causal with seqlen_q > seqlen_k) are 0, with
+    log-sum-exp +inf.
+    """
+    check_qkv(q, k, v)
+    softmax_scale, left, right = check_options(q, dropout_p, softmax_scale, window_size,
+                                               softcap, alibi_slopes)
+    if not isinstance(return_attn_probs, bool):
+        raise TypeError(f"return_attn_probs must be a bool, got {type(return_attn_probs).__name__}")
+    left, right = normalize_window(causal, left, right, k.shape[1])
+
+    if not get_deterministic_mode().enabled:
+        out, lse = _stock_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes)
+        return (out, lse, None) if return_attn_probs else out
+
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out, lse = _AttentionFn.apply(q, k, v, softmax_scale, left, right, float(softcap), alibi_slopes)
+    else:
+        out, lse = attention_forward(q, k, v, softmax_scale, left, right, float(softcap), alibi_slopes)
+    return (out, lse, None) if return_attn_probs else out

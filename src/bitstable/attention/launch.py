@@ -1,0 +1,98 @@
+"""Host side of the dense attention forward: config lookup and kernel launch.
+
+Everything numeric comes from :mod:`bitstable.configs` (block sizes) and
+:mod:`bitstable.mode` (split size); the grid is the only thing derived from the
+input's shape, and it does not change what any output element sums.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import interpreting
+from ..configs import arch_key, attention_config, padded_head_dim
+from ..kernels.attention_fwd import attention_fwd_kernel
+from ..mode import get_deterministic_mode
+from .. import _poison as poison
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def compute_dtype(dtype: torch.dtype):
+    """The dtype the tiles are multiplied in.
+
+    16-bit inputs multiply as themselves on a GPU (fp32 accumulate); float32 in
+    IEEE fp32 (never tf32).  Triton's interpreter computes bf16 ``tl.dot``
+    wrongly, so there bf16 tiles are upcast to fp32 first.
+    """
+    if dtype == torch.bfloat16 and interpreting():
+        return tl.float32
+    return _TL_DTYPES[dtype]
+
+
+def resolve_split_size(block_n: int, split_size: Optional[int]) -> int:
+    """The split size in force, checked against the config's key block."""
+    size = get_deterministic_mode().split_size if split_size is None else split_size
+    if size % block_n != 0:
+        raise ValueError(f"split_size={size} must be a multiple of the key block "
+                         f"block_n={block_n} of this (arch, dtype, head_dim) config")
+    return size
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+                      window_left: int, window_right: int, softcap: float,
+                      alibi_slopes: Optional[torch.Tensor], split_size: Optional[int] = None,
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run the forward kernel on validated inputs.
+
+    q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D] with unit stride on D.  Returns
+    out [B, Lq, Hq, D] (q's dtype, contiguous) and lse [B, Hq, Lq] float32
+    (natural log).  Deterministic and batch-invariant: a row's bits depend only
+    on its own query, the keys/values it sees and the config.
+    """
+    B, Lq, Hq, D = q.shape
+    Lk, Hk = k.shape[1], k.shape[2]
+    cfg = attention_config(arch_key(q.device), q.dtype, D)
+    split = resolve_split_size(cfg.block_n, split_size)
+    out = torch.empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    poison.fill(out, lse)
+    if B == 0 or Lq == 0 or Hq == 0:
+        return out, lse
+
+    log2e = 1.4426950408889634
+    if softcap > 0:
+        qk_scale, softcap_scaled = softcap * log2e, softmax_scale / softcap
+    else:
+        qk_scale, softcap_scaled = softmax_scale * log2e, 1.0
+    if alibi_slopes is not None:
+        alibi = alibi_slopes
+        stride_alibi_b = alibi.stride(0) if alibi.dim() == 2 else 0
+        alibi = alibi if alibi.stride(-1) == 1 else alibi.contiguous()
+    else:
+        alibi, stride_alibi_b = lse, 0   # never read
+
+    causal_like = window_right >= 0
+    grid = (triton.cdiv(Lq, cfg.block_m), B * Hq)
+    attention_fwd_kernel[grid](
+        q, k, v, out, lse, alibi,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        stride_alibi_b,
+        Hq, Hq // Hk, Lq, Lk, D,
+        qk_scale, softcap_scaled, max(window_left, 0), max(window_right, 0),
+        HEAD_DIM=padded_head_dim(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        SPLIT_BLOCKS=split // cfg.block_n, COMPUTE_DTYPE=compute_dtype(q.dtype),
+        ROWWISE=interpreting(),
+        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+        EVEN_D=padded_head_dim(D) == D, WRITE_LSE=True, REVERSE_M=causal_like,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+    )
+    return out, lse

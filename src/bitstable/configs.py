@@ -1,0 +1,119 @@
+"""The frozen table of numeric configs for bitstable's kernels.
+
+Every number that can change which floating-point operations a kernel performs
+lives here, keyed by ``(arch, dtype, padded head_dim)``.  Nothing in this table
+is ever chosen from the batch size, sequence length, or a timing: that is what
+makes an output row independent of everything except its own inputs.
+
+* ``block_n`` is the key block: the unit of the online-softmax inner loop.
+  Keys are cut into blocks of ``block_n`` tokens starting at key position 0.
+* ``block_m`` is the query tile.  On Hopper a row's bits were measured to be the
+  same for 64- and 128-row tiles (both take the wgmma path), so kernels that
+  must agree (prefill, chunked prefill, decode) use tiles of >= 64 rows there.
+* ``num_warps`` / ``num_stages`` are fixed per entry as well, even where they
+  were measured not to change bits, so that no launch depends on a heuristic.
+
+``split_size`` (keys per split, merged in ascending order) is a run-time
+setting (:func:`bitstable.set_deterministic_mode`) that must be a multiple of
+the entry's ``block_n``; its default is :data:`DEFAULT_SPLIT_SIZE`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: Default number of keys per split.  A multiple of every ``block_n`` below.
+DEFAULT_SPLIT_SIZE = 1024
+
+#: Head dims the attention kernels accept: multiples of 8 up to this.
+MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Tile shape and launch parameters for one (arch, dtype, padded head dim)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Smallest power of two >= ``head_dim`` (and >= 16): the kernels' D tile."""
+    p = 16
+    while p < head_dim:
+        p *= 2
+    return p
+
+
+_SIXTEEN_BIT = ("bf16", "fp16")
+
+# Hopper (sm_90).  Keys: padded head dim.  Register use and spills of each entry
+# were read from ptxas for sm_90a (tools/inspect_kernel.py, triton 3.6).
+_SM90_16BIT = {
+    16: AttentionConfig(block_m=128, block_n=128, num_warps=8, num_stages=3),
+    32: AttentionConfig(block_m=128, block_n=128, num_warps=8, num_stages=3),
+    64: AttentionConfig(block_m=128, block_n=128, num_warps=8, num_stages=3),
+    128: AttentionConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    256: AttentionConfig(block_m=64, block_n=32, num_warps=8, num_stages=2),
+}
+# float32 is computed in IEEE fp32 (no tensor cores): small tiles, no spills.
+_SM90_FP32 = {
+    16: AttentionConfig(block_m=32, block_n=16, num_warps=8, num_stages=2),
+    32: AttentionConfig(block_m=32, block_n=16, num_warps=8, num_stages=2),
+    64: AttentionConfig(block_m=32, block_n=16, num_warps=8, num_stages=2),
+    128: AttentionConfig(block_m=32, block_n=16, num_warps=8, num_stages=1),
+    256: AttentionConfig(block_m=32, block_n=16, num_warps=8, num_stages=1),
+}
+# Any other CUDA architecture: conservative tiles that fit 100 KB of shared memory.
+_GENERIC_16BIT = {
+    16: AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),
+    32: AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),
+    64: AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),
+    128: AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),
+    256: AttentionConfig(block_m=64, block_n=32, num_warps=4, num_stages=1),
+}
+# Triton's interpreter (CPU): small tiles so that tests at small sizes still
+# cover several key blocks, several splits and several query tiles.
+_INTERPRETER = {d: AttentionConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+                for d in (16, 32, 64, 128, 256)}
+
+_TABLE = {
+    ("sm90", "bf16"): _SM90_16BIT,
+    ("sm90", "fp16"): _SM90_16BIT,
+    ("sm90", "fp32"): _SM90_FP32,
+    ("generic", "bf16"): _GENERIC_16BIT,
+    ("generic", "fp16"): _GENERIC_16BIT,
+    ("generic", "fp32"): _SM90_FP32,
+    ("interpreter", "bf16"): _INTERPRETER,
+    ("interpreter", "fp16"): _INTERPRETER,
+    ("interpreter", "fp32"): _INTERPRETER,
+}
+
+_DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def arch_key(device: torch.device) -> str:
+    """Name of the config family for ``device``: 'interpreter', 'sm90' or 'generic'."""
+    from ._backend import interpreting
+
+    if interpreting():
+        return "interpreter"
+    major, minor = torch.cuda.get_device_capability(device)
+    return "sm90" if (major, minor) == (9, 0) else "generic"
+
+
+def attention_config(arch: str, dtype: torch.dtype, head_dim: int) -> AttentionConfig:
+    """The fixed attention config for ``(arch, dtype, head_dim)``."""
+    return _TABLE[(arch, _DTYPE_KEYS[dtype])][padded_head_dim(head_dim)]
+
+
+def all_block_n() -> set[int]:
+    """Every ``block_n`` in the table (the default split size is a multiple of each)."""
+    return {c.block_n for fam in _TABLE.values() for c in fam.values()}
+
+
+assert all(DEFAULT_SPLIT_SIZE % bn == 0 for bn in all_block_n())

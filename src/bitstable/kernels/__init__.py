@@ -1,0 +1,1 @@
+"""``@triton.jit`` kernels. attention_core holds the arithmetic every attention kernel shares."""

@@ -1,0 +1,156 @@
+"""Attention's shared arithmetic: score transform, block update, split merge, epilogue.
+
+Every attention kernel (dense forward, and the varlen / KV-cache / decode
+kernels built on it) calls these ``@triton.jit`` functions, so the compiler sees
+one arithmetic everywhere.  Together they define the reduction order of the
+invariance contract:
+
+* keys are cut into blocks of ``BLOCK_N`` tokens starting at key position 0;
+* blocks are grouped into splits of ``split_size`` tokens, also from position 0;
+* inside a split, :func:`block_update` folds blocks in ascending order into a
+  split state ``(m, l, acc)`` that starts from :func:`empty_state`;
+* split states are folded in ascending split order into the running total by
+  :func:`merge_states`;
+* :func:`finalize` turns the total into the output and the log-sum-exp.
+
+States are in base 2: ``m`` is a row max of ``log2(e) * score``, ``l`` the sum of
+``2**(s - m)`` and ``acc`` the matching weighted sum of values, all float32.
+
+A block that is fully masked for a row leaves that row's state bit-for-bit
+unchanged (its max is -inf, its weights are exactly 0, its rescale factor is
+exactly 1), and merging an empty split is the identity.  That is why a kernel
+may skip, or process, blocks that a row cannot see without changing the row's
+bits.  All attention kernels are compiled with ``enable_fp_fusion=False`` so
+that masked and unmasked code paths round identically (no contraction of
+``s * scale - m`` into an FMA on one path only).
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def tile_dot(a, b, acc, ROWWISE: tl.constexpr):
+    """``acc + a @ b`` for tiles a [M, K], b [K, N], accumulating in float32.
+
+    On a GPU this is ``tl.dot`` (tensor cores for 16-bit inputs, IEEE fp32 for
+    float32, never tf32).  Under Triton's interpreter (``ROWWISE``) it is a
+    broadcast multiply and a sum over K instead: numpy's BLAS matmul, which
+    the interpreter would use, rounds a row differently depending on where the
+    row sits inside the tile, and bfloat16 ``tl.dot`` is wrong there.
+    """
+    if ROWWISE:
+        prod = a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :]
+        return acc + tl.sum(prod, axis=1)
+    elif a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def tanh_f32(x):
+    """tanh through exp, identical on every backend (used by softcap)."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def score_transform(s, pos_q, pos_k, qk_scale, softcap_scaled, alibi_slope_log2,
+                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """Raw q.k scores [M, N] fp32 -> base-2 logits.
+
+    ``pos_q`` [M] are the queries' positions aligned to the keys (bottom-right
+    alignment: ``i + Lk - Lq``); ``pos_k`` [N] the keys' absolute positions.
+    Without softcap: ``s * softmax_scale * log2(e)``.  With softcap ``c``:
+    ``c * tanh(s * softmax_scale / c) * log2(e)`` (``softcap_scaled`` carries
+    ``softmax_scale / c`` and ``qk_scale`` carries ``c * log2(e)``).  ALiBi adds
+    ``-slope * |pos_q - pos_k| * log2(e)``.
+    """
+    if HAS_SOFTCAP:
+        s = tanh_f32(s * softcap_scaled) * qk_scale
+    else:
+        s = s * qk_scale
+    if HAS_ALIBI:
+        dist = tl.abs(pos_q[:, None] - pos_k[None, :]).to(tl.float32)
+        s = s - alibi_slope_log2 * dist
+    return s
+
+
+@triton.jit
+def visibility_mask(pos_q, pos_k, seqlen_k, window_left, window_right,
+                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """[M, N] bool: key ``pos_k`` exists and is inside query ``pos_q``'s window.
+
+    Causal is ``HAS_RIGHT`` with ``window_right == 0``.
+    """
+    ok = (pos_k < seqlen_k)[None, :] & (pos_k >= 0)[None, :]
+    if HAS_RIGHT:
+        ok = ok & (pos_k[None, :] <= pos_q[:, None] + window_right)
+    if HAS_LEFT:
+        ok = ok & (pos_k[None, :] >= pos_q[:, None] - window_left)
+    return ok
+
+
+@triton.jit
+def empty_state(BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The state of a row that has seen no key: (m=-inf, l=0, acc=0)."""
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    return m, l, acc
+
+
+@triton.jit
+def block_update(m, l, acc, s, v, P_DTYPE: tl.constexpr, ROWWISE: tl.constexpr):
+    """Fold one key block into a split state (online softmax, base 2).
+
+    ``s`` [M, N] fp32 base-2 logits, -inf where masked; ``v`` [N, D] values.
+    ``P_DTYPE`` is the dtype the weights are rounded to before the P @ V
+    product (the value dtype on tensor cores, float32 for float32 inputs);
+    ``ROWWISE`` selects the interpreter's product (see :func:`tile_dot`).
+    """
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m - m_ref)
+    p = tl.math.exp2(s - m_ref[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tile_dot(p.to(P_DTYPE), v, acc, ROWWISE)
+    return m_new, l, acc
+
+
+@triton.jit
+def merge_states(m_a, l_a, acc_a, m_b, l_b, acc_b):
+    """Merge state ``b`` (the later split) into ``a`` (everything before it).
+
+    The one merge of the library: the prefill kernel merges splits with it in
+    registers, the decode combine kernel merges its workspace with it.
+    """
+    m = tl.maximum(m_a, m_b)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    a = tl.math.exp2(m_a - m_ref)
+    b = tl.math.exp2(m_b - m_ref)
+    l = l_a * a + l_b * b
+    acc = acc_a * a[:, None] + acc_b * b[:, None]
+    return m, l, acc
+
+
+@triton.jit
+def finalize(m, l, acc):
+    """Total state -> (out fp32 [M, D], natural-log LSE [M]).
+
+    A row that saw no key gets out = 0 and lse = +inf (FlashAttention's
+    convention, so that a backward pass gives it zero weights).
+    """
+    empty = l == 0.0
+    l_safe = tl.where(empty, 1.0, l)
+    out = acc / l_safe[:, None]
+    out = tl.where(empty[:, None], 0.0, out)
+    lse = (m + tl.math.log2(l_safe)) * 0.6931471805599453
+    lse = tl.where(empty, float("inf"), lse)
+    return out, lse

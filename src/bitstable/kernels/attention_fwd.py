@@ -1,0 +1,158 @@
+"""The dense attention forward kernel (training and prefill).
+
+One program computes one tile of ``BLOCK_M`` query rows of one (batch, query
+head).  It walks the key blocks the tile can see in ascending order, folds them
+into a split state with :func:`block_update`, and at every split boundary
+(``SPLIT_BLOCKS`` blocks, aligned to key position 0) merges the split into the
+running total with :func:`merge_states`.  The walk is cut into three loops:
+leading blocks that need a mask (sliding window), blocks every row of the tile
+sees whole (no mask, the fast path), trailing blocks that need a mask (causal
+diagonal, window's right edge, the ragged end of the keys).  A row's bits do
+not depend on which loop handled a block (see attention_core).
+
+Layout: q ``[B, Lq, Hq, D]``, k/v ``[B, Lk, Hkv, D]`` with any strides; out like
+q; lse ``[B, Hq, Lq]`` float32.  Query head ``h`` reads key/value head
+``h // (Hq // Hkv)``.
+"""
+
+import triton
+import triton.language as tl
+
+from .attention_core import (block_update, empty_state, finalize, merge_states,
+                             score_transform, tile_dot, visibility_mask)
+
+
+@triton.jit
+def _process_block(j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_base, v_base, stride_kn, stride_vn,
+                   offs_n, offs_d, pos_q, seqlen_k, head_dim,
+                   qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+                   MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SPLIT_BLOCKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
+                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Fold key block ``j`` into the split state; merge into the total at a split end."""
+    pos_k = j * BLOCK_N + offs_n
+    k_ptrs = k_base + pos_k[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = v_base + pos_k[:, None] * stride_vn + offs_d[None, :]
+    if MASKED:
+        ld_mask = (pos_k < seqlen_k)[:, None] & (offs_d < head_dim)[None, :]
+        k = tl.load(k_ptrs, mask=ld_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        ld_mask = (offs_d < head_dim)[None, :]
+        k = tl.load(k_ptrs, mask=ld_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
+    k = k.to(COMPUTE_DTYPE)
+    v = v.to(COMPUTE_DTYPE)
+    s = tile_dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), ROWWISE)
+    s = score_transform(s, pos_q, pos_k, qk_scale, softcap_scaled, alibi_slope_log2,
+                        HAS_SOFTCAP, HAS_ALIBI)
+    if MASKED:
+        vis = visibility_mask(pos_q, pos_k, seqlen_k, window_left, window_right,
+                              HAS_LEFT, HAS_RIGHT)
+        s = tl.where(vis, s, float("-inf"))
+    m_s, l_s, acc_s = block_update(m_s, l_s, acc_s, s, v, COMPUTE_DTYPE, ROWWISE)
+    if (j + 1) % SPLIT_BLOCKS == 0:
+        m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
+        m_s = tl.zeros_like(m_s) + float("-inf")
+        l_s = tl.zeros_like(l_s)
+        acc_s = tl.zeros_like(acc_s)
+    return m_s, l_s, acc_s, m_t, l_t, acc_t
+
+
+@triton.jit
+def attention_fwd_kernel(
+    Q, K, V, O, LSE, ALIBI,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_om, stride_oh,
+    stride_alibi_b,
+    num_heads_q, group_size, seqlen_q, seqlen_k, head_dim,
+    qk_scale, softcap_scaled, window_left, window_right,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_BLOCKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    EVEN_D: tl.constexpr, WRITE_LSE: tl.constexpr, REVERSE_M: tl.constexpr,
+):
+    """Grid: (cdiv(Lq, BLOCK_M), B * Hq).  Last-dim strides are 1 (the launcher ensures it)."""
+    pid_m = tl.program_id(0)
+    if REVERSE_M:  # launch order only: heavy causal tiles first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads_q
+    h = pid_bh % num_heads_q
+    h_kv = h // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seqlen_q
+    pos_q = offs_m + (seqlen_k - seqlen_q)
+
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    q = q.to(COMPUTE_DTYPE)
+
+    alibi_slope_log2 = 0.0
+    if HAS_ALIBI:
+        alibi_slope_log2 = tl.load(ALIBI + b * stride_alibi_b + h).to(tl.float32) * 1.4426950408889634
+
+    # Keys the tile can see, and the blocks every row of the tile sees whole.
+    p_lo = pid_m * BLOCK_M + (seqlen_k - seqlen_q)
+    p_hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, seqlen_q) - 1 + (seqlen_k - seqlen_q)
+    key_lo = 0
+    key_hi = seqlen_k
+    full_lo = 0
+    full_hi = seqlen_k // BLOCK_N
+    if HAS_LEFT:
+        key_lo = tl.maximum(p_lo - window_left, 0)
+        full_lo = tl.cdiv(tl.maximum(p_hi - window_left, 0), BLOCK_N)
+    if HAS_RIGHT:
+        key_hi = tl.minimum(tl.maximum(p_hi + window_right + 1, 0), seqlen_k)
+        full_hi = tl.minimum(full_hi, tl.maximum(p_lo + window_right + 1, 0) // BLOCK_N)
+    blk_lo = key_lo // BLOCK_N
+    blk_hi = tl.maximum(tl.cdiv(key_hi, BLOCK_N), blk_lo)
+    mid_lo = tl.minimum(tl.maximum(full_lo, blk_lo), blk_hi)
+    mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), blk_hi)
+
+    m_t, l_t, acc_t = empty_state(BLOCK_M, HEAD_DIM)
+    m_s, l_s, acc_s = empty_state(BLOCK_M, HEAD_DIM)
+    for j in range(blk_lo, mid_lo):
+        m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
+            j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_base, v_base, stride_kn, stride_vn,
+            offs_n, offs_d, pos_q, seqlen_k, head_dim,
+            qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+            True, EVEN_D, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
+            HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
+    for j in range(mid_lo, mid_hi):
+        m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
+            j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_base, v_base, stride_kn, stride_vn,
+            offs_n, offs_d, pos_q, seqlen_k, head_dim,
+            qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+            False, EVEN_D, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
+            HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
+    for j in range(mid_hi, blk_hi):
+        m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
+            j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_base, v_base, stride_kn, stride_vn,
+            offs_n, offs_d, pos_q, seqlen_k, head_dim,
+            qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+            True, EVEN_D, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
+            HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
+    # The last, possibly partial, split.  Merging an empty split is the identity.
+    m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
+
+    out, lse = finalize(m_t, l_t, acc_t)
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d < head_dim)[None, :])
+    if WRITE_LSE:
+        lse_ptrs = LSE + pid_bh.to(tl.int64) * seqlen_q + offs_m
+        tl.store(lse_ptrs, lse, mask=row_ok)

@@ -1,0 +1,84 @@
+"""Process-wide mode switches: deterministic attention on/off and the split size.
+
+``set_deterministic(False)`` routes bitstable's attention calls to stock
+PyTorch (``scaled_dot_product_attention``, or eager math where SDPA cannot
+express a feature), so users can compare the two with one switch.
+
+``split_size`` is the number of keys per split of the reduction order (see
+DESIGN.md): configuration, chosen once, never derived from the input.  It must
+be a positive multiple of the key block ``block_n`` of every config in use
+(the default, 1024, is a multiple of all of them).
+
+Each setter returns a handle that restores the previous mode when used as a
+context manager::
+
+    with bitstable.set_deterministic_mode(True, split_size=2048):
+        out = bitstable.flash_attn_func(q, k, v)
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import NamedTuple, Optional
+
+from .configs import DEFAULT_SPLIT_SIZE
+
+
+class DeterministicMode(NamedTuple):
+    """What :func:`get_deterministic_mode` returns."""
+
+    enabled: bool
+    split_size: int
+
+
+_lock = threading.Lock()
+_mode = DeterministicMode(True, DEFAULT_SPLIT_SIZE)
+
+
+class _Restore:
+    """Returned by the setters; restores the previous mode on ``__exit__``."""
+
+    def __init__(self, previous: DeterministicMode):
+        self._previous = previous
+
+    def __enter__(self) -> DeterministicMode:
+        return _mode
+
+    def __exit__(self, *exc) -> None:
+        _set(self._previous)
+
+
+def _set(mode: DeterministicMode) -> _Restore:
+    global _mode
+    with _lock:
+        previous, _mode = _mode, mode
+    return _Restore(previous)
+
+
+def _check_split_size(split_size) -> int:
+    if isinstance(split_size, bool) or not isinstance(split_size, int):
+        raise TypeError(f"split_size must be an int, got {type(split_size).__name__}")
+    if split_size <= 0 or split_size % 16 != 0:
+        raise ValueError(f"split_size must be a positive multiple of 16 (and of the "
+                         f"config's block_n at launch), got {split_size}")
+    return split_size
+
+
+def set_deterministic(enabled: bool) -> _Restore:
+    """Turn bitstable's deterministic kernels on (default) or route to stock PyTorch."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    return _set(DeterministicMode(enabled, _mode.split_size))
+
+
+def set_deterministic_mode(enabled: bool, split_size: Optional[int] = None) -> _Restore:
+    """Set determinism and the split size (``None`` restores the default, 1024)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    size = DEFAULT_SPLIT_SIZE if split_size is None else _check_split_size(split_size)
+    return _set(DeterministicMode(enabled, size))
+
+
+def get_deterministic_mode() -> DeterministicMode:
+    """The current ``(enabled, split_size)``."""
+    return _mode

@@ -1,0 +1,165 @@
+"""Invariance harness shared by the test suite and ``bitstable verify``.
+
+Each check takes an attention callable ``attn(q, k, v, **kw) -> out`` (bitstable
+or stock PyTorch) and compares outputs **bitwise** (``torch.equal``), never
+with a tolerance.  A check returns a :class:`CheckResult`; it never raises on
+a violation, so ``verify`` can show stock PyTorch failing next to bitstable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from . import _poison
+
+
+@dataclass
+class CheckResult:
+    """Outcome of one contract check."""
+
+    name: str
+    passed: bool
+    detail: str = ""
+    cases: int = 0
+
+
+@dataclass
+class Shape:
+    """Sizes one check runs at: batch, q heads, kv heads, seqlen q/k, head dim."""
+
+    batch: int = 2
+    heads_q: int = 4
+    heads_kv: int = 2
+    seqlen_q: int = 48
+    seqlen_k: int = 48
+    head_dim: int = 32
+
+
+@contextlib.contextmanager
+def poison_outputs(enabled: bool = True):
+    """NaN-fill every output buffer before kernels write it, for the duration."""
+    previous = _poison.set_enabled(enabled)
+    try:
+        yield
+    finally:
+        _poison.set_enabled(previous)
+
+
+def random_qkv(shape: Shape, dtype, device, generator: torch.Generator, batch: Optional[int] = None):
+    """Fresh random q, k, v (never zeros: zeros hide unwritten outputs)."""
+    b = shape.batch if batch is None else batch
+
+    def r(*s):
+        return torch.randn(*s, generator=generator, dtype=torch.float32, device="cpu").to(dtype).to(device)
+
+    q = r(b, shape.seqlen_q, shape.heads_q, shape.head_dim)
+    k = r(b, shape.seqlen_k, shape.heads_kv, shape.head_dim)
+    v = r(b, shape.seqlen_k, shape.heads_kv, shape.head_dim)
+    return q, k, v
+
+
+def _first_diff(a: torch.Tensor, b: torch.Tensor) -> str:
+    if a.shape != b.shape:
+        return f"shapes differ {tuple(a.shape)} vs {tuple(b.shape)}"
+    d = (a.double() - b.double()).abs()
+    d = torch.nan_to_num(d, nan=float("inf"))
+    n = int((a != b).sum()) if not (a.isnan().any() or b.isnan().any()) else -1
+    return f"{n if n >= 0 else 'some'} elements differ, max |diff| {d.max().item():.3g}"
+
+
+def check_run_to_run(attn: Callable, shape: Shape, dtype, device, runs: int = 3, seed: int = 0,
+                     **kw) -> CheckResult:
+    """The same inputs give the same bits on every call."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = random_qkv(shape, dtype, device, g)
+    first = attn(q, k, v, **kw)
+    distinct = 1
+    seen: List[torch.Tensor] = [first]
+    for _ in range(runs - 1):
+        out = attn(q, k, v, **kw)
+        if not any(torch.equal(out, s) for s in seen):
+            seen.append(out)
+            distinct += 1
+    ok = distinct == 1
+    return CheckResult("run-to-run", ok, f"{distinct} distinct output(s) in {runs} runs", runs)
+
+
+def check_batch_invariance(attn: Callable, shape: Shape, dtype, device,
+                           batch_sizes: Sequence[int] = (2, 3, 8), seed: int = 1, **kw) -> CheckResult:
+    """A sequence alone equals the same sequence at every position of larger batches."""
+    g = torch.Generator().manual_seed(seed)
+    q1, k1, v1 = random_qkv(shape, dtype, device, g, batch=1)
+    alone = attn(q1, k1, v1, **kw)
+    cases, bad = 0, []
+    for bs in batch_sizes:
+        qo, ko, vo = random_qkv(shape, dtype, device, g, batch=bs)
+        for pos in range(bs):
+            q, k, v = qo.clone(), ko.clone(), vo.clone()
+            q[pos], k[pos], v[pos] = q1[0], k1[0], v1[0]
+            out = attn(q, k, v, **kw)
+            cases += 1
+            if not torch.equal(out[pos:pos + 1], alone):
+                bad.append(f"batch {bs} pos {pos}: {_first_diff(out[pos:pos + 1], alone)}")
+    ok = not bad
+    return CheckResult("batch invariance", ok,
+                       f"{cases} placements equal" if ok else "; ".join(bad[:3]), cases)
+
+
+def check_chunk_invariance(attn: Callable, shape: Shape, dtype, device,
+                           chunk_sizes: Sequence[int] = (1, 5, 17), seed: int = 2, **kw) -> CheckResult:
+    """The last ``c`` queries alone equal the last ``c`` rows of the full causal forward."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = random_qkv(shape, dtype, device, g)
+    kw = dict(kw, causal=True)
+    full = attn(q, k, v, **kw)
+    bad = []
+    for c in chunk_sizes:
+        c = min(c, shape.seqlen_q)
+        part = attn(q[:, -c:].contiguous(), k, v, **kw)
+        if not torch.equal(part, full[:, -c:]):
+            bad.append(f"chunk {c}: {_first_diff(part, full[:, -c:])}")
+    ok = not bad
+    return CheckResult("chunk invariance (causal)", ok,
+                       f"{len(chunk_sizes)} chunk sizes equal" if ok else "; ".join(bad), len(chunk_sizes))
+
+
+def check_layout_invariance(attn: Callable, shape: Shape, dtype, device, seed: int = 3,
+                            **kw) -> CheckResult:
+    """Contiguous inputs, head-major (transposed) views, sliced views and expanded
+    GQA heads all give the same bits."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = random_qkv(shape, dtype, device, g)
+    ref = attn(q, k, v, **kw)
+    variants = {
+        "head-major views": tuple(t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)),
+        "sliced from wider": tuple(torch.cat([t, t], dim=-1)[..., : t.shape[-1]] for t in (q, k, v)),
+        "non-unit head-dim stride": tuple(
+            torch.stack([t, t], dim=-1)[..., 0] for t in (q, k, v)),
+    }
+    if shape.heads_kv != shape.heads_q:
+        grp = shape.heads_q // shape.heads_kv
+        variants["GQA heads expanded"] = (q, k.repeat_interleave(grp, dim=2), v.repeat_interleave(grp, dim=2))
+    bad = []
+    for name, (a, b, c) in variants.items():
+        out = attn(a, b, c, **kw)
+        if not torch.equal(out, ref):
+            bad.append(f"{name}: {_first_diff(out, ref)}")
+    ok = not bad
+    return CheckResult("layout invariance", ok,
+                       f"{len(variants)} layouts equal" if ok else "; ".join(bad), len(variants))
+
+
+def forward_checks(attn: Callable, shape: Shape, dtype, device, runs: int = 3,
+                   batch_sizes: Sequence[int] = (2, 3, 8), chunk_sizes: Sequence[int] = (1, 5, 17),
+                   **kw) -> List[CheckResult]:
+    """Every forward contract check, in the order ``verify`` prints them."""
+    return [
+        check_run_to_run(attn, shape, dtype, device, runs=runs, **kw),
+        check_batch_invariance(attn, shape, dtype, device, batch_sizes=batch_sizes, **kw),
+        check_chunk_invariance(attn, shape, dtype, device, chunk_sizes=chunk_sizes, **kw),
+        check_layout_invariance(attn, shape, dtype, device, **kw),
+    ]
