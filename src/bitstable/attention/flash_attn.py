@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..mode import get_deterministic_mode
-from ..reference import attention_reference
+from ..reference import alibi_bias, attention_reference, visibility
 from .launch import attention_forward
 from .validation import check_options, check_qkv, last_dim_contiguous, normalize_window
 
@@ -35,22 +35,31 @@ class _AttentionFn(torch.autograd.Function):
 
 
 def _stock_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes):
-    """Stock PyTorch: SDPA where it can express the call, eager math otherwise."""
+    """Stock PyTorch: SDPA (with a mask for windows, bottom-right causal and ALiBi),
+    eager math where SDPA cannot express the call (softcap)."""
     B, Lq, Hq, D = q.shape
     Lk, Hk = k.shape[1], k.shape[2]
-    left, right = window_size
-    plain = (softcap == 0 and alibi_slopes is None and left < 0 and right < 0
-             and (not causal or Lq == Lk))
-    if plain:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
-            scale=softmax_scale, enable_gqa=Hq != Hk)
-        out = out.transpose(1, 2)
-        _, lse = attention_reference(q, k, v, softmax_scale, causal, window_size, softcap,
-                                     alibi_slopes, compute_dtype=torch.float32)
+    _, lse = attention_reference(q, k, v, softmax_scale, causal, window_size, softcap,
+                                 alibi_slopes, compute_dtype=torch.float32)
+    if softcap > 0:
+        out, _ = attention_reference(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes)
         return out, lse
-    out, lse = attention_reference(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes)
-    return out, lse.float()
+    left, right = window_size
+    mask, is_causal = None, False
+    if left >= 0 or right >= 0 or (causal and Lq != Lk):
+        mask = visibility(Lq, Lk, causal, window_size, q.device)
+    elif causal:
+        is_causal = True
+    if alibi_slopes is not None:
+        bias = alibi_bias(alibi_slopes, B, Hq, Lq, Lk, q.dtype)
+        if causal:
+            mask = visibility(Lq, Lk, causal, window_size, q.device) if mask is None else mask
+            is_causal = False
+        mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+        is_causal=is_causal, scale=softmax_scale, enable_gqa=Hq != Hk)
+    return out.transpose(1, 2), lse
 
 
 def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,

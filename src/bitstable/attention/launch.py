@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .._backend import interpreting
-from ..configs import arch_key, attention_config, padded_head_dim
+from ..configs import AttentionConfig, arch_key, attention_config, padded_head_dim
 from ..kernels.attention_fwd import attention_fwd_kernel
 from ..mode import get_deterministic_mode
 from .. import _poison as poison
@@ -46,6 +46,7 @@ def resolve_split_size(block_n: int, split_size: Optional[int]) -> int:
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
                       window_left: int, window_right: int, softcap: float,
                       alibi_slopes: Optional[torch.Tensor], split_size: Optional[int] = None,
+                      config: Optional[AttentionConfig] = None,
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel on validated inputs.
 
@@ -53,10 +54,14 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     out [B, Lq, Hq, D] (q's dtype, contiguous) and lse [B, Hq, Lq] float32
     (natural log).  Deterministic and batch-invariant: a row's bits depend only
     on its own query, the keys/values it sees and the config.
+
+    ``config`` overrides the table's entry; it exists for the GPU probes and
+    the config exploration script only (a different block_n is a different
+    reduction order).
     """
     B, Lq, Hq, D = q.shape
     Lk, Hk = k.shape[1], k.shape[2]
-    cfg = attention_config(arch_key(q.device), q.dtype, D)
+    cfg = config or attention_config(arch_key(q.device), q.dtype, D)
     split = resolve_split_size(cfg.block_n, split_size)
     out = torch.empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)

@@ -1,0 +1,188 @@
+"""``bitstable bench``: forward speed and memory next to PyTorch's SDPA backends, in one process.
+
+For each shape (B, H, L, D) and causal setting it times bitstable's
+``flash_attn_func`` and SDPA restricted to its flash and cudnn backends, all on
+the same random bf16 inputs, each in its native layout.  Reports median ms,
+TFLOP/s, bitstable's speed as a ratio to each backend, and peak extra memory
+(peak allocation during the call, minus the inputs and the output).  Writes a
+markdown table, JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import _backend
+from .attention import flash_attn_func
+
+DEFAULT_SHAPES: List[Tuple[int, int, int, int]] = [
+    (8, 32, 4096, 64), (4, 16, 8192, 128), (16, 16, 2048, 128), (1, 32, 16384, 128),
+]
+SDPA_BACKENDS = ("flash", "cudnn")
+
+
+def attention_flops(B: int, H: int, L: int, D: int, causal: bool) -> float:
+    """Forward FLOPs: two matmuls of 2*L*L*D each per head; causal counts the visible half."""
+    pairs = L * (L + 1) / 2 if causal else L * L
+    return 4.0 * B * H * pairs * D
+
+
+def _time_ms(fn: Callable, reps: int) -> float:
+    if _backend.interpreting():
+        fn()
+        times = []
+        for _ in range(max(reps, 1)):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return sorted(times)[len(times) // 2]
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=25, rep=max(reps, 20), return_mode="median")
+
+
+def _extra_memory(fn: Callable) -> Optional[int]:
+    """Peak bytes allocated during ``fn()`` beyond what existed before and its output."""
+    if _backend.interpreting():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return int(peak - base - out.numel() * out.element_size())
+
+
+def _sdpa_fn(backend: str, q, k, v, causal: bool) -> Optional[Callable]:
+    if _backend.interpreting():
+        return None
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    which = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+
+    def fn():
+        with sdpa_kernel(which):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    try:
+        fn()
+    except Exception:  # backend unavailable for this shape / build
+        return None
+    return fn
+
+
+def bench_forward(shapes: Sequence[Tuple[int, int, int, int]] = DEFAULT_SHAPES,
+                  causal_options: Sequence[bool] = (False, True), dtype=torch.bfloat16,
+                  reps: int = 100, stream=sys.stdout) -> List[Dict]:
+    """Time every (shape, causal); returns one row per case."""
+    device = _backend.kernel_device_type()
+    rows = []
+    cases = [(s, c) for s in shapes for c in causal_options]
+    t0 = time.time()
+    for i, ((B, H, L, D), causal) in enumerate(cases, 1):
+        print(f"[{i}/{len(cases)}] B={B} H={H} L={L} D={D} causal={causal} ({time.time() - t0:.0f}s)",
+              file=stream, flush=True)
+        g = torch.Generator(device=device).manual_seed(i)
+        q, k, v = (torch.randn(B, L, H, D, device=device, dtype=dtype, generator=g) for _ in range(3))
+        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))   # SDPA's native layout
+        flops = attention_flops(B, H, L, D, causal)
+        row = dict(B=B, H=H, L=L, D=D, causal=causal, dtype=str(dtype).replace("torch.", ""))
+
+        def ours():
+            return flash_attn_func(q, k, v, causal=causal)
+
+        impls = {"bitstable": ours}
+        for name in SDPA_BACKENDS:
+            impls[f"sdpa_{name}"] = _sdpa_fn(name, qt, kt, vt, causal)
+        for name, fn in impls.items():
+            if fn is None:
+                row[f"{name}_ms"] = row[f"{name}_tflops"] = row[f"{name}_extra_bytes"] = None
+                continue
+            ms = _time_ms(fn, reps)
+            row[f"{name}_ms"] = ms
+            row[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12
+            row[f"{name}_extra_bytes"] = _extra_memory(fn)
+        for name in SDPA_BACKENDS:
+            ref = row.get(f"sdpa_{name}_ms")
+            row[f"ratio_vs_{name}"] = (ref / row["bitstable_ms"]) if ref else None
+        if impls.get("sdpa_flash") is not None:
+            diff = (ours().transpose(1, 2).float() - impls["sdpa_flash"]().float()).abs().max().item()
+            row["max_abs_diff_vs_flash"] = diff
+        row["lse_bytes"] = B * H * L * 4
+        rows.append(row)
+        del q, k, v, qt, kt, vt
+    return rows
+
+
+def _fmt(x, spec):
+    return "n/a" if x is None else format(x, spec)
+
+
+def markdown_table(rows: List[Dict]) -> str:
+    """The results as a markdown table (ratios > 1 mean bitstable is faster)."""
+    head = ("| B | H | L | D | causal | bitstable ms | TFLOP/s | SDPA-flash TFLOP/s | SDPA-cudnn TFLOP/s "
+            "| vs flash | vs cudnn | extra MiB (LSE MiB) |")
+    lines = [head, "|" + "|".join(["---"] * 12) + "|"]
+    for r in rows:
+        extra = r.get("bitstable_extra_bytes")
+        lines.append(
+            f"| {r['B']} | {r['H']} | {r['L']} | {r['D']} | {'yes' if r['causal'] else 'no'} "
+            f"| {_fmt(r['bitstable_ms'], '.3f')} | {_fmt(r['bitstable_tflops'], '.0f')} "
+            f"| {_fmt(r['sdpa_flash_tflops'], '.0f')} | {_fmt(r['sdpa_cudnn_tflops'], '.0f')} "
+            f"| {_fmt(r['ratio_vs_flash'], '.2f')}x | {_fmt(r['ratio_vs_cudnn'], '.2f')}x "
+            f"| {_fmt(None if extra is None else extra / 2**20, '.1f')} ({r['lse_bytes'] / 2**20:.1f}) |")
+    return "\n".join(lines)
+
+
+def plot(rows: List[Dict], path: str, title: str) -> None:
+    """Grouped bars of TFLOP/s per case and implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"B{r['B']} H{r['H']}\nL{r['L']} D{r['D']}\n{'causal' if r['causal'] else 'full'}" for r in rows]
+    impls = [("bitstable", "bitstable"), ("sdpa_flash", "SDPA flash"), ("sdpa_cudnn", "SDPA cudnn")]
+    width = 0.27
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(rows)), 4.8))
+    for j, (key, name) in enumerate(impls):
+        vals = [r.get(f"{key}_tflops") or 0.0 for r in rows]
+        xs = [i + (j - 1) * width for i in range(len(rows))]
+        ax.bar(xs, vals, width, label=name)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel("TFLOP/s (forward)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_bench(out_dir: str, shapes=DEFAULT_SHAPES, reps: int = 100, stream=sys.stdout) -> List[Dict]:
+    """Run the benchmark and write bench.json, bench.md and bench.png into ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    device = _backend.describe()
+    print(f"bitstable bench on {device}", file=stream, flush=True)
+    rows = bench_forward(shapes, reps=reps, stream=stream)
+    table = markdown_table(rows)
+    meta = dict(device=device, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                command=" ".join(sys.argv), torch=torch.__version__)
+    with open(os.path.join(out_dir, "bench.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=2)
+    with open(os.path.join(out_dir, "bench.md"), "w") as f:
+        f.write(f"Forward, bf16. {device}. {meta['date']}. Command: `{meta['command']}`\n\n{table}\n")
+    try:
+        plot(rows, os.path.join(out_dir, "bench.png"), f"bitstable forward vs SDPA - {device}")
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install 'bitstable[bench]')", file=stream)
+    print("\n" + table, file=stream)
+    return rows

@@ -1,0 +1,41 @@
+"""Command line: ``bitstable verify`` and ``bitstable bench`` (also ``python -m bitstable``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _shape(text: str):
+    parts = [int(x) for x in text.split(",")]
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"--shape wants B,H,L,D (four ints), got {text!r}")
+    return tuple(parts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="bitstable", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    v = sub.add_parser("verify", help="prove the invariance contract here, next to stock PyTorch")
+    v.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    b = sub.add_parser("bench", help="forward speed/memory vs SDPA flash and cudnn (table, JSON, plot)")
+    b.add_argument("--out", default="bench-results", help="folder for bench.json/.md/.png")
+    b.add_argument("--shape", type=_shape, action="append", metavar="B,H,L,D",
+                   help="a shape to time (repeatable); default: the four standard shapes")
+    b.add_argument("--reps", type=int, default=100, help="timing budget (ms on GPU, runs on CPU)")
+    args = ap.parse_args(argv)
+
+    import bitstable  # noqa: F401  (decides GPU vs interpreter before triton loads)
+
+    if args.cmd == "verify":
+        from .verify import run_verify
+
+        return run_verify(args.json)
+    from .bench import DEFAULT_SHAPES, run_bench
+
+    run_bench(args.out, shapes=args.shape or DEFAULT_SHAPES, reps=args.reps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""``bitstable verify``: prove the invariance contract on this machine, next to stock PyTorch.
+
+Runs every contract check of :mod:`bitstable.testing` for bitstable and for
+stock PyTorch (``scaled_dot_product_attention`` with its default backend
+choice) on the same inputs, prints a table of which hold, optionally writes
+JSON, and exits non-zero if any *bitstable* check fails.  Stock PyTorch is
+expected to fail some checks; that is shown, not counted as an error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from typing import List
+
+import torch
+
+from . import _backend
+from .attention import flash_attn_func
+from .mode import set_deterministic
+from .testing import CheckResult, Shape, forward_checks, poison_outputs
+
+
+def _stock(q, k, v, **kw):
+    with set_deterministic(False):
+        return flash_attn_func(q, k, v, **kw)
+
+
+def _scenarios(on_gpu: bool):
+    """(name, dtype, shape, kwargs, batch sizes, chunk sizes, runs) per table section."""
+    if on_gpu:
+        big = Shape(batch=4, heads_q=16, heads_kv=4, seqlen_q=2048, seqlen_k=2048, head_dim=128)
+        mid = Shape(batch=2, heads_q=8, heads_kv=8, seqlen_q=1000, seqlen_k=3000, head_dim=64)
+        return [
+            ("bf16 causal GQA d128", torch.bfloat16, big, dict(causal=True), (2, 3, 8), (1, 7, 64, 100, 1000), 20),
+            ("fp16 non-causal d64", torch.float16, mid, {}, (2, 3, 8), (1, 65, 999), 20),
+            ("bf16 window+softcap d64", torch.bfloat16, mid, dict(window_size=(256, 0), softcap=30.0),
+             (2, 3, 8), (1, 130), 20),
+        ]
+    small = Shape(batch=2, heads_q=2, heads_kv=1, seqlen_q=33, seqlen_k=40, head_dim=32)
+    return [
+        ("fp16 causal GQA d32", torch.float16, small, dict(causal=True), (2, 3), (1, 17), 3),
+        ("bf16 window+softcap d32", torch.bfloat16, small, dict(window_size=(12, 0), softcap=5.0),
+         (2, 3), (1, 17), 3),
+    ]
+
+
+def run_verify(json_path: str | None = None, stream=sys.stdout) -> int:
+    """Run all checks; print the table; return the process exit code."""
+    on_gpu = not _backend.interpreting()
+    device = _backend.kernel_device_type()
+    print(f"bitstable verify on {_backend.describe()}", file=stream)
+    if not on_gpu:
+        print("  (no GPU: kernels run through Triton's interpreter at small sizes)", file=stream)
+    rows = []
+    scenarios = _scenarios(on_gpu)
+    t0 = time.time()
+    with poison_outputs():
+        for i, (name, dtype, shape, kw, bss, chunks, runs) in enumerate(scenarios, 1):
+            results = {}
+            for impl, fn in (("bitstable", flash_attn_func), ("stock", _stock)):
+                print(f"[{i}/{len(scenarios)}] {name}: {impl} ... ({time.time() - t0:.0f}s)",
+                      file=stream, flush=True)
+                try:
+                    results[impl] = forward_checks(fn, shape, dtype, device, runs=runs, batch_sizes=bss,
+                                                   chunk_sizes=chunks, **kw)
+                except Exception as e:  # a crash is a failed check, shown as such
+                    results[impl] = [CheckResult("crashed", False, f"{type(e).__name__}: {e}")]
+            for ours, stock in zip(results["bitstable"], results["stock"] + [None] * 8):
+                rows.append(dict(scenario=name, check=ours.name, bitstable=ours.passed,
+                                 bitstable_detail=ours.detail,
+                                 stock=None if stock is None else stock.passed,
+                                 stock_detail="" if stock is None else stock.detail))
+    failed = [r for r in rows if not r["bitstable"]]
+    _print_table(rows, stream)
+    verdict = "ALL bitstable checks hold" if not failed else f"{len(failed)} bitstable check(s) FAILED"
+    print(f"\n{verdict} ({time.time() - t0:.0f}s)", file=stream)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(dict(device=_backend.describe(), rows=rows, ok=not failed), f, indent=2)
+        print(f"wrote {json_path}", file=stream)
+    return 1 if failed else 0
+
+
+def _print_table(rows: List[dict], stream) -> None:
+    mark = {True: "holds", False: "FAILS", None: "-"}
+    w0 = max(len(r["scenario"]) for r in rows)
+    w1 = max(len(r["check"]) for r in rows)
+    print(f"\n{'scenario':<{w0}}  {'check':<{w1}}  {'bitstable':<9}  {'stock PyTorch':<13}  stock detail",
+          file=stream)
+    for r in rows:
+        detail = "" if r["stock"] in (True, None) else r["stock_detail"][:90]
+        print(f"{r['scenario']:<{w0}}  {r['check']:<{w1}}  {mark[r['bitstable']]:<9}  "
+              f"{mark[r['stock']]:<13}  {detail}", file=stream)
+        if not r["bitstable"]:
+            print(f"    bitstable: {r['bitstable_detail']}", file=stream)
