@@ -7,22 +7,23 @@ changes only between library versions.
 
     PYTHONPATH=src python benchmarks/explore_fwd_configs.py
 """
+import os
 import sys
 
 import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bitstable.attention import launch
 from bitstable.attention.launch import attention_forward
 from bitstable.bench import attention_flops
 from bitstable.configs import AttentionConfig
 
 CANDIDATES = {
-    64: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 4),
-         (64, 64, 4, 3), (64, 128, 4, 3)],
-    128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3),
-          (64, 128, 4, 2), (128, 32, 8, 3)],
+    64: [(64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 128, 8, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4)],
 }
+LOOPS = [int(x) for x in os.environ.get("LOOPS", "0,1,2").split(",")]
 SHAPES = {64: (8, 32, 4096, 64), 128: (4, 16, 8192, 128)}
 
 
@@ -38,7 +39,8 @@ def main():
                 cud = triton.testing.do_bench(
                     lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal),
                     return_mode="median")
-            for bm, bn, w, s in cands:
+            for (bm, bn, w, s), loop in [(c, lp) for c in cands for lp in LOOPS]:
+                launch._LOOP_STYLE = loop
                 cfg = AttentionConfig(bm, bn, w, s)
                 try:
                     ms = triton.testing.do_bench(
@@ -47,11 +49,11 @@ def main():
                 except Exception as e:  # out of shared memory etc.
                     print(f"D={D} causal={causal} {cfg}: failed {type(e).__name__}: {str(e)[:100]}")
                     continue
-                rows.append((D, causal, bm, bn, w, s, ms, flops / ms / 1e9, cud / ms))
-                print(f"D={D} causal={causal} BM={bm} BN={bn} w={w} s={s}: {ms:.3f} ms "
+                rows.append((D, causal, loop, bm, bn, w, s, ms, flops / ms / 1e9, cud / ms))
+                print(f"D={D} causal={causal} loop={loop} BM={bm} BN={bn} w={w} s={s}: {ms:.3f} ms "
                       f"{flops / ms / 1e9:.0f} TFLOP/s, {cud / ms:.2f}x cudnn ({flops / cud / 1e9:.0f})",
                       flush=True)
-    print("\nD causal BM BN warps stages ms TFLOP/s x-cudnn")
+    print("\nD causal loop BM BN warps stages ms TFLOP/s x-cudnn")
     for r in rows:
         print(" ".join(str(round(x, 3)) if isinstance(x, float) else str(x) for x in r))
 

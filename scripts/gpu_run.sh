@@ -2,7 +2,7 @@
 # One device call: GPU-marked tests (and the rest of the suite on the GPU), the
 # contract checks next to stock PyTorch, and the side-by-side benchmark.
 # Results go under $OUT (default ./gpu-out); the short table prints last.
-#   bash scripts/gpu_run.sh [--explore] [--no-tests]
+#   bash scripts/gpu_run.sh [--explore] [--no-tests]   (PYTEST_ARGS=... narrows the tests)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -21,7 +21,7 @@ done
 } | tee "$OUT/env.txt"
 rc=0
 if [ "$TESTS" = 1 ]; then
-  python3 -m pytest -q -p no:cacheprovider -rfE 2>&1 | tee "$OUT/pytest.log" | tail -25
+  python3 -m pytest -q -p no:cacheprovider -rfE ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -25
   rc=${PIPESTATUS[0]}
 fi
 python3 -m bitstable verify --json "$OUT/verify.json" 2>&1 | tee "$OUT/run.log"

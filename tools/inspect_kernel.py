@@ -24,6 +24,9 @@ from kernels.attention_fwd import attention_fwd_kernel  # noqa: E402
 TL = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
 
 
+LOOPSTYLE = int(os.environ.get('LOOP', '0'))
+
+
 def build(dtype, head_dim, block_m, block_n, warps, stages, causal, split_blocks):
     fn = attention_fwd_kernel
     ptr = "*" + dtype
@@ -32,7 +35,7 @@ def build(dtype, head_dim, block_m, block_n, warps, stages, causal, split_blocks
                   "stride_vb", "stride_vn", "stride_vh", "stride_ob", "stride_om", "stride_oh"}
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_BLOCKS=split_blocks,
                       COMPUTE_DTYPE=TL[dtype], ROWWISE=False, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_LEFT=False,
-                      HAS_RIGHT=causal, EVEN_D=True, WRITE_LSE=True, REVERSE_M=causal)
+                      HAS_RIGHT=causal, EVEN_D=True, LOOP=LOOPSTYLE, WRITE_LSE=True, REVERSE_M=causal)
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
@@ -51,7 +54,7 @@ def build(dtype, head_dim, block_m, block_n, warps, stages, causal, split_blocks
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, const, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=warps, num_stages=stages, enable_fp_fusion=False))
+                          options=dict(num_warps=warps, num_stages=stages))
 
 
 def main():

@@ -19,6 +19,10 @@ from ..kernels.attention_fwd import attention_fwd_kernel
 from ..mode import get_deterministic_mode
 from .. import _poison as poison
 
+# Loop structure of the forward kernel (0: flat loops with a merge branch, 1: nested
+# loops over splits).  Both compute the same reduction order; set by measurement.
+_LOOP_STYLE = 0
+
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
@@ -98,6 +102,6 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
         EVEN_D=padded_head_dim(D) == D, WRITE_LSE=True, REVERSE_M=causal_like,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+        LOOP=_LOOP_STYLE, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse

@@ -20,9 +20,9 @@ A block that is fully masked for a row leaves that row's state bit-for-bit
 unchanged (its max is -inf, its weights are exactly 0, its rescale factor is
 exactly 1), and merging an empty split is the identity.  That is why a kernel
 may skip, or process, blocks that a row cannot see without changing the row's
-bits.  All attention kernels are compiled with ``enable_fp_fusion=False`` so
-that masked and unmasked code paths round identically (no contraction of
-``s * scale - m`` into an FMA on one path only).
+bits.  Masks are applied to scores *before* the scale multiply, so the
+compiler contracts ``x * scale - m`` into the same FMA on masked and unmasked
+code paths: a visible element rounds identically on both.
 """
 
 import triton
@@ -62,23 +62,29 @@ def tanh_f32(x):
 @triton.jit
 def score_transform(s, pos_q, pos_k, qk_scale, softcap_scaled, alibi_slope_log2,
                     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
-    """Raw q.k scores [M, N] fp32 -> base-2 logits.
+    """Raw q.k scores [M, N] fp32 -> scores ``x`` whose base-2 logits are ``x * scale``.
 
-    ``pos_q`` [M] are the queries' positions aligned to the keys (bottom-right
-    alignment: ``i + Lk - Lq``); ``pos_k`` [N] the keys' absolute positions.
-    Without softcap: ``s * softmax_scale * log2(e)``.  With softcap ``c``:
-    ``c * tanh(s * softmax_scale / c) * log2(e)`` (``softcap_scaled`` carries
-    ``softmax_scale / c`` and ``qk_scale`` carries ``c * log2(e)``).  ALiBi adds
-    ``-slope * |pos_q - pos_k| * log2(e)``.
+    Returns ``(x, scale)``.  Without ALiBi, ``x`` is the raw score (through
+    ``tanh(s * softmax_scale / c)`` with softcap ``c``) and ``scale`` is
+    ``qk_scale`` (``softmax_scale * log2(e)``, or ``c * log2(e)`` with softcap),
+    so the scale is applied inside :func:`block_update`, fused with the max
+    subtraction.  With ALiBi the bias ``-slope * |pos_q - pos_k| * log2(e)``
+    is added here and ``scale`` is 1.  ``pos_q`` [M] are the queries'
+    positions aligned to the keys (``i + Lk - Lq``), ``pos_k`` [N] the keys'.
+
+    Masks are applied to ``x`` afterwards (``tl.where`` to -inf), which keeps
+    the arithmetic of every visible element identical on masked and unmasked
+    code paths.
     """
     if HAS_SOFTCAP:
-        s = tanh_f32(s * softcap_scaled) * qk_scale
-    else:
-        s = s * qk_scale
+        s = tanh_f32(s * softcap_scaled)
     if HAS_ALIBI:
         dist = tl.abs(pos_q[:, None] - pos_k[None, :]).to(tl.float32)
-        s = s - alibi_slope_log2 * dist
-    return s
+        s = s * qk_scale - alibi_slope_log2 * dist
+        scale: tl.constexpr = 1.0
+        return s, scale
+    else:
+        return s, qk_scale
 
 
 @triton.jit
@@ -106,18 +112,20 @@ def empty_state(BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def block_update(m, l, acc, s, v, P_DTYPE: tl.constexpr, ROWWISE: tl.constexpr):
+def block_update(m, l, acc, x, v, scale, P_DTYPE: tl.constexpr, ROWWISE: tl.constexpr):
     """Fold one key block into a split state (online softmax, base 2).
 
-    ``s`` [M, N] fp32 base-2 logits, -inf where masked; ``v`` [N, D] values.
-    ``P_DTYPE`` is the dtype the weights are rounded to before the P @ V
-    product (the value dtype on tensor cores, float32 for float32 inputs);
-    ``ROWWISE`` selects the interpreter's product (see :func:`tile_dot`).
+    ``x`` [M, N] fp32 scores, -inf where masked, whose base-2 logits are
+    ``x * scale`` (``scale`` > 0, so the row max is ``max(x) * scale``
+    exactly); ``v`` [N, D] values.  ``P_DTYPE`` is the dtype the weights are
+    rounded to before the P @ V product (the value dtype on tensor cores,
+    float32 for float32 inputs); ``ROWWISE`` selects the interpreter's
+    product (see :func:`tile_dot`).
     """
-    m_new = tl.maximum(m, tl.max(s, 1))
+    m_new = tl.maximum(m, tl.max(x, 1) * scale)
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m - m_ref)
-    p = tl.math.exp2(s - m_ref[:, None])
+    p = tl.math.exp2(x * scale - m_ref[:, None])
     l = l * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     acc = tile_dot(p.to(P_DTYPE), v, acc, ROWWISE)

@@ -26,7 +26,7 @@ from .attention_core import (block_update, empty_state, finalize, merge_states,
 def _process_block(j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_base, v_base, stride_kn, stride_vn,
                    offs_n, offs_d, pos_q, seqlen_k, head_dim,
                    qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                   MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   MASKED: tl.constexpr, MERGE_AT_SPLIT_END: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    SPLIT_BLOCKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
@@ -48,18 +48,19 @@ def _process_block(j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_base, v_base, strid
     k = k.to(COMPUTE_DTYPE)
     v = v.to(COMPUTE_DTYPE)
     s = tile_dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), ROWWISE)
-    s = score_transform(s, pos_q, pos_k, qk_scale, softcap_scaled, alibi_slope_log2,
-                        HAS_SOFTCAP, HAS_ALIBI)
+    x, scale = score_transform(s, pos_q, pos_k, qk_scale, softcap_scaled, alibi_slope_log2,
+                               HAS_SOFTCAP, HAS_ALIBI)
     if MASKED:
         vis = visibility_mask(pos_q, pos_k, seqlen_k, window_left, window_right,
                               HAS_LEFT, HAS_RIGHT)
-        s = tl.where(vis, s, float("-inf"))
-    m_s, l_s, acc_s = block_update(m_s, l_s, acc_s, s, v, COMPUTE_DTYPE, ROWWISE)
-    if (j + 1) % SPLIT_BLOCKS == 0:
-        m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
-        m_s = tl.zeros_like(m_s) + float("-inf")
-        l_s = tl.zeros_like(l_s)
-        acc_s = tl.zeros_like(acc_s)
+        x = tl.where(vis, x, float("-inf"))
+    m_s, l_s, acc_s = block_update(m_s, l_s, acc_s, x, v, scale, COMPUTE_DTYPE, ROWWISE)
+    if MERGE_AT_SPLIT_END:
+        if (j + 1) % SPLIT_BLOCKS == 0:
+            m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
+            m_s = tl.zeros_like(m_s) + float("-inf")
+            l_s = tl.zeros_like(l_s)
+            acc_s = tl.zeros_like(acc_s)
     return m_s, l_s, acc_s, m_t, l_t, acc_t
 
 
@@ -78,6 +79,7 @@ def attention_fwd_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     EVEN_D: tl.constexpr, WRITE_LSE: tl.constexpr, REVERSE_M: tl.constexpr,
+    LOOP: tl.constexpr = 0,
 ):
     """Grid: (cdiv(Lq, BLOCK_M), B * Hq).  Last-dim strides are 1 (the launcher ensures it)."""
     pid_m = tl.program_id(0)
@@ -125,29 +127,65 @@ def attention_fwd_kernel(
 
     m_t, l_t, acc_t = empty_state(BLOCK_M, HEAD_DIM)
     m_s, l_s, acc_s = empty_state(BLOCK_M, HEAD_DIM)
-    for j in range(blk_lo, mid_lo):
-        m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-            j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_base, v_base, stride_kn, stride_vn,
-            offs_n, offs_d, pos_q, seqlen_k, head_dim,
-            qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-            True, EVEN_D, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
-    for j in range(mid_lo, mid_hi):
-        m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-            j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_base, v_base, stride_kn, stride_vn,
-            offs_n, offs_d, pos_q, seqlen_k, head_dim,
-            qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-            False, EVEN_D, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
-    for j in range(mid_hi, blk_hi):
-        m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-            j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_base, v_base, stride_kn, stride_vn,
-            offs_n, offs_d, pos_q, seqlen_k, head_dim,
-            qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-            True, EVEN_D, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
-    # The last, possibly partial, split.  Merging an empty split is the identity.
-    m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
+    if LOOP == 1:
+        # Outer loop over splits, inner loops over the split's blocks; merge after each split.
+        for sp in range(blk_lo // SPLIT_BLOCKS, tl.cdiv(blk_hi, SPLIT_BLOCKS)):
+            lo = tl.maximum(blk_lo, sp * SPLIT_BLOCKS)
+            hi = tl.minimum(blk_hi, sp * SPLIT_BLOCKS + SPLIT_BLOCKS)
+            a = tl.minimum(tl.maximum(mid_lo, lo), hi)
+            bb = tl.minimum(tl.maximum(mid_hi, a), hi)
+            for j in range(lo, a):
+                m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
+                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_base, v_base, stride_kn, stride_vn,
+                    offs_n, offs_d, pos_q, seqlen_k, head_dim,
+                    qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+                    True, False, EVEN_D, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
+                    HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
+            for j in range(a, bb):
+                m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
+                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_base, v_base, stride_kn, stride_vn,
+                    offs_n, offs_d, pos_q, seqlen_k, head_dim,
+                    qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+                    False, False, EVEN_D, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
+                    HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
+            for j in range(bb, hi):
+                m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
+                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_base, v_base, stride_kn, stride_vn,
+                    offs_n, offs_d, pos_q, seqlen_k, head_dim,
+                    qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+                    True, False, EVEN_D, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
+                    HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
+            m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
+            m_s = tl.zeros_like(m_s) + float("-inf")
+            l_s = tl.zeros_like(l_s)
+            acc_s = tl.zeros_like(acc_s)
+    else:
+        # Flat loops; the split merge is a branch taken at each split's last block.
+        # LOOP == 2 drops the merges (one state, NOT the library's reduction
+        # order): it exists only to measure what the split structure costs.
+        for j in range(blk_lo, mid_lo):
+            m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
+                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_base, v_base, stride_kn, stride_vn,
+                offs_n, offs_d, pos_q, seqlen_k, head_dim,
+                qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+                True, LOOP == 0, EVEN_D, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
+                HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
+        for j in range(mid_lo, mid_hi):
+            m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
+                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_base, v_base, stride_kn, stride_vn,
+                offs_n, offs_d, pos_q, seqlen_k, head_dim,
+                qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+                False, LOOP == 0, EVEN_D, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
+                HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
+        for j in range(mid_hi, blk_hi):
+            m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
+                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_base, v_base, stride_kn, stride_vn,
+                offs_n, offs_d, pos_q, seqlen_k, head_dim,
+                qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+                True, LOOP == 0, EVEN_D, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
+                HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
+        # The last, possibly partial, split.  Merging an empty split is the identity.
+        m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
 
     out, lse = finalize(m_t, l_t, acc_t)
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
