@@ -116,3 +116,26 @@ def test_checks_detect_a_batch_dependent_function(device):
         return flash_attn_func(q, k, v, **kw) + 1e-3 * float(q.is_contiguous())
 
     assert not check_layout_invariance(stride_leaky, CPU_SHAPE, torch.float32, device).passed
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("feature", FEATURES)
+def test_loop_structures_give_identical_bits(feature, shape, device):
+    """The forward kernel's loop structures (a launch-only choice) compute one reduction order."""
+    from bitstable.attention import launch
+
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, L, h, shape.head_dim, generator=g).to(torch.float16).to(device)
+               for L, h in ((shape.seqlen_q, shape.heads_q), (shape.seqlen_k, shape.heads_kv),
+                            (shape.seqlen_k, shape.heads_kv)))
+    kw = _kw(feature, shape, device)
+    saved = launch._LOOP_STYLE
+    outs = []
+    try:
+        for style in (0, 1, 3):
+            launch._LOOP_STYLE = style
+            outs.append(flash_attn_func(q, k, v, **kw))
+    finally:
+        launch._LOOP_STYLE = saved
+    for style, out in zip((1, 3), outs[1:]):
+        assert torch.equal(out, outs[0]), f"loop style {style} differs from style 0"
