@@ -23,7 +23,7 @@ CANDIDATES = {
     64: [(64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3)],
     128: [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)],
 }
-LOOPS = [int(x) for x in os.environ.get("LOOPS", "0,1,3").split(",")]
+LOOPS = os.environ.get("LOOPS", "branch,nested").split(",")
 SPLITS = [int(x) for x in os.environ.get("SPLITS", "1024,2048,4096").split(",")]
 SHAPES = {64: (8, 32, 4096, 64), 128: (4, 16, 8192, 128)}
 
@@ -43,7 +43,7 @@ def main():
             todo = [(c, lp, 1024) for c in cands for lp in LOOPS]
             todo += [(cands[0], lp, sp) for lp in LOOPS for sp in SPLITS if sp != 1024]
             for (bm, bn, w, s), loop, split in todo:
-                launch._LOOP_STYLE = loop
+                launch._LOOP_OVERRIDE = loop
                 cfg = AttentionConfig(bm, bn, w, s)
                 try:
                     ms = triton.testing.do_bench(

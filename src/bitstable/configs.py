@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 #: Default number of keys per split.  A multiple of every ``block_n`` below.
-DEFAULT_SPLIT_SIZE = 1024
+DEFAULT_SPLIT_SIZE = 2048
 
 #: Head dims the attention kernels accept: multiples of 8 up to this.
 MAX_HEAD_DIM = 256
@@ -39,6 +39,11 @@ class AttentionConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    #: Forward loop structure without / with a right edge (causal or window):
+    #: "branch" (flat loops, merge as a branch) or "nested" (loop over splits).
+    #: Launch-only: both compute the same bits (tested); chosen by measurement.
+    loop: str = "branch"
+    loop_causal: str = "branch"
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -52,13 +57,15 @@ def padded_head_dim(head_dim: int) -> int:
 _SIXTEEN_BIT = ("bf16", "fp16")
 
 # Hopper (sm_90).  Keys: padded head dim.  Register use and spills of each entry
-# were read from ptxas for sm_90a (tools/inspect_kernel.py, triton 3.6).
+# were read from ptxas for sm_90a (tools/inspect_kernel.py, triton 3.6); tiles and
+# loop structures were timed on an H200 (benchmarks/explore_fwd_configs.py,
+# benchmarks/results/NOTES.md).
 _SM90_16BIT = {
-    16: AttentionConfig(block_m=128, block_n=128, num_warps=8, num_stages=3),
-    32: AttentionConfig(block_m=128, block_n=128, num_warps=8, num_stages=3),
-    64: AttentionConfig(block_m=128, block_n=128, num_warps=8, num_stages=3),
-    128: AttentionConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
-    256: AttentionConfig(block_m=64, block_n=32, num_warps=8, num_stages=2),
+    16: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="branch"),
+    32: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="branch"),
+    64: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="branch"),
+    128: AttentionConfig(128, 64, num_warps=8, num_stages=3, loop="nested", loop_causal="nested"),
+    256: AttentionConfig(64, 32, num_warps=8, num_stages=2, loop="nested", loop_causal="nested"),
 }
 # float32 is computed in IEEE fp32 (no tensor cores): small tiles, no spills.
 _SM90_FP32 = {
@@ -77,8 +84,9 @@ _GENERIC_16BIT = {
     256: AttentionConfig(block_m=64, block_n=32, num_warps=4, num_stages=1),
 }
 # Triton's interpreter (CPU): small tiles so that tests at small sizes still
-# cover several key blocks, several splits and several query tiles.
-_INTERPRETER = {d: AttentionConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+# cover several key blocks, several splits and several query tiles; both loop
+# structures are exercised (branch without a right edge, nested with one).
+_INTERPRETER = {d: AttentionConfig(16, 16, num_warps=4, num_stages=1, loop="branch", loop_causal="nested")
                 for d in (16, 32, 64, 128, 256)}
 
 _TABLE = {

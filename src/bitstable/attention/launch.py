@@ -19,9 +19,9 @@ from ..kernels.attention_fwd import attention_fwd_kernel
 from ..mode import get_deterministic_mode
 from .. import _poison as poison
 
-# Loop structure of the forward kernel (0: flat loops with a merge branch, 1: nested
-# loops over splits).  Both compute the same reduction order; set by measurement.
-_LOOP_STYLE = 0
+_LOOP_CODES = {"branch": 0, "nested": 1}
+#: Tests and the exploration script force a loop structure here (None: the config's).
+_LOOP_OVERRIDE: Optional[str] = None
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -86,6 +86,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
         alibi, stride_alibi_b = lse, 0   # never read
 
     causal_like = window_right >= 0
+    loop = _LOOP_OVERRIDE or (cfg.loop_causal if causal_like else cfg.loop)
     grid = (triton.cdiv(Lq, cfg.block_m), B * Hq)
     attention_fwd_kernel[grid](
         q, k, v, out, lse, alibi,
@@ -102,6 +103,6 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
         EVEN_D=padded_head_dim(D) == D, WRITE_LSE=True, REVERSE_M=causal_like,
-        LOOP=_LOOP_STYLE, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        LOOP=_LOOP_CODES[loop], num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse

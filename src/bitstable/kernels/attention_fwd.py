@@ -81,7 +81,13 @@ def attention_fwd_kernel(
     EVEN_D: tl.constexpr, WRITE_LSE: tl.constexpr, REVERSE_M: tl.constexpr,
     LOOP: tl.constexpr = 0,
 ):
-    """Grid: (cdiv(Lq, BLOCK_M), B * Hq).  Last-dim strides are 1 (the launcher ensures it)."""
+    """Grid: (cdiv(Lq, BLOCK_M), B * Hq).  Last-dim strides are 1 (the launcher ensures it).
+
+    ``LOOP`` picks the loop structure, a launch-only choice (both compute the
+    same reduction order, bit for bit; a test checks it): 0 = flat loops with
+    the split merge as a branch, 1 = an outer loop over splits with the merge
+    after each.  Which is faster depends on the tile config (configs.py).
+    """
     pid_m = tl.program_id(0)
     if REVERSE_M:  # launch order only: heavy causal tiles first
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -159,9 +165,8 @@ def attention_fwd_kernel(
             m_s = tl.zeros_like(m_s) + float("-inf")
             l_s = tl.zeros_like(l_s)
             acc_s = tl.zeros_like(acc_s)
-    elif LOOP == 3:
-        # Flat masked loops (merge branch); the unmasked middle as whole splits in a
-        # flattened loop nest (merge after each split, no branch), then its remainder.
+    else:
+        # Flat loops; the split merge is a branch taken at each split's last block.
         for j in range(blk_lo, mid_lo):
             m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
                 j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_base, v_base, stride_kn, stride_vn,
@@ -169,20 +174,7 @@ def attention_fwd_kernel(
                 qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
                 True, True, EVEN_D, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
                 HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
-        whole_hi = tl.maximum((mid_hi // SPLIT_BLOCKS) * SPLIT_BLOCKS, mid_lo)
-        for sp in tl.range(mid_lo // SPLIT_BLOCKS, whole_hi // SPLIT_BLOCKS, flatten=True):
-            for j in range(tl.maximum(mid_lo, sp * SPLIT_BLOCKS), sp * SPLIT_BLOCKS + SPLIT_BLOCKS):
-                m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_base, v_base, stride_kn, stride_vn,
-                    offs_n, offs_d, pos_q, seqlen_k, head_dim,
-                    qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                    False, False, EVEN_D, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
-                    HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
-            m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
-            m_s = tl.zeros_like(m_s) + float("-inf")
-            l_s = tl.zeros_like(l_s)
-            acc_s = tl.zeros_like(acc_s)
-        for j in range(whole_hi, mid_hi):
+        for j in range(mid_lo, mid_hi):
             m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
                 j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_base, v_base, stride_kn, stride_vn,
                 offs_n, offs_d, pos_q, seqlen_k, head_dim,
@@ -195,32 +187,6 @@ def attention_fwd_kernel(
                 offs_n, offs_d, pos_q, seqlen_k, head_dim,
                 qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
                 True, True, EVEN_D, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
-                HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
-        m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
-    else:
-        # Flat loops; the split merge is a branch taken at each split's last block.
-        # LOOP == 2 drops the merges (one state, NOT the library's reduction
-        # order): it exists only to measure what the split structure costs.
-        for j in range(blk_lo, mid_lo):
-            m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_base, v_base, stride_kn, stride_vn,
-                offs_n, offs_d, pos_q, seqlen_k, head_dim,
-                qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                True, LOOP == 0, EVEN_D, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
-                HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
-        for j in range(mid_lo, mid_hi):
-            m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_base, v_base, stride_kn, stride_vn,
-                offs_n, offs_d, pos_q, seqlen_k, head_dim,
-                qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                False, LOOP == 0, EVEN_D, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
-                HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
-        for j in range(mid_hi, blk_hi):
-            m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_base, v_base, stride_kn, stride_vn,
-                offs_n, offs_d, pos_q, seqlen_k, head_dim,
-                qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                True, LOOP == 0, EVEN_D, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
                 HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
         # The last, possibly partial, split.  Merging an empty split is the identity.
         m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
