@@ -20,11 +20,12 @@ from bitstable.bench import attention_flops
 from bitstable.configs import AttentionConfig
 
 CANDIDATES = {
-    64: [(64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3)],
-    128: [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)],
+    64: [(64, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
 }
 LOOPS = os.environ.get("LOOPS", "branch,nested").split(",")
-SPLITS = [int(x) for x in os.environ.get("SPLITS", "1024,2048,4096").split(",")]
+TMAS = [x == "1" for x in os.environ.get("TMAS", "0,1").split(",")]
+SPLITS = [int(x) for x in os.environ.get("SPLITS", "2048,4096").split(",")]
 SHAPES = {64: (8, 32, 4096, 64), 128: (4, 16, 8192, 128)}
 
 
@@ -40,10 +41,11 @@ def main():
                 cud = triton.testing.do_bench(
                     lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal),
                     return_mode="median")
-            todo = [(c, lp, 1024) for c in cands for lp in LOOPS]
-            todo += [(cands[0], lp, sp) for lp in LOOPS for sp in SPLITS if sp != 1024]
-            for (bm, bn, w, s), loop, split in todo:
+            todo = [(c, lp, SPLITS[0], tma) for c in cands for lp in LOOPS for tma in TMAS]
+            todo += [(cands[0], lp, sp, tma) for lp in LOOPS for sp in SPLITS[1:] for tma in TMAS]
+            for (bm, bn, w, s), loop, split, tma in todo:
                 launch._LOOP_OVERRIDE = loop
+                launch._TMA_OVERRIDE = tma
                 cfg = AttentionConfig(bm, bn, w, s)
                 try:
                     ms = triton.testing.do_bench(
@@ -52,11 +54,11 @@ def main():
                 except Exception as e:  # out of shared memory etc.
                     print(f"D={D} causal={causal} {cfg}: failed {type(e).__name__}: {str(e)[:100]}")
                     continue
-                rows.append((D, causal, loop, split, bm, bn, w, s, ms, flops / ms / 1e9, cud / ms))
-                print(f"D={D} causal={causal} loop={loop} split={split} BM={bm} BN={bn} w={w} s={s}: {ms:.3f} ms "
+                rows.append((D, causal, loop, int(tma), split, bm, bn, w, s, ms, flops / ms / 1e9, cud / ms))
+                print(f"D={D} causal={causal} loop={loop} tma={int(tma)} split={split} BM={bm} BN={bn} w={w} s={s}: {ms:.3f} ms "
                       f"{flops / ms / 1e9:.0f} TFLOP/s, {cud / ms:.2f}x cudnn ({flops / cud / 1e9:.0f})",
                       flush=True)
-    print("\nD causal loop split BM BN warps stages ms TFLOP/s x-cudnn")
+    print("\nD causal loop tma split BM BN warps stages ms TFLOP/s x-cudnn")
     for r in rows:
         print(" ".join(str(round(x, 3)) if isinstance(x, float) else str(x) for x in r))
 

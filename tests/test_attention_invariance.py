@@ -121,7 +121,8 @@ def test_checks_detect_a_batch_dependent_function(device):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("feature", FEATURES)
 def test_loop_structures_give_identical_bits(feature, shape, device):
-    """The forward kernel's loop structures (a launch-only choice) compute one reduction order."""
+    """The forward kernel's loop structures and K/V load paths (launch-only choices)
+    compute one reduction order, bit for bit."""
     from bitstable.attention import launch
 
     g = torch.Generator().manual_seed(11)
@@ -129,11 +130,13 @@ def test_loop_structures_give_identical_bits(feature, shape, device):
                for L, h in ((shape.seqlen_q, shape.heads_q), (shape.seqlen_k, shape.heads_kv),
                             (shape.seqlen_k, shape.heads_kv)))
     kw = _kw(feature, shape, device)
+    variants = [("branch", False), ("nested", False), ("branch", True), ("nested", True)]
     outs = []
     try:
-        for style in ("branch", "nested"):
-            launch._LOOP_OVERRIDE = style
+        for style, tma in variants:
+            launch._LOOP_OVERRIDE, launch._TMA_OVERRIDE = style, tma
             outs.append(flash_attn_func(q, k, v, **kw))
     finally:
-        launch._LOOP_OVERRIDE = None
-    assert torch.equal(outs[1], outs[0]), "nested loop structure differs from the branch structure"
+        launch._LOOP_OVERRIDE = launch._TMA_OVERRIDE = None
+    for (style, tma), out in zip(variants[1:], outs[1:]):
+        assert torch.equal(out, outs[0]), f"loop={style} tma={tma} differs from loop=branch tma=False"

@@ -44,6 +44,9 @@ class AttentionConfig:
     #: Launch-only: both compute the same bits (tested); chosen by measurement.
     loop: str = "branch"
     loop_causal: str = "branch"
+    #: Load K/V tiles with the Hopper copy engine (TMA) where strides allow;
+    #: launch-only: the tiles hold the same values either way (tested).
+    tma: bool = False
 
 
 def padded_head_dim(head_dim: int) -> int:

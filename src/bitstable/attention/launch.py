@@ -20,8 +20,30 @@ from ..mode import get_deterministic_mode
 from .. import _poison as poison
 
 _LOOP_CODES = {"branch": 0, "nested": 1}
-#: Tests and the exploration script force a loop structure here (None: the config's).
+#: Tests and the exploration script force a loop structure / load path here
+#: (None: the config's choice).
 _LOOP_OVERRIDE: Optional[str] = None
+_TMA_OVERRIDE: Optional[bool] = None
+
+
+def tma_eligible(*tensors: torch.Tensor) -> bool:
+    """The copy engine needs 16-byte aligned bases and 16-byte multiple strides
+    (besides the unit head-dim stride)."""
+    for t in tensors:
+        es = t.element_size()
+        if t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _ensure_allocator() -> None:
+    """Device-side tensor descriptors need a little global scratch per launch;
+    install a torch-backed allocator unless the user already set one."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(
+            lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -87,6 +109,10 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
 
     causal_like = window_right >= 0
     loop = _LOOP_OVERRIDE or (cfg.loop_causal if causal_like else cfg.loop)
+    use_tma = cfg.tma if _TMA_OVERRIDE is None else _TMA_OVERRIDE
+    use_tma = use_tma and not interpreting() and tma_eligible(k, v)
+    if use_tma:
+        _ensure_allocator()
     grid = (triton.cdiv(Lq, cfg.block_m), B * Hq)
     attention_fwd_kernel[grid](
         q, k, v, out, lse, alibi,
@@ -103,6 +129,6 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
         EVEN_D=padded_head_dim(D) == D, WRITE_LSE=True, REVERSE_M=causal_like,
-        LOOP=_LOOP_CODES[loop], num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        LOOP=_LOOP_CODES[loop], USE_TMA=use_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse

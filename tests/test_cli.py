@@ -1,0 +1,65 @@
+"""The command line: verify proves the contract (exit 0) and writes JSON; bench writes table, JSON, plot."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, timeout=900):
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "bitstable", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_verify_holds_and_writes_json(tmp_path):
+    path = tmp_path / "verify.json"
+    r = _run("verify", "--json", str(path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ALL bitstable checks hold" in r.stdout
+    data = json.loads(path.read_text())
+    assert data["ok"] is True
+    checks = {row["check"] for row in data["rows"]}
+    assert {"run-to-run", "batch invariance", "chunk invariance (causal)", "layout invariance"} <= checks
+    assert all(row["bitstable"] for row in data["rows"])
+    assert all(row["stock"] in (True, False) for row in data["rows"])  # stock PyTorch was run too
+
+
+def test_verify_exits_nonzero_on_a_violation():
+    from bitstable import verify
+    from bitstable.testing import CheckResult
+
+    class Sink:
+        def write(self, s):
+            pass
+
+        def flush(self):
+            pass
+
+    original = verify.forward_checks
+    try:
+        verify.forward_checks = lambda fn, *a, **k: [CheckResult("run-to-run", fn is not verify.flash_attn_func)]
+        assert verify.run_verify(stream=Sink()) == 1
+    finally:
+        verify.forward_checks = original
+
+
+def test_bench_writes_table_json_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    r = _run("bench", "--shape", "1,2,32,32", "--reps", "1", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert len(rows) == 2 and {row["causal"] for row in rows} == {False, True}
+    assert all(row["bitstable_ms"] > 0 for row in rows)
+    assert "| B | H | L | D |" in (tmp_path / "bench.md").read_text()
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    assert "[1/2]" in r.stdout  # progress lines
+
+
+def test_bad_shape_argument():
+    r = _run("bench", "--shape", "1,2,3")
+    assert r.returncode != 0 and "B,H,L,D" in r.stderr
