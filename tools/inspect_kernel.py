@@ -40,6 +40,8 @@ def build(dtype, head_dim, block_m, block_n, warps, stages, causal, split_blocks
         if name in constexprs:
             sig[name] = "constexpr"
             const[name] = constexprs[name]
+        elif name in ("K", "V") and os.environ.get('TMA', '0') == '1':
+            sig[name] = f"tensordesc<{dtype}[1,{block_n},1,{head_dim}]>"
         elif name in ("Q", "K", "V", "O"):
             sig[name] = ptr
             attrs[(i,)] = [["tt.divisibility", 16]]

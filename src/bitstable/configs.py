@@ -64,11 +64,11 @@ _SIXTEEN_BIT = ("bf16", "fp16")
 # loop structures were timed on an H200 (benchmarks/explore_fwd_configs.py,
 # benchmarks/results/NOTES.md).
 _SM90_16BIT = {
-    16: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="branch"),
-    32: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="branch"),
-    64: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="branch"),
-    128: AttentionConfig(128, 64, num_warps=8, num_stages=3, loop="nested", loop_causal="nested"),
-    256: AttentionConfig(64, 32, num_warps=8, num_stages=2, loop="nested", loop_causal="nested"),
+    16: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True),
+    32: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True),
+    64: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True),
+    128: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True),
+    256: AttentionConfig(64, 64, num_warps=8, num_stages=2, loop="nested", loop_causal="nested", tma=True),
 }
 # float32 is computed in IEEE fp32 (no tensor cores): small tiles, no spills.
 _SM90_FP32 = {

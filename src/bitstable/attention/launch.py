@@ -13,6 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton without host-side tensor descriptors
+    TensorDescriptor = None
+
 from .._backend import interpreting
 from ..configs import AttentionConfig, arch_key, attention_config, padded_head_dim
 from ..kernels.attention_fwd import attention_fwd_kernel
@@ -27,23 +32,16 @@ _TMA_OVERRIDE: Optional[bool] = None
 
 
 def tma_eligible(*tensors: torch.Tensor) -> bool:
-    """The copy engine needs 16-byte aligned bases and 16-byte multiple strides
-    (besides the unit head-dim stride)."""
+    """The copy engine needs 16-byte aligned bases, 16-byte multiple strides
+    (besides the unit head-dim stride) and a non-empty tensor."""
     for t in tensors:
+        if t.numel() == 0:
+            return False
         es = t.element_size()
         if t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:-1]):
             return False
     return True
 
-
-def _ensure_allocator() -> None:
-    """Device-side tensor descriptors need a little global scratch per launch;
-    install a torch-backed allocator unless the user already set one."""
-    from triton.runtime import _allocation
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(
-            lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -110,12 +108,16 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     causal_like = window_right >= 0
     loop = _LOOP_OVERRIDE or (cfg.loop_causal if causal_like else cfg.loop)
     use_tma = cfg.tma if _TMA_OVERRIDE is None else _TMA_OVERRIDE
-    use_tma = use_tma and not interpreting() and tma_eligible(k, v)
+    use_tma = (use_tma and TensorDescriptor is not None and not interpreting()
+               and tma_eligible(k, v))
+    k_arg, v_arg = k, v
     if use_tma:
-        _ensure_allocator()
+        block = [1, cfg.block_n, 1, padded_head_dim(D)]
+        k_arg = TensorDescriptor(k, list(k.shape), list(k.stride()), block)
+        v_arg = TensorDescriptor(v, list(v.shape), list(v.stride()), block)
     grid = (triton.cdiv(Lq, cfg.block_m), B * Hq)
     attention_fwd_kernel[grid](
-        q, k, v, out, lse, alibi,
+        q, k_arg, v_arg, out, lse, alibi,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),

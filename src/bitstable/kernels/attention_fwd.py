@@ -23,23 +23,26 @@ from .attention_core import (block_update, empty_state, finalize, merge_states,
 
 
 @triton.jit
-def _process_block(j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, stride_kn, stride_vn,
+def _process_block(j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, kv_b, kv_h, stride_kn, stride_vn,
                    offs_n, offs_d, pos_q, seqlen_k, head_dim,
                    qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                   MASKED: tl.constexpr, MERGE_AT_SPLIT_END: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   MASKED: tl.constexpr, MERGE_AT_SPLIT_END: tl.constexpr, EVEN_D: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                    SPLIT_BLOCKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, USE_TMA: tl.constexpr):
     """Fold key block ``j`` into the split state; merge into the total at a split end.
 
-    ``k_src``/``v_src`` are tensor descriptors (``USE_TMA``: the copy engine
-    zero-fills rows past the keys' end and columns past head_dim) or base
-    pointers (masked loads).  Both load the same values.
+    ``k_src``/``v_src`` are host-made 4-d tensor descriptors over k/v
+    [B, Lk, Hkv, D] (``USE_TMA``: the copy engine zero-fills rows past this
+    sequence's last key and columns past head_dim, and needs no scratch
+    memory) or the (batch, head) base pointers (masked loads).  Both load the
+    same values.
     """
     pos_k = j * BLOCK_N + offs_n
     if USE_TMA:
-        k = k_src.load([j * BLOCK_N, 0])
-        v = v_src.load([j * BLOCK_N, 0])
+        k = k_src.load([kv_b, j * BLOCK_N, kv_h, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = v_src.load([kv_b, j * BLOCK_N, kv_h, 0]).reshape(BLOCK_N, HEAD_DIM)
     elif MASKED:
         k_ptrs = k_src + pos_k[:, None] * stride_kn + offs_d[None, :]
         v_ptrs = v_src + pos_k[:, None] * stride_vn + offs_d[None, :]
@@ -113,16 +116,12 @@ def attention_fwd_kernel(
     pos_q = offs_m + (seqlen_k - seqlen_q)
 
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
     if USE_TMA:
-        k_src = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, head_dim], strides=[stride_kn, 1],
-                                          block_shape=[BLOCK_N, HEAD_DIM])
-        v_src = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, head_dim], strides=[stride_vn, 1],
-                                          block_shape=[BLOCK_N, HEAD_DIM])
+        k_src = K
+        v_src = V
     else:
-        k_src = k_base
-        v_src = v_base
+        k_src = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
+        v_src = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
     q = q.to(COMPUTE_DTYPE)
@@ -160,24 +159,24 @@ def attention_fwd_kernel(
             bb = tl.minimum(tl.maximum(mid_hi, a), hi)
             for j in range(lo, a):
                 m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, stride_kn, stride_vn,
+                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, b, h_kv, stride_kn, stride_vn,
                     offs_n, offs_d, pos_q, seqlen_k, head_dim,
                     qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                    True, False, EVEN_D, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
+                    True, False, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
                     HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, USE_TMA)
             for j in range(a, bb):
                 m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, stride_kn, stride_vn,
+                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, b, h_kv, stride_kn, stride_vn,
                     offs_n, offs_d, pos_q, seqlen_k, head_dim,
                     qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                    False, False, EVEN_D, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
+                    False, False, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
                     HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, USE_TMA)
             for j in range(bb, hi):
                 m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, stride_kn, stride_vn,
+                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, b, h_kv, stride_kn, stride_vn,
                     offs_n, offs_d, pos_q, seqlen_k, head_dim,
                     qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                    True, False, EVEN_D, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
+                    True, False, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
                     HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, USE_TMA)
             m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
             m_s = tl.zeros_like(m_s) + float("-inf")
@@ -187,24 +186,24 @@ def attention_fwd_kernel(
         # Flat loops; the split merge is a branch taken at each split's last block.
         for j in range(blk_lo, mid_lo):
             m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, stride_kn, stride_vn,
+                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, b, h_kv, stride_kn, stride_vn,
                 offs_n, offs_d, pos_q, seqlen_k, head_dim,
                 qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                True, True, EVEN_D, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
+                True, True, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
                 HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, USE_TMA)
         for j in range(mid_lo, mid_hi):
             m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, stride_kn, stride_vn,
+                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, b, h_kv, stride_kn, stride_vn,
                 offs_n, offs_d, pos_q, seqlen_k, head_dim,
                 qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                False, True, EVEN_D, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
+                False, True, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
                 HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, USE_TMA)
         for j in range(mid_hi, blk_hi):
             m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, stride_kn, stride_vn,
+                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, b, h_kv, stride_kn, stride_vn,
                 offs_n, offs_d, pos_q, seqlen_k, head_dim,
                 qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                True, True, EVEN_D, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
+                True, True, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
                 HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, USE_TMA)
         # The last, possibly partial, split.  Merging an empty split is the identity.
         m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
