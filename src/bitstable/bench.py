@@ -175,7 +175,7 @@ def run_bench(out_dir: str, shapes=DEFAULT_SHAPES, reps: int = 100, stream=sys.s
     rows = bench_forward(shapes, reps=reps, stream=stream)
     table = markdown_table(rows)
     meta = dict(device=device, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                command=" ".join(sys.argv), torch=torch.__version__)
+                command="bitstable " + " ".join(sys.argv[1:]), torch=torch.__version__)
     with open(os.path.join(out_dir, "bench.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=2)
     with open(os.path.join(out_dir, "bench.md"), "w") as f:
