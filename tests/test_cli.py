@@ -24,7 +24,8 @@ def test_verify_holds_and_writes_json(tmp_path):
     data = json.loads(path.read_text())
     assert data["ok"] is True
     checks = {row["check"] for row in data["rows"]}
-    assert {"run-to-run", "batch invariance", "chunk invariance (causal)", "layout invariance"} <= checks
+    assert {"run-to-run", "batch invariance", "chunk invariance (causal)", "layout invariance",
+            "backward run-to-run", "backward batch invariance"} <= checks
     assert all(row["bitstable"] for row in data["rows"])
     assert all(row["stock"] in (True, False) for row in data["rows"])  # stock PyTorch was run too
 
@@ -53,11 +54,12 @@ def test_bench_writes_table_json_and_plot(tmp_path):
     r = _run("bench", "--shape", "1,2,32,32", "--reps", "1", "--out", str(tmp_path))
     assert r.returncode == 0, r.stdout + r.stderr
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
-    assert len(rows) == 2 and {row["causal"] for row in rows} == {False, True}
+    assert len(rows) == 4 and {row["causal"] for row in rows} == {False, True}
+    assert {row["pass_"] for row in rows} == {"fwd", "fwd+bwd"}
     assert all(row["bitstable_ms"] > 0 for row in rows)
     assert "| B | H | L | D |" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").stat().st_size > 1000
-    assert "[1/2]" in r.stdout  # progress lines
+    assert "[1/4]" in r.stdout  # progress lines
 
 
 def test_bad_shape_argument():

@@ -1,10 +1,10 @@
-"""``bitstable bench``: forward speed and memory next to PyTorch's SDPA backends, in one process.
+"""``bitstable bench``: forward and forward+backward speed next to PyTorch's SDPA backends, in one process.
 
 For each shape (B, H, L, D) and causal setting it times bitstable's
 ``flash_attn_func`` and SDPA restricted to its flash and cudnn backends, all on
 the same random bf16 inputs, each in its native layout.  Reports median ms,
-TFLOP/s, bitstable's speed as a ratio to each backend, and peak extra memory
-(peak allocation during the call, minus the inputs and the output).  Writes a
+TFLOP/s, bitstable's speed as a ratio to each backend, and (forward) peak
+extra memory (peak allocation during the call, minus the inputs and output).  Writes a
 markdown table, JSON and a PNG plot.
 """
 
@@ -28,10 +28,11 @@ DEFAULT_SHAPES: List[Tuple[int, int, int, int]] = [
 SDPA_BACKENDS = ("flash", "cudnn")
 
 
-def attention_flops(B: int, H: int, L: int, D: int, causal: bool) -> float:
-    """Forward FLOPs: two matmuls of 2*L*L*D each per head; causal counts the visible half."""
+def attention_flops(B: int, H: int, L: int, D: int, causal: bool, backward: bool = False) -> float:
+    """Forward FLOPs: two matmuls of 2*L*L*D each per head; causal counts the visible half.
+    With ``backward``: forward + backward, 2 + 5 such matmuls (3.5x the forward)."""
     pairs = L * (L + 1) / 2 if causal else L * L
-    return 4.0 * B * H * pairs * D
+    return 4.0 * B * H * pairs * D * (3.5 if backward else 1.0)
 
 
 def _time_ms(fn: Callable, reps: int) -> float:
@@ -61,16 +62,29 @@ def _extra_memory(fn: Callable) -> Optional[int]:
     return int(peak - base - out.numel() * out.element_size())
 
 
-def _sdpa_fn(backend: str, q, k, v, causal: bool) -> Optional[Callable]:
+def _with_backward(fn: Callable, dout: torch.Tensor, inputs) -> Callable:
+    """Forward + backward of ``fn`` (grads into ``inputs``); returns the output."""
+    def run():
+        for t in inputs:
+            t.grad = None
+        out = fn()
+        out.backward(dout)
+        return out
+    return run
+
+
+def _sdpa_fn(backend: str, q, k, v, causal: bool, dout=None) -> Optional[Callable]:
     if _backend.interpreting():
         return None
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     which = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
 
-    def fn():
+    def fwd():
         with sdpa_kernel(which):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    fn = fwd if dout is None else _with_backward(fwd, dout, (q, k, v))
 
     try:
         fn()
@@ -81,27 +95,36 @@ def _sdpa_fn(backend: str, q, k, v, causal: bool) -> Optional[Callable]:
 
 def bench_forward(shapes: Sequence[Tuple[int, int, int, int]] = DEFAULT_SHAPES,
                   causal_options: Sequence[bool] = (False, True), dtype=torch.bfloat16,
-                  reps: int = 100, stream=sys.stdout) -> List[Dict]:
-    """Time every (shape, causal); returns one row per case."""
+                  reps: int = 100, stream=sys.stdout,
+                  passes: Sequence[str] = ("fwd", "fwd+bwd")) -> List[Dict]:
+    """Time every (pass, shape, causal); returns one row per case."""
     device = _backend.kernel_device_type()
     rows = []
-    cases = [(s, c) for s in shapes for c in causal_options]
+    cases = [(p, s, c) for p in passes for s in shapes for c in causal_options]
     t0 = time.time()
-    for i, ((B, H, L, D), causal) in enumerate(cases, 1):
-        print(f"[{i}/{len(cases)}] B={B} H={H} L={L} D={D} causal={causal} ({time.time() - t0:.0f}s)",
-              file=stream, flush=True)
+    for i, (pss, (B, H, L, D), causal) in enumerate(cases, 1):
+        print(f"[{i}/{len(cases)}] {pss} B={B} H={H} L={L} D={D} causal={causal} "
+              f"({time.time() - t0:.0f}s)", file=stream, flush=True)
+        bwd = pss == "fwd+bwd"
         g = torch.Generator(device=device).manual_seed(i)
         q, k, v = (torch.randn(B, L, H, D, device=device, dtype=dtype, generator=g) for _ in range(3))
         qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))   # SDPA's native layout
-        flops = attention_flops(B, H, L, D, causal)
-        row = dict(B=B, H=H, L=L, D=D, causal=causal, dtype=str(dtype).replace("torch.", ""))
+        dout = dout_t = None
+        if bwd:
+            for t in (q, k, v, qt, kt, vt):
+                t.requires_grad_(True)
+            dout = torch.randn(B, L, H, D, device=device, dtype=dtype, generator=g)
+            dout_t = dout.transpose(1, 2).contiguous()
+        flops = attention_flops(B, H, L, D, causal, backward=bwd)
+        row = dict(pass_=pss, B=B, H=H, L=L, D=D, causal=causal, dtype=str(dtype).replace("torch.", ""))
 
-        def ours():
+        def fwd():
             return flash_attn_func(q, k, v, causal=causal)
 
+        ours = _with_backward(fwd, dout, (q, k, v)) if bwd else fwd
         impls = {"bitstable": ours}
         for name in SDPA_BACKENDS:
-            impls[f"sdpa_{name}"] = _sdpa_fn(name, qt, kt, vt, causal)
+            impls[f"sdpa_{name}"] = _sdpa_fn(name, qt, kt, vt, causal, dout_t)
         for name, fn in impls.items():
             if fn is None:
                 row[f"{name}_ms"] = row[f"{name}_tflops"] = row[f"{name}_extra_bytes"] = None
@@ -109,13 +132,14 @@ def bench_forward(shapes: Sequence[Tuple[int, int, int, int]] = DEFAULT_SHAPES,
             ms = _time_ms(fn, reps)
             row[f"{name}_ms"] = ms
             row[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12
-            row[f"{name}_extra_bytes"] = _extra_memory(fn)
+            row[f"{name}_extra_bytes"] = None if bwd else _extra_memory(fn)
         for name in SDPA_BACKENDS:
             ref = row.get(f"sdpa_{name}_ms")
             row[f"ratio_vs_{name}"] = (ref / row["bitstable_ms"]) if ref else None
         if impls.get("sdpa_flash") is not None:
-            diff = (ours().transpose(1, 2).float() - impls["sdpa_flash"]().float()).abs().max().item()
-            row["max_abs_diff_vs_flash"] = diff
+            with torch.no_grad():
+                diff = (fwd().transpose(1, 2).float() - _sdpa_fn("flash", qt, kt, vt, causal)().float())
+            row["max_abs_diff_vs_flash"] = diff.abs().max().item()
         row["lse_bytes"] = B * H * L * 4
         rows.append(row)
         del q, k, v, qt, kt, vt
@@ -128,13 +152,13 @@ def _fmt(x, spec):
 
 def markdown_table(rows: List[Dict]) -> str:
     """The results as a markdown table (ratios > 1 mean bitstable is faster)."""
-    head = ("| B | H | L | D | causal | bitstable ms | TFLOP/s | SDPA-flash TFLOP/s | SDPA-cudnn TFLOP/s "
+    head = ("| pass | B | H | L | D | causal | bitstable ms | TFLOP/s | SDPA-flash TFLOP/s | SDPA-cudnn TFLOP/s "
             "| vs flash | vs cudnn | extra MiB (LSE MiB) |")
-    lines = [head, "|" + "|".join(["---"] * 12) + "|"]
+    lines = [head, "|" + "|".join(["---"] * 13) + "|"]
     for r in rows:
         extra = r.get("bitstable_extra_bytes")
         lines.append(
-            f"| {r['B']} | {r['H']} | {r['L']} | {r['D']} | {'yes' if r['causal'] else 'no'} "
+            f"| {r['pass_']} | {r['B']} | {r['H']} | {r['L']} | {r['D']} | {'yes' if r['causal'] else 'no'} "
             f"| {_fmt(r['bitstable_ms'], '.3f')} | {_fmt(r['bitstable_tflops'], '.0f')} "
             f"| {_fmt(r['sdpa_flash_tflops'], '.0f')} | {_fmt(r['sdpa_cudnn_tflops'], '.0f')} "
             f"| {_fmt(r['ratio_vs_flash'], '.2f')}x | {_fmt(r['ratio_vs_cudnn'], '.2f')}x "
@@ -149,39 +173,45 @@ def plot(rows: List[Dict], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"B{r['B']} H{r['H']}\nL{r['L']} D{r['D']}\n{'causal' if r['causal'] else 'full'}" for r in rows]
     impls = [("bitstable", "bitstable"), ("sdpa_flash", "SDPA flash"), ("sdpa_cudnn", "SDPA cudnn")]
+    passes = list(dict.fromkeys(r["pass_"] for r in rows))
     width = 0.27
-    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(rows)), 4.8))
-    for j, (key, name) in enumerate(impls):
-        vals = [r.get(f"{key}_tflops") or 0.0 for r in rows]
-        xs = [i + (j - 1) * width for i in range(len(rows))]
-        ax.bar(xs, vals, width, label=name)
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(labels, fontsize=7)
-    ax.set_ylabel("TFLOP/s (forward)")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
+    n = max(sum(r["pass_"] == p for r in rows) for p in passes)
+    fig, axes = plt.subplots(len(passes), 1, figsize=(max(8, 1.3 * n), 4.2 * len(passes)), squeeze=False)
+    for ax, pss in zip(axes[:, 0], passes):
+        sub = [r for r in rows if r["pass_"] == pss]
+        labels = [f"B{r['B']} H{r['H']}\nL{r['L']} D{r['D']}\n{'causal' if r['causal'] else 'full'}"
+                  for r in sub]
+        for j, (key, name) in enumerate(impls):
+            vals = [r.get(f"{key}_tflops") or 0.0 for r in sub]
+            ax.bar([i + (j - 1) * width for i in range(len(sub))], vals, width, label=name)
+        ax.set_xticks(range(len(sub)))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_ylabel(f"TFLOP/s ({pss})")
+        ax.legend()
+    axes[0, 0].set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def run_bench(out_dir: str, shapes=DEFAULT_SHAPES, reps: int = 100, stream=sys.stdout) -> List[Dict]:
+def run_bench(out_dir: str, shapes=DEFAULT_SHAPES, reps: int = 100, stream=sys.stdout,
+              passes: Sequence[str] = ("fwd", "fwd+bwd")) -> List[Dict]:
     """Run the benchmark and write bench.json, bench.md and bench.png into ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
     device = _backend.describe()
     print(f"bitstable bench on {device}", file=stream, flush=True)
-    rows = bench_forward(shapes, reps=reps, stream=stream)
+    rows = bench_forward(shapes, reps=reps, stream=stream, passes=passes)
     table = markdown_table(rows)
     meta = dict(device=device, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                 command="bitstable " + " ".join(sys.argv[1:]), torch=torch.__version__)
     with open(os.path.join(out_dir, "bench.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=2)
     with open(os.path.join(out_dir, "bench.md"), "w") as f:
-        f.write(f"Forward, bf16. {device}. {meta['date']}. Command: `{meta['command']}`\n\n{table}\n")
+        f.write(f"Forward and forward+backward, bf16. {device}. {meta['date']}. "
+                f"Command: `{meta['command']}`\n\n{table}\n")
     try:
-        plot(rows, os.path.join(out_dir, "bench.png"), f"bitstable forward vs SDPA - {device}")
+        plot(rows, os.path.join(out_dir, "bench.png"), f"bitstable vs SDPA - {device}")
     except ImportError:
         print("matplotlib not installed: no plot (pip install 'bitstable[bench]')", file=stream)
     print("\n" + table, file=stream)

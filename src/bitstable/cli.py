@@ -18,11 +18,12 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     v = sub.add_parser("verify", help="prove the invariance contract here, next to stock PyTorch")
     v.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    b = sub.add_parser("bench", help="forward speed/memory vs SDPA flash and cudnn (table, JSON, plot)")
+    b = sub.add_parser("bench", help="fwd and fwd+bwd speed vs SDPA flash and cudnn (table, JSON, plot)")
     b.add_argument("--out", default="bench-results", help="folder for bench.json/.md/.png")
     b.add_argument("--shape", type=_shape, action="append", metavar="B,H,L,D",
                    help="a shape to time (repeatable); default: the four standard shapes")
     b.add_argument("--reps", type=int, default=100, help="timing budget (ms on GPU, runs on CPU)")
+    b.add_argument("--passes", default="fwd,fwd+bwd", help="comma list of fwd, fwd+bwd")
     args = ap.parse_args(argv)
 
     import bitstable  # noqa: F401  (decides GPU vs interpreter before triton loads)
@@ -33,7 +34,11 @@ def main(argv=None) -> int:
         return run_verify(args.json)
     from .bench import DEFAULT_SHAPES, run_bench
 
-    run_bench(args.out, shapes=args.shape or DEFAULT_SHAPES, reps=args.reps)
+    passes = [p for p in args.passes.split(",") if p]
+    bad = [p for p in passes if p not in ("fwd", "fwd+bwd")]
+    if bad:
+        ap.error(f"--passes takes fwd and/or fwd+bwd, got {bad}")
+    run_bench(args.out, shapes=args.shape or DEFAULT_SHAPES, reps=args.reps, passes=passes)
     return 0
 
 

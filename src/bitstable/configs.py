@@ -49,6 +49,20 @@ class AttentionConfig:
     tma: bool = False
 
 
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Tiles of the backward kernels for one (arch, dtype, padded head dim).
+
+    ``block_m`` (query rows) and ``block_n`` (keys) fix the order in which
+    dk/dv sum over query blocks and dq sums over key blocks.
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
 def padded_head_dim(head_dim: int) -> int:
     """Smallest power of two >= ``head_dim`` (and >= 16): the kernels' D tile."""
     p = 16
@@ -104,6 +118,20 @@ _TABLE = {
     ("interpreter", "fp32"): _INTERPRETER,
 }
 
+_BWD_SM90_16BIT = {16: BackwardConfig(64, 64, 4, 2), 32: BackwardConfig(64, 64, 4, 2),
+                   64: BackwardConfig(64, 64, 4, 2), 128: BackwardConfig(64, 64, 4, 2),
+                   256: BackwardConfig(32, 32, 4, 1)}
+_BWD_FP32 = {d: BackwardConfig(32, 16, 4, 1) for d in (16, 32, 64, 128)}
+_BWD_FP32[256] = BackwardConfig(16, 16, 4, 1)
+_BWD_INTERPRETER = {d: BackwardConfig(16, 16, 4, 1) for d in (16, 32, 64, 128, 256)}
+_BWD_TABLE = {
+    ("sm90", "bf16"): _BWD_SM90_16BIT, ("sm90", "fp16"): _BWD_SM90_16BIT, ("sm90", "fp32"): _BWD_FP32,
+    ("generic", "bf16"): _BWD_SM90_16BIT, ("generic", "fp16"): _BWD_SM90_16BIT,
+    ("generic", "fp32"): _BWD_FP32,
+    ("interpreter", "bf16"): _BWD_INTERPRETER, ("interpreter", "fp16"): _BWD_INTERPRETER,
+    ("interpreter", "fp32"): _BWD_INTERPRETER,
+}
+
 _DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -120,6 +148,11 @@ def arch_key(device: torch.device) -> str:
 def attention_config(arch: str, dtype: torch.dtype, head_dim: int) -> AttentionConfig:
     """The fixed attention config for ``(arch, dtype, head_dim)``."""
     return _TABLE[(arch, _DTYPE_KEYS[dtype])][padded_head_dim(head_dim)]
+
+
+def backward_config(arch: str, dtype: torch.dtype, head_dim: int) -> BackwardConfig:
+    """The fixed backward config for ``(arch, dtype, head_dim)``."""
+    return _BWD_TABLE[(arch, _DTYPE_KEYS[dtype])][padded_head_dim(head_dim)]
 
 
 def all_block_n() -> set[int]:

@@ -156,6 +156,50 @@ def check_layout_invariance(attn: Callable, shape: Shape, dtype, device, seed: i
                        f"{len(variants)} layouts equal" if ok else "; ".join(bad), len(variants))
 
 
+def _grads(attn: Callable, q, k, v, dout, **kw):
+    """(dq, dk, dv) of ``sum(attn(q, k, v) * dout)``."""
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = attn(q, k, v, **kw)
+    return torch.autograd.grad(out, (q, k, v), dout)
+
+
+def check_backward_run_to_run(attn: Callable, shape: Shape, dtype, device, runs: int = 3, seed: int = 4,
+                              **kw) -> CheckResult:
+    """The same inputs and output gradient give the same (dq, dk, dv) bits every time."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = random_qkv(shape, dtype, device, g)
+    dout = torch.randn(q.shape, generator=g).to(dtype).to(device)
+    seen = [_grads(attn, q, k, v, dout, **kw)]
+    for _ in range(runs - 1):
+        grads = _grads(attn, q, k, v, dout, **kw)
+        if not any(all(torch.equal(a, b) for a, b in zip(grads, s)) for s in seen):
+            seen.append(grads)
+    ok = len(seen) == 1
+    return CheckResult("backward run-to-run", ok, f"{len(seen)} distinct (dq, dk, dv) in {runs} runs", runs)
+
+
+def check_backward_batch_invariance(attn: Callable, shape: Shape, dtype, device,
+                                    batch_sizes: Sequence[int] = (2, 3, 8), seed: int = 5,
+                                    **kw) -> CheckResult:
+    """A sequence's own dq, dk, dv are the same alone and at every position of a batch."""
+    g = torch.Generator().manual_seed(seed)
+    cases, bad = 0, []
+    for bs in batch_sizes:
+        q, k, v = random_qkv(shape, dtype, device, g, batch=bs)
+        dout = torch.randn(q.shape, generator=g).to(dtype).to(device)
+        together = _grads(attn, q, k, v, dout, **kw)
+        for pos in range(bs):
+            sl = slice(pos, pos + 1)
+            alone = _grads(attn, q[sl], k[sl], v[sl], dout[sl], **kw)
+            cases += 1
+            for name, a, t in zip(("dq", "dk", "dv"), alone, together):
+                if not torch.equal(t[sl], a):
+                    bad.append(f"batch {bs} pos {pos} {name}: {_first_diff(t[sl], a)}")
+    ok = not bad
+    return CheckResult("backward batch invariance", ok,
+                       f"{cases} placements equal" if ok else "; ".join(bad[:3]), cases)
+
+
 def forward_checks(attn: Callable, shape: Shape, dtype, device, runs: int = 3,
                    batch_sizes: Sequence[int] = (2, 3, 8), chunk_sizes: Sequence[int] = (1, 5, 17),
                    **kw) -> List[CheckResult]:
@@ -165,4 +209,13 @@ def forward_checks(attn: Callable, shape: Shape, dtype, device, runs: int = 3,
         check_batch_invariance(attn, shape, dtype, device, batch_sizes=batch_sizes, **kw),
         check_chunk_invariance(attn, shape, dtype, device, chunk_sizes=chunk_sizes, **kw),
         check_layout_invariance(attn, shape, dtype, device, **kw),
+    ]
+
+
+def backward_checks(attn: Callable, shape: Shape, dtype, device, runs: int = 3,
+                    batch_sizes: Sequence[int] = (2, 3, 8), **kw) -> List[CheckResult]:
+    """Every backward contract check, in the order ``verify`` prints them."""
+    return [
+        check_backward_run_to_run(attn, shape, dtype, device, runs=runs, **kw),
+        check_backward_batch_invariance(attn, shape, dtype, device, batch_sizes=batch_sizes, **kw),
     ]

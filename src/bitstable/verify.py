@@ -20,7 +20,7 @@ import torch
 from . import _backend
 from .attention import flash_attn_func
 from .mode import set_deterministic
-from .testing import CheckResult, Shape, forward_checks, poison_outputs
+from .testing import CheckResult, Shape, backward_checks, forward_checks, poison_outputs
 
 
 def _stock(q, k, v, **kw):
@@ -66,6 +66,8 @@ def run_verify(json_path: str | None = None, stream=sys.stdout) -> int:
                 try:
                     results[impl] = forward_checks(fn, shape, dtype, device, runs=runs, batch_sizes=bss,
                                                    chunk_sizes=chunks, **kw)
+                    results[impl] += backward_checks(fn, shape, dtype, device, runs=runs,
+                                                     batch_sizes=bss, **kw)
                 except Exception as e:  # a crash is a failed check, shown as such
                     results[impl] = [CheckResult("crashed", False, f"{type(e).__name__}: {e}")]
             for ours, stock in zip(results["bitstable"], results["stock"] + [None] * 8):

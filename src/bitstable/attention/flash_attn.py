@@ -13,25 +13,8 @@ import torch
 
 from ..mode import get_deterministic_mode
 from ..reference import alibi_bias, attention_reference, visibility
-from .launch import attention_forward
-from .validation import check_options, check_qkv, last_dim_contiguous, normalize_window
-
-
-class _AttentionFn(torch.autograd.Function):
-    """Autograd wrapper: forward through the kernel; backward not implemented yet."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, left, right, softcap, alibi_slopes):
-        out, lse = attention_forward(q, k, v, softmax_scale, left, right, softcap, alibi_slopes)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        raise NotImplementedError(
-            "bitstable.flash_attn_func: the deterministic attention backward is not "
-            "implemented yet (tracked in its own issue); call the forward under "
-            "torch.no_grad() or use bitstable.set_deterministic(False) to train with stock PyTorch")
+from .ops import attn_fwd
+from .validation import check_options, check_qkv, normalize_window
 
 
 def _stock_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes):
@@ -79,14 +62,17 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
         softcap: if > 0, scores become softcap * tanh(scores / softcap).
         alibi_slopes: (nheads,) or (batch, nheads) float32; adds
             -slope * |i + seqlen_k - seqlen_q - j| to the score of query i, key j.
-        deterministic: accepted for compatibility; bitstable is always deterministic.
+        deterministic: accepted for compatibility; bitstable's forward and backward
+            are always deterministic.
         return_attn_probs: if True, also return the softmax log-sum-exp
             (batch, nheads, seqlen_q) float32 and ``None`` in place of the
             attention-probability matrix, which is never materialised.
 
     Returns:
         out (batch, seqlen_q, nheads, headdim) in q's dtype; or
-        ``(out, softmax_lse, None)`` when ``return_attn_probs``.
+        ``(out, softmax_lse, None)`` when ``return_attn_probs``.  Both are
+        differentiable (dq, dk, dv; deterministic, batch-invariant); ALiBi
+        slopes get no gradient.
 
     Invariance: a query row's output bits depend only on its own query vector,
     the keys/values it can see, and (arch, dtype, head_dim, split_size), never
@@ -106,9 +92,6 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
         out, lse = _stock_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes)
         return (out, lse, None) if return_attn_probs else out
 
-    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out, lse = _AttentionFn.apply(q, k, v, softmax_scale, left, right, float(softcap), alibi_slopes)
-    else:
-        out, lse = attention_forward(q, k, v, softmax_scale, left, right, float(softcap), alibi_slopes)
+    out, lse = attn_fwd(q, k, v, softmax_scale, left, right, float(softcap), alibi_slopes,
+                        get_deterministic_mode().split_size)
     return (out, lse, None) if return_attn_probs else out

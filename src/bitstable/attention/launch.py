@@ -23,6 +23,7 @@ from ..configs import AttentionConfig, arch_key, attention_config, padded_head_d
 from ..kernels.attention_fwd import attention_fwd_kernel
 from ..mode import get_deterministic_mode
 from .. import _poison as poison
+from .validation import last_dim_contiguous
 
 _LOOP_CODES = {"branch": 0, "nested": 1}
 #: Tests and the exploration script force a loop structure / load path here
@@ -83,6 +84,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     the config exploration script only (a different block_n is a different
     reduction order).
     """
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     B, Lq, Hq, D = q.shape
     Lk, Hk = k.shape[1], k.shape[2]
     cfg = config or attention_config(arch_key(q.device), q.dtype, D)

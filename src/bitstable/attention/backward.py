@@ -1,0 +1,91 @@
+"""Host side of the attention backward: config lookup and the three launches.
+
+dq, dk, dv are computed without atomics: dk/dv by programs that own a key block
+(and sum their GQA group's query heads in order), dq by programs that own a
+query block.  Deterministic and batch-invariant for the same reason as the
+forward: each program's sums depend only on its own sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+
+from .. import _poison as poison
+from .._backend import interpreting
+from ..configs import arch_key, backward_config, padded_head_dim
+from ..kernels.attention_bwd import (attention_bwd_dkdv_kernel, attention_bwd_dq_kernel,
+                                     attention_bwd_preprocess_kernel)
+from .launch import compute_dtype
+from .validation import last_dim_contiguous
+
+
+def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, softmax_scale: float,
+                       window_left: int, window_right: int, softcap: float,
+                       alibi_slopes: Optional[torch.Tensor], dlse: Optional[torch.Tensor] = None,
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``flash_attn_func`` w.r.t. q, k, v (and through its lse if ``dlse``).
+
+    dout/out [B, Lq, Hq, D], q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D], lse/dlse
+    [B, Hq, Lq] float32.  Returns dq, dk, dv in the inputs' dtype and shapes.
+    """
+    dout, q, k, v, out = (last_dim_contiguous(t) for t in (dout, q, k, v, out))
+    B, Lq, Hq, D = q.shape
+    Lk, Hk = k.shape[1], k.shape[2]
+    cfg = backward_config(arch_key(q.device), q.dtype, D)
+    HD = padded_head_dim(D)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    poison.fill(dq, dk, dv, delta)
+    if B == 0 or Hq == 0 or Lq == 0 or Lk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    lse = lse.contiguous()
+    if dlse is not None:
+        dlse = dlse.contiguous().float()
+
+    log2e = 1.4426950408889634
+    if softcap > 0:
+        qk_scale, softcap_scaled = softcap * log2e, softmax_scale / softcap
+    else:
+        qk_scale, softcap_scaled = softmax_scale * log2e, 1.0
+    if alibi_slopes is not None:
+        alibi = alibi_slopes if alibi_slopes.stride(-1) == 1 else alibi_slopes.contiguous()
+        stride_alibi_b = alibi.stride(0) if alibi.dim() == 2 else 0
+    else:
+        alibi, stride_alibi_b = lse, 0
+    common = dict(COMPUTE_DTYPE=compute_dtype(q.dtype), ROWWISE=interpreting(),
+                  HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+                  HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    scalars = (qk_scale, softcap_scaled, softmax_scale, max(window_left, 0), max(window_right, 0))
+
+    attention_bwd_preprocess_kernel[(triton.cdiv(Lq, 64), B * Hq)](
+        out, dout, dlse if dlse is not None else lse, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        Hq, Lq, D, HEAD_DIM=HD, BLOCK_M=64, HAS_DLSE=dlse is not None)
+    attention_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), B * Hk)](
+        q, k, v, dout, lse, delta, dk, dv, alibi,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        stride_alibi_b, Hq, Hk, Hq // Hk, Lq, Lk, D, *scalars,
+        HEAD_DIM=HD, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common)
+    attention_bwd_dq_kernel[(triton.cdiv(Lq, cfg.block_m), B * Hq)](
+        q, k, v, dout, lse, delta, dq, alibi,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        stride_alibi_b, Hq, Hq // Hk, Lq, Lk, D, *scalars,
+        HEAD_DIM=HD, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common)
+    return dq, dk, dv

@@ -1,0 +1,222 @@
+"""The attention backward kernels: dq, dk, dv with no atomics and a fixed order.
+
+* :func:`attention_bwd_preprocess_kernel`: ``delta = rowsum(dout * out) - dlse``
+  per query row (float32), the softmax-gradient term shared by both kernels.
+* :func:`attention_bwd_dkdv_kernel`: one program per (batch, kv head, key
+  block).  It loops over the query heads of its GQA group in ascending order
+  and, for each, over the query blocks that can see the key block in
+  ascending order, accumulating dk and dv in registers.
+* :func:`attention_bwd_dq_kernel`: one program per (batch, query head, query
+  block), looping over the visible key blocks in ascending order.
+
+Probabilities are recomputed from the forward's log-sum-exp with the same
+score transform and masks as the forward (attention_core), so every feature
+of the forward has its gradient: causal / sliding window, softcap (through
+``1 - tanh^2``), ALiBi (a constant bias) and the softmax scale.  Nothing a
+program sums depends on other sequences, on the batch size or on timing:
+gradients are deterministic and batch-invariant.
+
+Layouts as the forward: q/dout/out/dq [B, Lq, Hq, D], k/v/dk/dv [B, Lk, Hkv, D]
+with unit head-dim stride; lse/delta [B, Hq, Lq] float32.
+"""
+
+import triton
+import triton.language as tl
+
+from .attention_core import score_transform, tanh_f32, tile_dot, visibility_mask
+
+
+@triton.jit
+def attention_bwd_preprocess_kernel(
+    O, DO, DLSE, DELTA,
+    stride_ob, stride_om, stride_oh,
+    stride_dob, stride_dom, stride_doh,
+    num_heads_q, seqlen_q, head_dim,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    """Grid: (cdiv(Lq, BLOCK_M), B * Hq).  delta = sum_d(out * dout) - dlse, float32."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads_q
+    h = pid_bh % num_heads_q
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = (offs_m < seqlen_q)[:, None] & (offs_d < head_dim)[None, :]
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                 + offs_m[:, None] * stride_dom + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    row_ptrs = pid_bh.to(tl.int64) * seqlen_q + offs_m
+    if HAS_DLSE:
+        delta = delta - tl.load(DLSE + row_ptrs, mask=offs_m < seqlen_q, other=0.0)
+    tl.store(DELTA + row_ptrs, delta, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _probs_and_dscore(q, k, v, do, lse2, delta, pos_q, pos_k, seqlen_k,
+                      qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+                      grad_scale, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
+                      HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """For a [M, N] tile: probabilities ``p`` and ``ds`` = dLoss/d(raw q.k score).
+
+    ``lse2`` [M] is the forward's log-sum-exp in base 2; ``delta`` [M] the
+    preprocess term; ``grad_scale`` is ``softmax_scale`` (the raw score's
+    factor in the natural-log logits).
+    """
+    s = tile_dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], tl.float32), ROWWISE)
+    x, scale = score_transform(s, pos_q, pos_k, qk_scale, softcap_scaled, alibi_slope_log2,
+                               HAS_SOFTCAP, HAS_ALIBI)
+    vis = visibility_mask(pos_q, pos_k, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+    x = tl.where(vis, x, float("-inf"))
+    p = tl.math.exp2(x * scale - lse2[:, None])
+    dp = tile_dot(do, tl.trans(v), tl.zeros([q.shape[0], k.shape[0]], tl.float32), ROWWISE)
+    ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:
+        t = tanh_f32(s * softcap_scaled)     # d(softcap * tanh(u))/du = softcap * (1 - tanh^2)
+        ds = ds * (1.0 - t * t)
+    ds = ds * grad_scale
+    return p, ds
+
+
+@triton.jit
+def attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, ALIBI,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh,
+    stride_dkb, stride_dkn, stride_dkh,
+    stride_dvb, stride_dvn, stride_dvh,
+    stride_alibi_b,
+    num_heads_q, num_heads_kv, group_size, seqlen_q, seqlen_k, head_dim,
+    qk_scale, softcap_scaled, grad_scale, window_left, window_right,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+):
+    """Grid: (cdiv(Lk, BLOCK_N), B * Hkv)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads_kv
+    h_kv = pid_bh % num_heads_kv
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_ok = (offs_d < head_dim)[None, :]
+    n_ok = (offs_n < seqlen_k)[:, None] & d_ok
+    k = tl.load(K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
+                + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok, other=0.0).to(COMPUTE_DTYPE)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
+                + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_ok, other=0.0).to(COMPUTE_DTYPE)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+
+    # Query rows that can see this key block (positions aligned bottom-right).
+    offset = seqlen_k - seqlen_q
+    row_lo = 0
+    row_hi = seqlen_q
+    if HAS_RIGHT:
+        row_lo = tl.maximum(pid_n * BLOCK_N - window_right - offset, 0)
+    if HAS_LEFT:
+        row_hi = tl.minimum(pid_n * BLOCK_N + BLOCK_N - 1 + window_left - offset + 1, seqlen_q)
+    m_lo = row_lo // BLOCK_M
+    m_hi = tl.cdiv(tl.maximum(row_hi, 0), BLOCK_M)
+
+    for g in range(0, group_size):
+        h = h_kv * group_size + g
+        alibi_slope_log2 = 0.0
+        if HAS_ALIBI:
+            alibi_slope_log2 = tl.load(ALIBI + b * stride_alibi_b + h).to(tl.float32) * 1.4426950408889634
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        row_base = (b * num_heads_q + h).to(tl.int64) * seqlen_q
+        for mb in range(m_lo, m_hi):
+            offs_m = mb * BLOCK_M + offs_m0
+            m_ok = offs_m < seqlen_q
+            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
+                        mask=m_ok[:, None] & d_ok, other=0.0).to(COMPUTE_DTYPE)
+            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :],
+                         mask=m_ok[:, None] & d_ok, other=0.0).to(COMPUTE_DTYPE)
+            lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+            p, ds = _probs_and_dscore(q, k, v, do, lse2, delta, offs_m + offset, offs_n, seqlen_k,
+                                      qk_scale, softcap_scaled, alibi_slope_log2, window_left,
+                                      window_right, grad_scale, COMPUTE_DTYPE, ROWWISE,
+                                      HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
+            dv = tile_dot(tl.trans(p.to(COMPUTE_DTYPE)), do, dv, ROWWISE)
+            dk = tile_dot(tl.trans(ds.to(COMPUTE_DTYPE)), q, dk, ROWWISE)
+
+    tl.store(DK + b.to(tl.int64) * stride_dkb + h_kv.to(tl.int64) * stride_dkh
+             + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=n_ok)
+    tl.store(DV + b.to(tl.int64) * stride_dvb + h_kv.to(tl.int64) * stride_dvh
+             + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def attention_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, ALIBI,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh,
+    stride_dqb, stride_dqm, stride_dqh,
+    stride_alibi_b,
+    num_heads_q, group_size, seqlen_q, seqlen_k, head_dim,
+    qk_scale, softcap_scaled, grad_scale, window_left, window_right,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+):
+    """Grid: (cdiv(Lq, BLOCK_M), B * Hq)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads_q
+    h = pid_bh % num_heads_q
+    h_kv = h // group_size
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    d_ok = (offs_d < head_dim)[None, :]
+    m_ok = offs_m < seqlen_q
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                + offs_m[:, None] * stride_qm + offs_d[None, :], mask=m_ok[:, None] & d_ok,
+                other=0.0).to(COMPUTE_DTYPE)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                 + offs_m[:, None] * stride_dom + offs_d[None, :], mask=m_ok[:, None] & d_ok,
+                 other=0.0).to(COMPUTE_DTYPE)
+    row_ptrs = pid_bh.to(tl.int64) * seqlen_q + offs_m
+    lse2 = tl.load(LSE + row_ptrs, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + row_ptrs, mask=m_ok, other=0.0)
+    alibi_slope_log2 = 0.0
+    if HAS_ALIBI:
+        alibi_slope_log2 = tl.load(ALIBI + b * stride_alibi_b + h).to(tl.float32) * 1.4426950408889634
+
+    offset = seqlen_k - seqlen_q
+    p_lo = pid_m * BLOCK_M + offset
+    p_hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, seqlen_q) - 1 + offset
+    key_lo = 0
+    key_hi = seqlen_k
+    if HAS_LEFT:
+        key_lo = tl.maximum(p_lo - window_left, 0)
+    if HAS_RIGHT:
+        key_hi = tl.minimum(tl.maximum(p_hi + window_right + 1, 0), seqlen_k)
+    k_base = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for nb in range(key_lo // BLOCK_N, tl.cdiv(key_hi, BLOCK_N)):
+        offs_n = nb * BLOCK_N + offs_n0
+        n_ok = (offs_n < seqlen_k)[:, None] & d_ok
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok, other=0.0).to(COMPUTE_DTYPE)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_ok, other=0.0).to(COMPUTE_DTYPE)
+        p, ds = _probs_and_dscore(q, k, v, do, lse2, delta, offs_m + offset, offs_n, seqlen_k,
+                                  qk_scale, softcap_scaled, alibi_slope_log2, window_left,
+                                  window_right, grad_scale, COMPUTE_DTYPE, ROWWISE,
+                                  HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
+        dq = tile_dot(ds.to(COMPUTE_DTYPE), k, dq, ROWWISE)
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+             + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok)

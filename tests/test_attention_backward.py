@@ -1,0 +1,161 @@
+"""The backward: gradients against float64 (tolerance relative to stock PyTorch in the
+same dtype), bitwise determinism and batch invariance, torch.compile and CUDA graphs."""
+
+import pytest
+import torch
+
+import bitstable
+from bitstable import flash_attn_func
+from bitstable.reference import attention_reference
+from bitstable.testing import Shape, check_backward_batch_invariance, check_backward_run_to_run
+
+from cases import CPU_FEATURES, DTYPES, GPU_FEATURES, make_inputs, params
+
+CPU_BWD = [c for c in CPU_FEATURES if c[0] in (
+    "dense", "causal-gqa-d40-lq<lk", "causal-lq>lk", "window", "softcap-causal", "alibi-per-head", "d8")]
+GPU_BWD = [c for c in GPU_FEATURES if c[0] in (
+    "dense-d64", "causal-d128", "causal-gqa-d128-lq<lk", "window-causal-d128", "softcap-causal-d256",
+    "alibi-causal-d128", "mqa-d96-ragged")]
+
+
+def _grads(fn, q, k, v, dout, dlse=None, **kw):
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out, lse = fn(q, k, v, **kw)
+    outs, grads = [out], [dout]
+    if dlse is not None:
+        finite = torch.isfinite(lse)
+        outs.append(torch.where(finite, lse, torch.zeros_like(lse)))
+        grads.append(dlse.to(lse.dtype))
+    return torch.autograd.grad(outs, (q, k, v), grads)
+
+
+def _bitstable(q, k, v, **kw):
+    out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True, **kw)
+    return out, lse
+
+
+def _reference(dtype):
+    def fn(q, k, v, **kw):
+        return attention_reference(q, k, v, compute_dtype=dtype, **kw)
+    return fn
+
+
+@pytest.mark.parametrize("dtype,sizes,kw", params(CPU_BWD, GPU_BWD))
+def test_gradients_match_float64_reference(dtype, sizes, kw, device):
+    q, k, v, kw = make_inputs(sizes, kw, dtype, device, seed=3)
+    g = torch.Generator().manual_seed(4)
+    dout = torch.randn(q.shape, generator=g).to(dtype).to(device)
+    dlse = torch.randn(q.shape[0], q.shape[2], q.shape[1], generator=g).to(device)
+    ours = _grads(_bitstable, q, k, v, dout, dlse, **kw)
+    for t in ours:
+        assert not t.isnan().any(), "unwritten (poisoned) or NaN gradient"
+    ref = _grads(_reference(torch.float64), q.double(), k.double(), v.double(), dout.double(), dlse, **kw)
+    stock = _grads(_reference(dtype), q, k, v, dout, dlse, **kw)
+    for name, a, r, s in zip(("dq", "dk", "dv"), ours, ref, stock):
+        assert a.dtype == dtype and a.shape == r.shape
+        err = (a.double() - r).abs().max().item()
+        err_stock = (s.double() - r).abs().max().item()
+        # The backward recomputes probabilities as exp2(score * scale - lse): an fp32
+        # argument of magnitude ~|score| costs a few ulps that the stock (direct
+        # softmax) reference does not pay; that matters only for float32.
+        floor = 4 * torch.finfo(dtype).eps * r.abs().max().item()
+        assert err <= 2 * err_stock + floor, f"{name}: max error {err:.3g} vs stock {err_stock:.3g}"
+
+
+FEATURES = [pytest.param(dict(causal=True), id="causal"),
+            pytest.param(dict(window_size=(13, 3), softcap=4.0), id="window-softcap")]
+CPU_SHAPE = Shape(batch=2, heads_q=2, heads_kv=1, seqlen_q=29, seqlen_k=41, head_dim=32)
+GPU_SHAPE = Shape(batch=4, heads_q=8, heads_kv=2, seqlen_q=1100, seqlen_k=1500, head_dim=128)
+SHAPES = [pytest.param(CPU_SHAPE, id="cpu-size"),
+          pytest.param(GPU_SHAPE, id="gpu-size", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("feature", FEATURES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+def test_backward_run_to_run(dtype, feature, shape, device):
+    runs = 3 if shape is CPU_SHAPE else 50
+    r = check_backward_run_to_run(flash_attn_func, shape, dtype, device, runs=runs, **feature)
+    assert r.passed, r.detail
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("feature", FEATURES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_backward_batch_invariance(dtype, feature, shape, device):
+    r = check_backward_batch_invariance(flash_attn_func, shape, dtype, device, batch_sizes=(2, 3, 8),
+                                        **feature)
+    assert r.passed, r.detail
+
+
+def test_backward_check_detects_batch_dependence(device):
+    def leaky(q, k, v, **kw):
+        return flash_attn_func(q, k, v, **kw) * (1 + 1e-2 * q.shape[0])
+
+    assert not check_backward_batch_invariance(leaky, CPU_SHAPE, torch.float32, device,
+                                               batch_sizes=(2,), causal=True).passed
+
+
+def _compile_backend(device):
+    return "aot_eager" if device == "cpu" else "inductor"
+
+
+@pytest.mark.parametrize("on", [pytest.param("cpu-size", id="cpu-size"),
+                                pytest.param("gpu", id="gpu", marks=pytest.mark.gpu)])
+def test_torch_compile_fullgraph_matches_eager(device, on):
+    """torch.compile traces the custom ops (fake impls, autograd formula) with no graph break."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(8)
+    dtype = torch.float16
+    L = 33 if on == "cpu-size" else 1024
+    q, k, v = (torch.randn(2, L, 4, 64, generator=g).to(dtype).to(device) for _ in range(3))
+    dout = torch.randn(q.shape, generator=g).to(dtype).to(device)
+
+    def step(q, k, v):
+        out = flash_attn_func(q, k, v, causal=True)
+        return (out.float() * dout.float()).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend=_compile_backend(device))
+    grads = []
+    for fn in (step, compiled):
+        qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+        loss = fn(qq, kk, vv)
+        loss.backward()
+        grads.append((loss.detach(), qq.grad, kk.grad, vv.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_captures_forward_and_backward():
+    g = torch.Generator(device="cuda").manual_seed(9)
+    q, k, v = (torch.randn(2, 1024, 8, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+               .requires_grad_(True) for _ in range(3))
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        out = flash_attn_func(q, k, v, causal=True)
+        out.backward(dout)
+        return out
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):           # warm up (compiles kernels) outside the graph
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    eager_out = step().detach().clone()
+    eager = [t.grad.clone() for t in (q, k, v)]
+    graph = torch.cuda.CUDAGraph()
+    for t in (q, k, v):
+        t.grad = None
+    with torch.cuda.graph(graph):
+        static_out = flash_attn_func(q, k, v, causal=True)
+        static_out.backward(dout)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, eager_out)
+    for a, t in zip(eager, (q, k, v)):
+        assert torch.equal(t.grad, a)
