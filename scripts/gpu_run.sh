@@ -2,16 +2,16 @@
 # One device call: GPU-marked tests (and the rest of the suite on the GPU), the
 # contract checks next to stock PyTorch, and the side-by-side benchmark.
 # Results go under $OUT (default ./gpu-out); the short table prints last.
-#   bash scripts/gpu_run.sh [--explore] [--no-tests] [--no-verify]   (PYTEST_ARGS=... narrows the tests)
+#   bash scripts/gpu_run.sh [--explore] [--no-tests] [--no-verify] [--no-bench]   (PYTEST_ARGS=... narrows the tests)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR="$PWD/.triton_cache"
-EXPLORE=0; TESTS=1; VERIFY=1
+EXPLORE=0; TESTS=1; VERIFY=1; BENCH=1
 for a in "$@"; do
-  case "$a" in --explore) EXPLORE=1 ;; --no-tests) TESTS=0 ;; --no-verify) VERIFY=0 ;; esac
+  case "$a" in --explore) EXPLORE=1 ;; --no-tests) TESTS=0 ;; --no-verify) VERIFY=0 ;; --no-bench) BENCH=0 ;; esac
 done
 {
   date -u +"date: %Y-%m-%d %H:%M:%S UTC"
@@ -32,7 +32,9 @@ fi
 if [ "$EXPLORE" = 1 ]; then
   python3 benchmarks/explore_fwd_configs.py 2>&1 | tee -a "$OUT/run.log" | tail -40
 fi
-python3 -m bitstable bench --out "$OUT" 2>&1 | tee -a "$OUT/run.log" | grep -v '^\[' 
+if [ "$BENCH" = 1 ]; then
+  python3 -m bitstable bench --out "$OUT" 2>&1 | tee -a "$OUT/run.log" | grep -v '^\['
+fi
 tar czf "$OUT/triton_cache.tgz" .triton_cache 2>/dev/null || true
 echo "pytest rc=$rc verify rc=$vrc"
 [ "$rc" = 0 ] && [ "$vrc" = 0 ]
