@@ -37,11 +37,7 @@ def tile_dot(a, b, acc, ROWWISE: tl.constexpr):
     """``acc + a @ b`` for tiles a [M, K], b [K, N], accumulating in float32.
 
     On a GPU this is ``tl.dot`` (tensor cores for 16-bit inputs, IEEE fp32 for
-    float32, never tf32).  Float32 tiles are multiplied into a fresh product
-    that is then added to ``acc`` (blocked summation, as the tensor cores do
-    per MMA): accumulating straight into ``acc`` would make one FMA chain as
-    long as the whole reduction (thousands of keys or GQA rows) and lose
-    accuracy.  Under Triton's interpreter (``ROWWISE``) it is a broadcast
+    float32, never tf32).  Under Triton's interpreter (``ROWWISE``) it is a broadcast
     multiply and a sum over K instead: numpy's BLAS matmul, which the
     interpreter would use, rounds a row differently depending on where the
     row sits inside the tile, and bfloat16 ``tl.dot`` is wrong there.
@@ -50,7 +46,7 @@ def tile_dot(a, b, acc, ROWWISE: tl.constexpr):
         prod = a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :]
         return acc + tl.sum(prod, axis=1)
     elif a.dtype == tl.float32:
-        return acc + tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
 
