@@ -104,3 +104,13 @@ def test_empty_query(device):
     q, k, v = qkv(device, Lq=0)
     out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True)
     assert out.shape == q.shape and lse.shape == (1, 2, 0)
+
+
+def test_alibi_slopes_with_any_strides(device):
+    """(batch, heads) slopes given as a transposed view give the same bits as contiguous ones."""
+    q, k, v = qkv(device, B=2, Hq=2, Hk=2)
+    slopes = torch.tensor([[0.1, 0.5], [0.3, 0.2]], device=device)
+    strided = slopes.t().contiguous().t()          # same values, last stride 2
+    assert strided.stride(-1) != 1
+    assert torch.equal(flash_attn_func(q, k, v, alibi_slopes=strided),
+                       flash_attn_func(q, k, v, alibi_slopes=slopes))

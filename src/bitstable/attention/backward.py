@@ -18,7 +18,7 @@ from .._backend import interpreting
 from ..configs import arch_key, backward_config, padded_head_dim
 from ..kernels.attention_bwd import (attention_bwd_dkdv_kernel, attention_bwd_dq_kernel,
                                      attention_bwd_preprocess_kernel)
-from .launch import compute_dtype
+from .launch import alibi_args, compute_dtype, score_scales
 from .validation import last_dim_contiguous
 
 
@@ -48,16 +48,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     if dlse is not None:
         dlse = dlse.contiguous().float()
 
-    log2e = 1.4426950408889634
-    if softcap > 0:
-        qk_scale, softcap_scaled = softcap * log2e, softmax_scale / softcap
-    else:
-        qk_scale, softcap_scaled = softmax_scale * log2e, 1.0
-    if alibi_slopes is not None:
-        alibi = alibi_slopes if alibi_slopes.stride(-1) == 1 else alibi_slopes.contiguous()
-        stride_alibi_b = alibi.stride(0) if alibi.dim() == 2 else 0
-    else:
-        alibi, stride_alibi_b = lse, 0
+    qk_scale, softcap_scaled = score_scales(softmax_scale, softcap)
+    alibi, stride_alibi_b = alibi_args(alibi_slopes, lse)
     common = dict(COMPUTE_DTYPE=compute_dtype(q.dtype), ROWWISE=interpreting(),
                   HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
                   HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,

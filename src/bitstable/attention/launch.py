@@ -59,6 +59,27 @@ def compute_dtype(dtype: torch.dtype):
     return _TL_DTYPES[dtype]
 
 
+def score_scales(softmax_scale: float, softcap: float) -> Tuple[float, float]:
+    """(qk_scale, softcap_scaled) for attention_core.score_transform.
+
+    Without softcap the base-2 logit is ``raw * softmax_scale * log2(e)``; with
+    softcap ``c`` it is ``c * log2(e) * tanh(raw * softmax_scale / c)``.
+    """
+    log2e = 1.4426950408889634
+    if softcap > 0:
+        return softcap * log2e, softmax_scale / softcap
+    return softmax_scale * log2e, 1.0
+
+
+def alibi_args(alibi_slopes: Optional[torch.Tensor], placeholder: torch.Tensor):
+    """(slopes with unit last stride, batch stride) for the kernels; ``placeholder``
+    stands in (never read) when there are no slopes."""
+    if alibi_slopes is None:
+        return placeholder, 0
+    alibi = alibi_slopes if alibi_slopes.stride(-1) == 1 else alibi_slopes.contiguous()
+    return alibi, (alibi.stride(0) if alibi.dim() == 2 else 0)
+
+
 def resolve_split_size(block_n: int, split_size: Optional[int]) -> int:
     """The split size in force, checked against the config's key block."""
     size = get_deterministic_mode().split_size if split_size is None else split_size
@@ -95,17 +116,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     if B == 0 or Lq == 0 or Hq == 0:
         return out, lse
 
-    log2e = 1.4426950408889634
-    if softcap > 0:
-        qk_scale, softcap_scaled = softcap * log2e, softmax_scale / softcap
-    else:
-        qk_scale, softcap_scaled = softmax_scale * log2e, 1.0
-    if alibi_slopes is not None:
-        alibi = alibi_slopes
-        stride_alibi_b = alibi.stride(0) if alibi.dim() == 2 else 0
-        alibi = alibi if alibi.stride(-1) == 1 else alibi.contiguous()
-    else:
-        alibi, stride_alibi_b = lse, 0   # never read
+    qk_scale, softcap_scaled = score_scales(softmax_scale, softcap)
+    alibi, stride_alibi_b = alibi_args(alibi_slopes, lse)
 
     causal_like = window_right >= 0
     loop = _LOOP_OVERRIDE or (cfg.loop_causal if causal_like else cfg.loop)
