@@ -35,7 +35,7 @@ def build(dtype, head_dim, block_m, block_n, warps, stages, causal, split_blocks
                   "stride_vb", "stride_vn", "stride_vh", "stride_ob", "stride_om", "stride_oh"}
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_BLOCKS=split_blocks,
                       COMPUTE_DTYPE=TL[dtype], ROWWISE=False, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_LEFT=False,
-                      HAS_RIGHT=causal, EVEN_D=True, LOOP=LOOPSTYLE, USE_TMA=os.environ.get('TMA', '0') == '1', WRITE_LSE=True, REVERSE_M=causal)
+                      HAS_RIGHT=causal, EVEN_D=True, LOOP=LOOPSTYLE, USE_TMA=os.environ.get('TMA', '0') == '1', VARLEN=False, WRITE_LSE=True, REVERSE_M=causal)
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
@@ -45,6 +45,8 @@ def build(dtype, head_dim, block_m, block_n, warps, stages, causal, split_blocks
         elif name in ("Q", "K", "V", "O"):
             sig[name] = ptr
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("CU_Q", "CU_K"):
+            sig[name] = "*i32"
         elif name in ("LSE", "ALIBI"):
             sig[name] = "*fp32"
             attrs[(i,)] = [["tt.divisibility", 16]]

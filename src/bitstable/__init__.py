@@ -4,7 +4,7 @@ Public API only; see DESIGN.md for the invariance contract.
 """
 
 from . import _backend  # noqa: F401  (decides CUDA vs Triton's interpreter before triton loads)
-from .attention import flash_attn_func
+from .attention import flash_attn_func, flash_attn_varlen_func
 from .mode import (DeterministicMode, get_deterministic_mode, set_deterministic,
                    set_deterministic_mode)
 
@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "flash_attn_func",
+    "flash_attn_varlen_func",
     "set_deterministic",
     "set_deterministic_mode",
     "get_deterministic_mode",

@@ -13,8 +13,8 @@ import torch
 
 from ..mode import get_deterministic_mode
 from ..reference import alibi_bias, attention_reference, visibility
-from .ops import attn_fwd
-from .validation import check_options, check_qkv, normalize_window
+from .ops import attn_fwd, attn_varlen_fwd
+from .validation import check_options, check_qkv, check_varlen, normalize_window
 
 
 def _stock_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes):
@@ -94,4 +94,66 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
 
     out, lse = attn_fwd(q, k, v, softmax_scale, left, right, float(softcap), alibi_slopes,
                         get_deterministic_mode().split_size)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           softmax_scale: Optional[float] = None, causal: bool = False,
+                           window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = True,
+                           return_attn_probs: bool = False, block_table: Optional[torch.Tensor] = None):
+    """Attention over packed variable-length sequences, bitwise equal to running each alone.
+
+    Args (flash-attn's names and meanings):
+        q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim).
+        cu_seqlens_q, cu_seqlens_k: int32 (num_seqs + 1,) cumulative lengths from 0.
+        max_seqlen_q, max_seqlen_k: the longest sequence lengths (ints).
+        other arguments as :func:`flash_attn_func`; ``alibi_slopes`` may be
+        (nheads,) or (num_seqs, nheads); ``block_table`` (paged k/v) is not
+        supported here yet and must be None.
+
+    Returns out (total_q, nheads, headdim), or ``(out, softmax_lse, None)`` with
+    lse (nheads, total_q) float32 when ``return_attn_probs``.
+
+    Invariance: sequence ``i``'s rows are bitwise equal to
+    ``flash_attn_func(q_i[None], k_i[None], v_i[None], ...)[0]`` (same keys,
+    same absolute positions, causal aligned bottom-right per sequence),
+    whatever else is packed with it.  The forward is implemented; its backward
+    raises NotImplementedError for now.
+    """
+    if block_table is not None:
+        raise NotImplementedError("block_table (paged k/v) is not supported by "
+                                  "flash_attn_varlen_func yet; pass block_table=None")
+    check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    num_seqs = cu_seqlens_q.numel() - 1
+    q4 = q.unsqueeze(0)
+    softmax_scale, left, right = check_options(q4, dropout_p, softmax_scale, window_size,
+                                               softcap, None)
+    if alibi_slopes is not None:
+        check_options(q4.expand(num_seqs, *q.shape), 0.0, softmax_scale, window_size, softcap,
+                      alibi_slopes)
+    if not isinstance(return_attn_probs, bool):
+        raise TypeError(f"return_attn_probs must be a bool, got {type(return_attn_probs).__name__}")
+    left, right = normalize_window(causal, left, right, max(max_seqlen_k, 1))
+
+    if not get_deterministic_mode().enabled:
+        outs, lses = [], []
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        for i in range(num_seqs):
+            slopes = alibi_slopes
+            if slopes is not None and slopes.dim() == 2:
+                slopes = slopes[i:i + 1]
+            o, l_ = _stock_attention(q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]],
+                                     v[None, ck[i]:ck[i + 1]], softmax_scale, causal, window_size,
+                                     softcap, slopes)
+            outs.append(o[0])
+            lses.append(l_[0])
+        out, lse = torch.cat(outs, 0), torch.cat(lses, 1)
+        return (out, lse, None) if return_attn_probs else out
+
+    out, lse = attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale,
+                               left, right, float(softcap), alibi_slopes,
+                               get_deterministic_mode().split_size)
     return (out, lse, None) if return_attn_probs else out

@@ -93,28 +93,46 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
                       window_left: int, window_right: int, softcap: float,
                       alibi_slopes: Optional[torch.Tensor], split_size: Optional[int] = None,
                       config: Optional[AttentionConfig] = None,
+                      cu_seqlens_q: Optional[torch.Tensor] = None,
+                      cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_q: int = 0,
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel on validated inputs.
 
-    q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D] with unit stride on D.  Returns
+    Dense: q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D] with unit stride on D; returns
     out [B, Lq, Hq, D] (q's dtype, contiguous) and lse [B, Hq, Lq] float32
-    (natural log).  Deterministic and batch-invariant: a row's bits depend only
-    on its own query, the keys/values it sees and the config.
+    (natural log).  Varlen (``cu_seqlens_q/k`` int32 [num_seqs + 1]): q
+    [total_q, Hq, D], k/v [total_k, Hkv, D]; returns out [total_q, Hq, D] and
+    lse [Hq, total_q].  Deterministic and batch-invariant: a row's bits depend
+    only on its own query, the keys/values it sees and the config, so a packed
+    sequence's rows equal the same sequence's rows in a dense call.
 
     ``config`` overrides the table's entry; it exists for the GPU probes and
     the config exploration script only (a different block_n is a different
     reduction order).
     """
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
-    B, Lq, Hq, D = q.shape
-    Lk, Hk = k.shape[1], k.shape[2]
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        total_q, Hq, D = q.shape
+        out = torch.empty((total_q, Hq, D), dtype=q.dtype, device=q.device)
+        lse = torch.empty((Hq, total_q), dtype=torch.float32, device=q.device)
+        result = (out, lse)
+        # One "batch" row of packed tokens; the kernel finds each sequence by cu_seqlens.
+        q, k, v, out = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), out.unsqueeze(0)
+        B, Lq, Lk = cu_seqlens_q.numel() - 1, max_seqlen_q, 0
+        Hk = k.shape[2]
+    else:
+        B, Lq, Hq, D = q.shape
+        Lk, Hk = k.shape[1], k.shape[2]
+        total_q = 0
+        out = torch.empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+        result = (out, lse)
     cfg = config or attention_config(arch_key(q.device), q.dtype, D)
     split = resolve_split_size(cfg.block_n, split_size)
-    out = torch.empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     poison.fill(out, lse)
     if B == 0 or Lq == 0 or Hq == 0:
-        return out, lse
+        return result
 
     qk_scale, softcap_scaled = score_scales(softmax_scale, softcap)
     alibi, stride_alibi_b = alibi_args(alibi_slopes, lse)
@@ -122,7 +140,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     causal_like = window_right >= 0
     loop = _LOOP_OVERRIDE or (cfg.loop_causal if causal_like else cfg.loop)
     use_tma = cfg.tma if _TMA_OVERRIDE is None else _TMA_OVERRIDE
-    use_tma = (use_tma and TensorDescriptor is not None and not interpreting()
+    use_tma = (use_tma and not varlen and TensorDescriptor is not None and not interpreting()
                and tma_eligible(k, v))
     k_arg, v_arg = k, v
     if use_tma:
@@ -132,12 +150,13 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     grid = (triton.cdiv(Lq, cfg.block_m), B * Hq)
     attention_fwd_kernel[grid](
         q, k_arg, v_arg, out, lse, alibi,
+        cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         stride_alibi_b,
-        Hq, Hq // Hk, Lq, Lk, D,
+        Hq, Hq // Hk, Lq, Lk, D, total_q,
         qk_scale, softcap_scaled, max(window_left, 0), max(window_right, 0),
         HEAD_DIM=padded_head_dim(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         SPLIT_BLOCKS=split // cfg.block_n, COMPUTE_DTYPE=compute_dtype(q.dtype),
@@ -145,6 +164,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
         EVEN_D=padded_head_dim(D) == D, WRITE_LSE=True, REVERSE_M=causal_like,
-        LOOP=_LOOP_CODES[loop], USE_TMA=use_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        LOOP=_LOOP_CODES[loop], USE_TMA=use_tma, VARLEN=varlen,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out, lse
+    return result

@@ -65,3 +65,35 @@ def _backward(ctx, dout, dlse):
 
 
 attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("bitstable::attn_varlen_fwd", mutates_args=())
+def attn_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, softmax_scale: float,
+                    window_left: int, window_right: int, softcap: float,
+                    alibi_slopes: Optional[torch.Tensor], split_size: int,
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, softmax_scale, window_left, window_right, softcap,
+                             alibi_slopes, split_size=split_size, cu_seqlens_q=cu_seqlens_q,
+                             cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q)
+
+
+@attn_varlen_fwd.register_fake
+def _attn_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale,
+                          window_left, window_right, softcap, alibi_slopes, split_size):
+    total_q, Hq, D = q.shape
+    return q.new_empty((total_q, Hq, D)), q.new_empty((Hq, total_q), dtype=torch.float32)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    pass
+
+
+def _varlen_backward(ctx, dout, dlse):
+    raise NotImplementedError(
+        "bitstable.flash_attn_varlen_func: the varlen backward is not implemented yet; "
+        "run packed sequences through flash_attn_func (padded) to train, or call the "
+        "varlen forward under torch.no_grad()")
+
+
+attn_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)

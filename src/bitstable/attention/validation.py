@@ -107,3 +107,44 @@ def normalize_window(causal: bool, left: int, right: int, seqlen_k: int) -> Tupl
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """Kernels need unit stride on the head dim; any other strides are fine."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
+    """Packed q [total_q, Hq, D], k/v [total_k, Hkv, D] and their int32 cu_seqlens.
+
+    Reads cu_seqlens on the host (one synchronisation) to check that they start
+    at 0, never decrease, end at the packed lengths and fit max_seqlen_q/k.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if isinstance(t, torch.Tensor) and t.dim() != 3:
+            raise ValueError(f"{name} must have shape (total_tokens, heads, headdim) for the varlen "
+                             f"API, got {t.dim()} dims {tuple(t.shape)}")
+    check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {cu.dtype}")
+        if cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"{name} must be 1-d with num_seqs + 1 >= 2 entries, got shape {tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} is on {cu.device}, expected q's device {q.device}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (num_seqs + 1), "
+                         f"got {cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise TypeError(f"{name} must be a non-negative int, got {m!r}")
+    for name, cu, total, mx, mname in (
+            ("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q"),
+            ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")):
+        host = cu.tolist()
+        if host[0] != 0:
+            raise ValueError(f"{name} must start at 0, got {host[0]}")
+        lens = [b - a for a, b in zip(host[:-1], host[1:])]
+        if min(lens) < 0:
+            raise ValueError(f"{name} must be non-decreasing (monotonic), got {host}")
+        if host[-1] != total:
+            raise ValueError(f"{name} must end at the packed length {total}, got {host[-1]}")
+        if max(lens) > mx:
+            raise ValueError(f"{mname}={mx} is smaller than the longest sequence ({max(lens)})")

@@ -79,20 +79,20 @@ def _process_block(j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, kv_b, k
 
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, O, LSE, ALIBI,
+    Q, K, V, O, LSE, ALIBI, CU_Q, CU_K,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_ob, stride_om, stride_oh,
     stride_alibi_b,
-    num_heads_q, group_size, seqlen_q, seqlen_k, head_dim,
+    num_heads_q, group_size, seqlen_q, seqlen_k, head_dim, total_q,
     qk_scale, softcap_scaled, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_BLOCKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     EVEN_D: tl.constexpr, WRITE_LSE: tl.constexpr, REVERSE_M: tl.constexpr,
-    LOOP: tl.constexpr = 0, USE_TMA: tl.constexpr = False,
+    LOOP: tl.constexpr = 0, USE_TMA: tl.constexpr = False, VARLEN: tl.constexpr = False,
 ):
     """Grid: (cdiv(Lq, BLOCK_M), B * Hq).  Last-dim strides are 1 (the launcher ensures it).
 
@@ -100,6 +100,13 @@ def attention_fwd_kernel(
     same reduction order, bit for bit; a test checks it): 0 = flat loops with
     the split merge as a branch, 1 = an outer loop over splits with the merge
     after each.  Which is faster depends on the tile config (configs.py).
+
+    ``VARLEN``: q/out are packed [total_q, Hq, D] and k/v [total_k, Hkv, D];
+    sequence ``b`` owns rows ``CU_Q[b]:CU_Q[b+1]`` and keys
+    ``CU_K[b]:CU_K[b+1]``; the grid is (cdiv(max_seqlen_q, BLOCK_M),
+    num_seqs * Hq) and lse is [Hq, total_q].  Tiles, blocks and splits start
+    at each sequence's own row and key 0, so a packed sequence computes
+    exactly what it computes alone in the dense layout.
     """
     pid_m = tl.program_id(0)
     if REVERSE_M:  # launch order only: heavy causal tiles first
@@ -109,19 +116,35 @@ def attention_fwd_kernel(
     h = pid_bh % num_heads_q
     h_kv = h // group_size
 
+    if VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+        row0 = q_start.to(tl.int64)
+        key0 = k_start.to(tl.int64)
+    else:
+        row0 = b.to(tl.int64) * 0
+        key0 = b.to(tl.int64) * 0
+
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seqlen_q
     pos_q = offs_m + (seqlen_k - seqlen_q)
 
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    if USE_TMA:
-        k_src = K
-        v_src = V
+    if VARLEN:
+        q_base = Q + row0 * stride_qm + h.to(tl.int64) * stride_qh
+        k_src = K + key0 * stride_kn + h_kv.to(tl.int64) * stride_kh
+        v_src = V + key0 * stride_vn + h_kv.to(tl.int64) * stride_vh
     else:
-        k_src = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
-        v_src = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        if USE_TMA:
+            k_src = K
+            v_src = V
+        else:
+            k_src = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
+            v_src = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
     q = q.to(COMPUTE_DTYPE)
@@ -145,6 +168,8 @@ def attention_fwd_kernel(
         full_hi = tl.minimum(full_hi, tl.maximum(p_lo + window_right + 1, 0) // BLOCK_N)
     blk_lo = key_lo // BLOCK_N
     blk_hi = tl.maximum(tl.cdiv(key_hi, BLOCK_N), blk_lo)
+    if VARLEN:  # a tile past this sequence's last row does nothing
+        blk_hi = tl.where(pid_m * BLOCK_M >= seqlen_q, blk_lo, blk_hi)
     mid_lo = tl.minimum(tl.maximum(full_lo, blk_lo), blk_hi)
     mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), blk_hi)
 
@@ -209,9 +234,15 @@ def attention_fwd_kernel(
         m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
 
     out, lse = finalize(m_t, l_t, acc_t)
-    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    if VARLEN:
+        o_base = O + row0 * stride_om + h.to(tl.int64) * stride_oh
+    else:
+        o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d < head_dim)[None, :])
     if WRITE_LSE:
-        lse_ptrs = LSE + pid_bh.to(tl.int64) * seqlen_q + offs_m
+        if VARLEN:
+            lse_ptrs = LSE + h.to(tl.int64) * total_q + row0 + offs_m
+        else:
+            lse_ptrs = LSE + pid_bh.to(tl.int64) * seqlen_q + offs_m
         tl.store(lse_ptrs, lse, mask=row_ok)
