@@ -26,24 +26,40 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        out: torch.Tensor, lse: torch.Tensor, softmax_scale: float,
                        window_left: int, window_right: int, softcap: float,
                        alibi_slopes: Optional[torch.Tensor], dlse: Optional[torch.Tensor] = None,
+                       cu_seqlens_q: Optional[torch.Tensor] = None,
+                       cu_seqlens_k: Optional[torch.Tensor] = None,
+                       max_seqlen_q: int = 0, max_seqlen_k: int = 0,
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``flash_attn_func`` w.r.t. q, k, v (and through its lse if ``dlse``).
 
-    dout/out [B, Lq, Hq, D], q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D], lse/dlse
-    [B, Hq, Lq] float32.  Returns dq, dk, dv in the inputs' dtype and shapes.
+    Dense: dout/out/q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D], lse/dlse [B, Hq, Lq]
+    float32.  Varlen (``cu_seqlens_q/k``): packed [total, H, D] tensors and
+    lse/dlse [Hq, total_q].  Returns dq, dk, dv in the inputs' dtype and shapes.
     """
     dout, q, k, v, out = (last_dim_contiguous(t) for t in (dout, q, k, v, out))
-    B, Lq, Hq, D = q.shape
-    Lk, Hk = k.shape[1], k.shape[2]
-    cfg = backward_config(arch_key(q.device), q.dtype, D)
-    HD = padded_head_dim(D)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    varlen = cu_seqlens_q is not None
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    result = (dq, dk, dv)
+    if varlen:
+        # Packed tokens as one "batch" row; kernels find each sequence by cu_seqlens.
+        dout, q, k, v, out, dq, dk, dv = (t.unsqueeze(0) for t in (dout, q, k, v, out, dq, dk, dv))
+        lse, dlse = lse.unsqueeze(0), (None if dlse is None else dlse.unsqueeze(0))
+    Hq, D, Hk = q.shape[2], q.shape[3], k.shape[2]
+    if varlen:
+        B, Lq, Lk, total_q = cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, q.shape[1]
+    else:
+        B, Lq, Lk, total_q = q.shape[0], q.shape[1], k.shape[1], 0
+    cfg = backward_config(arch_key(q.device), q.dtype, D)
+    HD = padded_head_dim(D)
+    delta = torch.empty((1, Hq, total_q) if varlen else (B, Hq, Lq), dtype=torch.float32,
+                        device=q.device)
     poison.fill(dq, dk, dv, delta)
-    if B == 0 or Hq == 0 or Lq == 0 or Lk == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+    if B == 0 or Hq == 0 or Lq == 0 or Lk == 0 or q.shape[1] == 0:
+        for t in result:
+            t.zero_()
+        return result
     lse = lse.contiguous()
     if dlse is not None:
         dlse = dlse.contiguous().float()
@@ -56,28 +72,31 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     scalars = (qk_scale, softcap_scaled, softmax_scale, max(window_left, 0), max(window_right, 0))
 
-    attention_bwd_preprocess_kernel[(triton.cdiv(Lq, 64), B * Hq)](
+    pre_b, pre_l = (1, total_q) if varlen else (B, Lq)   # every packed row at once
+    attention_bwd_preprocess_kernel[(triton.cdiv(pre_l, 64), pre_b * Hq)](
         out, dout, dlse if dlse is not None else lse, delta,
         out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
-        Hq, Lq, D, HEAD_DIM=HD, BLOCK_M=64, HAS_DLSE=dlse is not None)
+        Hq, pre_l, D, HEAD_DIM=HD, BLOCK_M=64, HAS_DLSE=dlse is not None)
+    cu_q = cu_seqlens_q if varlen else lse
+    cu_k = cu_seqlens_k if varlen else lse
     attention_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), B * Hk)](
-        q, k, v, dout, lse, delta, dk, dv, alibi,
+        q, k, v, dout, lse, delta, dk, dv, alibi, cu_q, cu_k,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        stride_alibi_b, Hq, Hk, Hq // Hk, Lq, Lk, D, *scalars,
-        HEAD_DIM=HD, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common)
+        stride_alibi_b, Hq, Hk, Hq // Hk, Lq, Lk, D, total_q, *scalars,
+        HEAD_DIM=HD, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, VARLEN=varlen, **common)
     attention_bwd_dq_kernel[(triton.cdiv(Lq, cfg.block_m), B * Hq)](
-        q, k, v, dout, lse, delta, dq, alibi,
+        q, k, v, dout, lse, delta, dq, alibi, cu_q, cu_k,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        stride_alibi_b, Hq, Hq // Hk, Lq, Lk, D, *scalars,
-        HEAD_DIM=HD, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common)
-    return dq, dk, dv
+        stride_alibi_b, Hq, Hq // Hk, Lq, Lk, D, total_q, *scalars,
+        HEAD_DIM=HD, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, VARLEN=varlen, **common)
+    return result

@@ -120,8 +120,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Invariance: sequence ``i``'s rows are bitwise equal to
     ``flash_attn_func(q_i[None], k_i[None], v_i[None], ...)[0]`` (same keys,
     same absolute positions, causal aligned bottom-right per sequence),
-    whatever else is packed with it.  The forward is implemented; its backward
-    raises NotImplementedError for now.
+    whatever else is packed with it; so are its own dq, dk, dv.
     """
     if block_table is not None:
         raise NotImplementedError("block_table (paged k/v) is not supported by "
@@ -153,7 +152,8 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out, lse = torch.cat(outs, 0), torch.cat(lses, 1)
         return (out, lse, None) if return_attn_probs else out
 
-    out, lse = attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale,
+    out, lse = attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               softmax_scale,
                                left, right, float(softcap), alibi_slopes,
                                get_deterministic_mode().split_size)
     return (out, lse, None) if return_attn_probs else out

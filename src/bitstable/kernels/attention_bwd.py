@@ -82,7 +82,7 @@ def _probs_and_dscore(q, k, v, do, lse2, delta, pos_q, pos_k, seqlen_k,
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, ALIBI,
+    Q, K, V, DO, LSE, DELTA, DK, DV, ALIBI, CU_Q, CU_K,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -90,27 +90,42 @@ def attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkn, stride_dkh,
     stride_dvb, stride_dvn, stride_dvh,
     stride_alibi_b,
-    num_heads_q, num_heads_kv, group_size, seqlen_q, seqlen_k, head_dim,
+    num_heads_q, num_heads_kv, group_size, seqlen_q, seqlen_k, head_dim, total_q,
     qk_scale, softcap_scaled, grad_scale, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
-    """Grid: (cdiv(Lk, BLOCK_N), B * Hkv)."""
+    """Grid: (cdiv(Lk, BLOCK_N), B * Hkv); varlen: (cdiv(max_seqlen_k, BLOCK_N), num_seqs * Hkv)
+    over packed [total, H, D] tensors (lse/delta [Hq, total_q])."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads_kv
     h_kv = pid_bh % num_heads_kv
+    if VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+        kv_off = k_start.to(tl.int64) * stride_kn + h_kv.to(tl.int64) * stride_kh
+        v_off = k_start.to(tl.int64) * stride_vn + h_kv.to(tl.int64) * stride_vh
+        dk_off = k_start.to(tl.int64) * stride_dkn + h_kv.to(tl.int64) * stride_dkh
+        dv_off = k_start.to(tl.int64) * stride_dvn + h_kv.to(tl.int64) * stride_dvh
+    else:
+        kv_off = b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
+        v_off = b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
+        dk_off = b.to(tl.int64) * stride_dkb + h_kv.to(tl.int64) * stride_dkh
+        dv_off = b.to(tl.int64) * stride_dvb + h_kv.to(tl.int64) * stride_dvh
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     d_ok = (offs_d < head_dim)[None, :]
     n_ok = (offs_n < seqlen_k)[:, None] & d_ok
-    k = tl.load(K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
-                + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok, other=0.0).to(COMPUTE_DTYPE)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
-                + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_ok, other=0.0).to(COMPUTE_DTYPE)
+    k = tl.load(K + kv_off + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=n_ok, other=0.0).to(COMPUTE_DTYPE)
+    v = tl.load(V + v_off + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=n_ok, other=0.0).to(COMPUTE_DTYPE)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
 
@@ -124,15 +139,22 @@ def attention_bwd_dkdv_kernel(
         row_hi = tl.minimum(pid_n * BLOCK_N + BLOCK_N - 1 + window_left - offset + 1, seqlen_q)
     m_lo = row_lo // BLOCK_M
     m_hi = tl.cdiv(tl.maximum(row_hi, 0), BLOCK_M)
+    if VARLEN:  # a key block past this sequence's last key does nothing
+        m_hi = tl.where(pid_n * BLOCK_N >= seqlen_k, m_lo, m_hi)
 
     for g in range(0, group_size):
         h = h_kv * group_size + g
         alibi_slope_log2 = 0.0
         if HAS_ALIBI:
             alibi_slope_log2 = tl.load(ALIBI + b * stride_alibi_b + h).to(tl.float32) * 1.4426950408889634
-        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-        row_base = (b * num_heads_q + h).to(tl.int64) * seqlen_q
+        if VARLEN:
+            q_base = Q + q_start.to(tl.int64) * stride_qm + h.to(tl.int64) * stride_qh
+            do_base = DO + q_start.to(tl.int64) * stride_dom + h.to(tl.int64) * stride_doh
+            row_base = h.to(tl.int64) * total_q + q_start
+        else:
+            q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+            do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+            row_base = (b * num_heads_q + h).to(tl.int64) * seqlen_q
         for mb in range(m_lo, m_hi):
             offs_m = mb * BLOCK_M + offs_m0
             m_ok = offs_m < seqlen_q
@@ -149,46 +171,63 @@ def attention_bwd_dkdv_kernel(
             dv = tile_dot(tl.trans(p.to(COMPUTE_DTYPE)), do, dv, ROWWISE)
             dk = tile_dot(tl.trans(ds.to(COMPUTE_DTYPE)), q, dk, ROWWISE)
 
-    tl.store(DK + b.to(tl.int64) * stride_dkb + h_kv.to(tl.int64) * stride_dkh
-             + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=n_ok)
-    tl.store(DV + b.to(tl.int64) * stride_dvb + h_kv.to(tl.int64) * stride_dvh
-             + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=n_ok)
+    tl.store(DK + dk_off + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=n_ok)
+    tl.store(DV + dv_off + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=n_ok)
 
 
 @triton.jit
 def attention_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, ALIBI,
+    Q, K, V, DO, LSE, DELTA, DQ, ALIBI, CU_Q, CU_K,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh,
     stride_dqb, stride_dqm, stride_dqh,
     stride_alibi_b,
-    num_heads_q, group_size, seqlen_q, seqlen_k, head_dim,
+    num_heads_q, group_size, seqlen_q, seqlen_k, head_dim, total_q,
     qk_scale, softcap_scaled, grad_scale, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
-    """Grid: (cdiv(Lq, BLOCK_M), B * Hq)."""
+    """Grid: (cdiv(Lq, BLOCK_M), B * Hq); varlen: (cdiv(max_seqlen_q, BLOCK_M), num_seqs * Hq)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads_q
     h = pid_bh % num_heads_q
     h_kv = h // group_size
+    if VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+        q_off = q_start.to(tl.int64) * stride_qm + h.to(tl.int64) * stride_qh
+        do_off = q_start.to(tl.int64) * stride_dom + h.to(tl.int64) * stride_doh
+        dq_off = q_start.to(tl.int64) * stride_dqm + h.to(tl.int64) * stride_dqh
+        k_off = k_start.to(tl.int64) * stride_kn + h_kv.to(tl.int64) * stride_kh
+        v_off = k_start.to(tl.int64) * stride_vn + h_kv.to(tl.int64) * stride_vh
+    else:
+        q_off = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        do_off = b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        dq_off = b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+        k_off = b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
+        v_off = b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     d_ok = (offs_d < head_dim)[None, :]
     m_ok = offs_m < seqlen_q
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                + offs_m[:, None] * stride_qm + offs_d[None, :], mask=m_ok[:, None] & d_ok,
-                other=0.0).to(COMPUTE_DTYPE)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                 + offs_m[:, None] * stride_dom + offs_d[None, :], mask=m_ok[:, None] & d_ok,
-                 other=0.0).to(COMPUTE_DTYPE)
-    row_ptrs = pid_bh.to(tl.int64) * seqlen_q + offs_m
+    q = tl.load(Q + q_off + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok, other=0.0).to(COMPUTE_DTYPE)
+    do = tl.load(DO + do_off + offs_m[:, None] * stride_dom + offs_d[None, :],
+                 mask=m_ok[:, None] & d_ok, other=0.0).to(COMPUTE_DTYPE)
+    if VARLEN:
+        row_ptrs = h.to(tl.int64) * total_q + q_start + offs_m
+    else:
+        row_ptrs = pid_bh.to(tl.int64) * seqlen_q + offs_m
     lse2 = tl.load(LSE + row_ptrs, mask=m_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + row_ptrs, mask=m_ok, other=0.0)
     alibi_slope_log2 = 0.0
@@ -204,8 +243,11 @@ def attention_bwd_dq_kernel(
         key_lo = tl.maximum(p_lo - window_left, 0)
     if HAS_RIGHT:
         key_hi = tl.minimum(tl.maximum(p_hi + window_right + 1, 0), seqlen_k)
-    k_base = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
+    if VARLEN:  # a tile past this sequence's last row does nothing
+        key_hi = tl.where(pid_m * BLOCK_M >= seqlen_q, 0, key_hi)
+        key_lo = tl.minimum(key_lo, key_hi)
+    k_base = K + k_off
+    v_base = V + v_off
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for nb in range(key_lo // BLOCK_N, tl.cdiv(key_hi, BLOCK_N)):
         offs_n = nb * BLOCK_N + offs_n0
@@ -217,6 +259,5 @@ def attention_bwd_dq_kernel(
                                   window_right, grad_scale, COMPUTE_DTYPE, ROWWISE,
                                   HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
         dq = tile_dot(ds.to(COMPUTE_DTYPE), k, dq, ROWWISE)
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-             + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+    tl.store(DQ + dq_off + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=m_ok[:, None] & d_ok)
