@@ -11,7 +11,6 @@ markdown table, JSON and a PNG plot.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time

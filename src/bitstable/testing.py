@@ -9,8 +9,8 @@ a violation, so ``verify`` can show stock PyTorch failing next to bitstable.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
 
 import torch
 

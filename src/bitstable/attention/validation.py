@@ -7,7 +7,7 @@ device, shape or value) naming the argument and what was expected.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
