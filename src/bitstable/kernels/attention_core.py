@@ -133,6 +133,31 @@ def block_update(m, l, acc, x, v, scale, P_DTYPE: tl.constexpr, ROWWISE: tl.cons
 
 
 @triton.jit
+def fold_block(m, l, acc, q, k, v, pos_q, pos_k, seqlen_k,
+               qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+               MASKED: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """The inner-loop step every attention kernel shares: scores of q [M, D]
+    against the key block k [N, D] at positions ``pos_k``, masks (``MASKED``),
+    and :func:`block_update` with the values v [N, D].
+
+    The dense forward (prefill) and the split-KV decode kernels both fold their
+    key blocks through this one function, whatever loaded the tiles.
+    """
+    k = k.to(COMPUTE_DTYPE)
+    v = v.to(COMPUTE_DTYPE)
+    s = tile_dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], tl.float32), ROWWISE)
+    x, scale = score_transform(s, pos_q, pos_k, qk_scale, softcap_scaled, alibi_slope_log2,
+                               HAS_SOFTCAP, HAS_ALIBI)
+    if MASKED:
+        vis = visibility_mask(pos_q, pos_k, seqlen_k, window_left, window_right,
+                              HAS_LEFT, HAS_RIGHT)
+        x = tl.where(vis, x, float("-inf"))
+    return block_update(m, l, acc, x, v, scale, COMPUTE_DTYPE, ROWWISE)
+
+
+@triton.jit
 def merge_states(m_a, l_a, acc_a, m_b, l_b, acc_b):
     """Merge state ``b`` (the later split) into ``a`` (everything before it).
 

@@ -18,8 +18,7 @@ q; lse ``[B, Hq, Lq]`` float32.  Query head ``h`` reads key/value head
 import triton
 import triton.language as tl
 
-from .attention_core import (block_update, empty_state, finalize, merge_states,
-                             score_transform, tile_dot, visibility_mask)
+from .attention_core import empty_state, finalize, fold_block, merge_states
 
 
 @triton.jit
@@ -58,16 +57,10 @@ def _process_block(j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, kv_b, k
         ld_mask = (offs_d < head_dim)[None, :]
         k = tl.load(k_ptrs, mask=ld_mask, other=0.0)
         v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
-    k = k.to(COMPUTE_DTYPE)
-    v = v.to(COMPUTE_DTYPE)
-    s = tile_dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), ROWWISE)
-    x, scale = score_transform(s, pos_q, pos_k, qk_scale, softcap_scaled, alibi_slope_log2,
-                               HAS_SOFTCAP, HAS_ALIBI)
-    if MASKED:
-        vis = visibility_mask(pos_q, pos_k, seqlen_k, window_left, window_right,
-                              HAS_LEFT, HAS_RIGHT)
-        x = tl.where(vis, x, float("-inf"))
-    m_s, l_s, acc_s = block_update(m_s, l_s, acc_s, x, v, scale, COMPUTE_DTYPE, ROWWISE)
+    m_s, l_s, acc_s = fold_block(m_s, l_s, acc_s, q, k, v, pos_q, pos_k, seqlen_k,
+                                 qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+                                 MASKED, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
+                                 HAS_LEFT, HAS_RIGHT)
     if MERGE_AT_SPLIT_END:
         if (j + 1) % SPLIT_BLOCKS == 0:
             m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)

@@ -1,0 +1,213 @@
+"""``flash_attn_with_kvcache``: decode and chunked prefill against a KV cache.
+
+New keys/values are appended in place at ``cache_seqlens``; the queries then
+attend to the cache through the split-KV kernels (attention_decode), whose
+output is bitwise the output the full-sequence ``flash_attn_func`` gives the
+same query at the same absolute position.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import triton
+
+from .. import _poison as poison
+from .._backend import interpreting
+from ..configs import arch_key, attention_config, padded_head_dim
+from ..kernels.attention_decode import attention_split_combine_kernel, attention_split_partial_kernel
+from ..mode import get_deterministic_mode
+from .launch import alibi_args, compute_dtype, resolve_split_size, score_scales
+from .validation import check_options, check_qkv, last_dim_contiguous, normalize_window
+
+
+def _check_int32_vector(name: str, t, length: int, device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {t.dtype}")
+    if t.shape != (length,):
+        raise ValueError(f"{name} must have shape ({length},), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected q's device {device}")
+    return t
+
+
+def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table):
+    """Check everything before the cache is touched; returns (seqlens_before [B] int32 tensor,
+    their host list, the new-token count, page size or 0)."""
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError("q must be a 4-d tensor (batch, seqlen_q, heads, headdim)")
+    B = q.shape[0]
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-d tensor (batch_or_pages, seqlen_or_page_size, "
+                             f"heads_k, headdim)")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} "
+                         f"and {tuple(v_cache.shape)}")
+    # dtype / device / head checks through the dense validator (on 1-row views).
+    if k_cache.shape[0]:
+        check_qkv(q, k_cache.select(0, 0).unsqueeze(0).expand(B, -1, -1, -1),
+                  v_cache.select(0, 0).unsqueeze(0).expand(B, -1, -1, -1))
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (new tokens to append) or both be None")
+    n_new = 0
+    if k is not None:
+        if k.dim() != 4 or k.shape != v.shape or k.shape[0] != B or k.shape[2:] != k_cache.shape[2:]:
+            raise ValueError(f"k/v must have shape (batch={B}, seqlen_new, heads_k={k_cache.shape[2]}, "
+                             f"headdim={k_cache.shape[3]}), got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
+            raise TypeError(f"k/v dtype must match the cache's {k_cache.dtype}, got {k.dtype}/{v.dtype}")
+        if k.device != q.device or v.device != q.device:
+            raise ValueError(f"k/v must be on q's device {q.device}")
+        n_new = k.shape[1]
+    if cache_seqlens is None:
+        cache_seqlens = 0
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
+    _check_int32_vector("cache_seqlens", cache_seqlens, B, q.device)
+    before = cache_seqlens.tolist()
+    if min(before, default=0) < 0:
+        raise ValueError(f"cache_seqlens must be >= 0, got {before}")
+    totals = [s + n_new for s in before]
+
+    page_size = 0
+    if block_table is not None:
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx cannot be combined with block_table (paged cache)")
+        if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32:
+            raise TypeError("block_table must be an int32 tensor (batch, max_pages_per_sequence)")
+        if block_table.dim() != 2 or block_table.shape[0] != B:
+            raise ValueError(f"block_table must have shape ({B}, max_pages), got {tuple(block_table.shape)}")
+        if block_table.device != q.device:
+            raise ValueError(f"block_table is on {block_table.device}, expected {q.device}")
+        page_size = k_cache.shape[1]
+        if page_size % 16 != 0:
+            raise ValueError(f"page size (k_cache.shape[1]) must be a multiple of 16, got {page_size}")
+        capacity = block_table.shape[1] * page_size
+        table = block_table.tolist()
+        for b, total in enumerate(totals):
+            if total > capacity:
+                raise ValueError(f"cache too small: sequence {b} needs {total} slots after the append, "
+                                 f"block_table gives {capacity}")
+            used = table[b][: triton.cdiv(total, page_size)]
+            if any(p < 0 or p >= k_cache.shape[0] for p in used):
+                raise ValueError(f"block_table row {b} names pages outside [0, {k_cache.shape[0]}): {used}")
+    else:
+        if cache_batch_idx is not None:
+            _check_int32_vector("cache_batch_idx", cache_batch_idx, B, q.device)
+            idx = cache_batch_idx.tolist()
+            if any(i < 0 or i >= k_cache.shape[0] for i in idx):
+                raise ValueError(f"cache_batch_idx entries must be in [0, {k_cache.shape[0]}), got {idx}")
+        elif k_cache.shape[0] < B:
+            raise ValueError(f"k_cache has {k_cache.shape[0]} rows for a batch of {B}")
+        for b, total in enumerate(totals):
+            if total > k_cache.shape[1]:
+                raise ValueError(f"cache too small: sequence {b} needs {total} slots after the append, "
+                                 f"the cache holds {k_cache.shape[1]}")
+    return cache_seqlens, before, n_new, page_size
+
+
+def _append(k_cache, v_cache, k, v, before, cache_batch_idx, block_table, page_size):
+    """Write the new tokens into the cache in place (each slot written once: no reduction)."""
+    B, n_new = k.shape[0], k.shape[1]
+    dev = k_cache.device
+    pos = torch.tensor(before, device=dev, dtype=torch.long)[:, None] + torch.arange(n_new, device=dev)
+    if block_table is not None:
+        pages = torch.gather(block_table.long(), 1, pos // page_size)
+        k_cache[pages, pos % page_size] = k
+        v_cache[pages, pos % page_size] = v
+    else:
+        rows = (cache_batch_idx.long() if cache_batch_idx is not None
+                else torch.arange(B, device=dev))[:, None].expand(B, n_new)
+        k_cache[rows, pos] = k
+        v_cache[rows, pos] = v
+
+
+def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
+                            cache_seqlens: Union[int, torch.Tensor, None] = None,
+                            cache_batch_idx: Optional[torch.Tensor] = None,
+                            block_table: Optional[torch.Tensor] = None,
+                            softmax_scale: Optional[float] = None, causal: bool = False,
+                            window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                            alibi_slopes: Optional[torch.Tensor] = None,
+                            split_size: Optional[int] = None, return_softmax_lse: bool = False):
+    """Attention of new queries against a KV cache, appending new keys/values first.
+
+    Args (flash-attn's names and meanings):
+        q: (batch, seqlen_q, nheads, headdim): the new tokens' queries.
+        k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, headdim), or with
+            ``block_table`` (num_pages, page_size, nheads_k, headdim), page_size a
+            multiple of 16.
+        k, v: optional (batch, seqlen_new, nheads_k, headdim), written in place
+            into the cache at ``cache_seqlens`` before the attention.
+        cache_seqlens: int or int32 (batch,): tokens already in each cache row.
+        cache_batch_idx: int32 (batch,): which cache row each batch row uses.
+        block_table: int32 (batch, max_pages): the pages of each sequence.
+        split_size: keys per split (default: the deterministic mode's); a
+            different split size is a different reduction order.
+        softmax_scale, causal, window_size, softcap, alibi_slopes: as
+            :func:`flash_attn_func` (causal aligned bottom-right: query ``i``
+            sits at position ``cache_seqlens + seqlen_new - seqlen_q + i``).
+    Returns out (batch, seqlen_q, nheads, headdim), and the lse (batch, nheads,
+    seqlen_q) float32 if ``return_softmax_lse``.
+
+    Invariance: a query's output is bitwise what ``flash_attn_func`` gives it in
+    the full-sequence forward with the same keys and positions, whatever the
+    chunking, the cache layout (contiguous or paged, any page size) or the
+    other requests in the batch.  Bad input raises before the cache is touched.
+    """
+    cache_seqlens, before, n_new, page_size = _validate(q, k_cache, v_cache, k, v, cache_seqlens,
+                                                         cache_batch_idx, block_table)
+    softmax_scale, left, right = check_options(q, 0.0, softmax_scale, window_size, softcap,
+                                               alibi_slopes)
+    B, Lq, Hq, D = q.shape
+    Hk = k_cache.shape[2]
+    totals = [s + n_new for s in before]
+    if k is not None and n_new > 0:
+        _append(k_cache, v_cache, k, v, before, cache_batch_idx, block_table, page_size)
+    left, right = normalize_window(causal, left, right, max(max(totals, default=1), 1))
+    seqlens_k = cache_seqlens + n_new
+
+    if not get_deterministic_mode().enabled:
+        raise NotImplementedError("flash_attn_with_kvcache has no stock-PyTorch path; "
+                                  "use set_deterministic(True)")
+    q = last_dim_contiguous(q)
+    k_cache_c, v_cache_c = last_dim_contiguous(k_cache), last_dim_contiguous(v_cache)
+    cfg = attention_config(arch_key(q.device), q.dtype, D)
+    split = resolve_split_size(cfg.block_n, split_size)
+    HD = padded_head_dim(D)
+    num_splits = max(triton.cdiv(max(totals, default=0), split), 1)
+    num_m_tiles = triton.cdiv(max(Lq, 1), cfg.block_m)
+    out = torch.empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    ws_acc = torch.empty((num_splits, B, Hq, Lq, HD), dtype=torch.float32, device=q.device)
+    ws_ml = torch.empty((num_splits, B, Hq, Lq, 2), dtype=torch.float32, device=q.device)
+    poison.fill(out, lse, ws_acc, ws_ml)
+    if B == 0 or Lq == 0 or Hq == 0:
+        return (out, lse) if return_softmax_lse else out
+    qk_scale, softcap_scaled = score_scales(softmax_scale, softcap)
+    alibi, stride_alibi_b = alibi_args(alibi_slopes, lse)
+    bt = block_table if block_table is not None else seqlens_k
+    bidx = cache_batch_idx if cache_batch_idx is not None else seqlens_k
+    attention_split_partial_kernel[(num_splits * num_m_tiles, B * Hq)](
+        q, k_cache_c, v_cache_c, ws_acc, ws_ml, seqlens_k, bidx, bt, alibi,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache_c.stride(0), k_cache_c.stride(1), k_cache_c.stride(2),
+        v_cache_c.stride(0), v_cache_c.stride(1), v_cache_c.stride(2),
+        bt.stride(0) if block_table is not None else 0, max(page_size, 1), stride_alibi_b,
+        Hq, Hq // Hk, B, Lq, D, num_m_tiles,
+        qk_scale, softcap_scaled, max(left, 0), max(right, 0),
+        HEAD_DIM=HD, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_BLOCKS=split // cfg.block_n,
+        COMPUTE_DTYPE=compute_dtype(q.dtype), ROWWISE=interpreting(),
+        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
+        PAGED=block_table is not None, HAS_BATCH_IDX=cache_batch_idx is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    attention_split_combine_kernel[(num_m_tiles, B * Hq)](
+        ws_acc, ws_ml, out, lse, out.stride(0), out.stride(1), out.stride(2),
+        Hq, B, Lq, D, num_splits, HEAD_DIM=HD, BLOCK_M=cfg.block_m, num_warps=cfg.num_warps)
+    return (out, lse) if return_softmax_lse else out

@@ -1,0 +1,144 @@
+"""Split-KV attention over a KV cache (decode and chunked prefill), in two kernels.
+
+:func:`attention_split_partial_kernel` runs every key split of DESIGN.md's
+reduction order in its own program: it folds the split's key blocks in
+ascending order with the shared :func:`fold_block` and writes the split state
+``(m, l, acc)`` to a float32 workspace.  :func:`attention_split_combine_kernel`
+then merges the split states in ascending split order with the shared
+:func:`merge_states` and finalises with :func:`finalize`.  Splits, blocks and
+the arithmetic are those of the dense forward kernel, which merges the same
+split states in the same order in registers, so a query's output is bitwise
+the same whether it came from the full-sequence forward, a chunked prefill or
+token-by-token decoding.  Splits a row cannot see hold the empty state, whose
+merge is the identity, so the number of splits launched (a grid choice from
+the longest cache in the batch) changes no bits.
+
+Cache layouts: contiguous ``[B_cache, L_cache, Hkv, D]`` (row ``b`` of the
+batch reads cache row ``BATCH_IDX[b]``), or paged ``[num_pages, page_size,
+Hkv, D]`` with ``BLOCK_TABLE[b, p]`` naming the page holding keys
+``p * page_size ...``.  Workspace: acc ``[S, B, Hq, Lq, D]`` and (m, l)
+``[S, B, Hq, Lq, 2]`` float32, for S splits.
+"""
+
+import triton
+import triton.language as tl
+
+from .attention_core import empty_state, finalize, fold_block, merge_states
+
+
+@triton.jit
+def _cache_rows(base, b_cache, pos_k, seqlen_k, BLOCK_TABLE, stride_bt_b, b, page_size,
+                stride_page, stride_row, PAGED: tl.constexpr):
+    """Pointers [N] to the first element of each key row ``pos_k`` of this sequence."""
+    if PAGED:
+        page = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_bt_b + pos_k // page_size,
+                       mask=pos_k < seqlen_k, other=0)
+        return base + page.to(tl.int64) * stride_page + (pos_k % page_size).to(tl.int64) * stride_row
+    else:
+        return base + b_cache.to(tl.int64) * stride_page + pos_k.to(tl.int64) * stride_row
+
+
+@triton.jit
+def attention_split_partial_kernel(
+    Q, K, V, WS_ACC, WS_ML, SEQLEN_K, BATCH_IDX, BLOCK_TABLE, ALIBI,
+    stride_qb, stride_qm, stride_qh,
+    stride_kp, stride_kn, stride_kh,
+    stride_vp, stride_vn, stride_vh,
+    stride_bt_b, page_size, stride_alibi_b,
+    num_heads_q, group_size, batch, seqlen_q, head_dim, num_m_tiles,
+    qk_scale, softcap_scaled, window_left, window_right,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_BLOCKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
+):
+    """Grid: (num_splits * num_m_tiles, B * Hq).  One split of one query tile."""
+    split = tl.program_id(0) // num_m_tiles
+    pid_m = tl.program_id(0) % num_m_tiles
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads_q
+    h = pid_bh % num_heads_q
+    h_kv = h // group_size
+    seqlen_k = tl.load(SEQLEN_K + b)
+    b_cache = b
+    if HAS_BATCH_IDX:
+        b_cache = tl.load(BATCH_IDX + b)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seqlen_q
+    d_ok = offs_d < head_dim
+    pos_q = offs_m + (seqlen_k - seqlen_q)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
+    alibi_slope_log2 = 0.0
+    if HAS_ALIBI:
+        alibi_slope_log2 = tl.load(ALIBI + b * stride_alibi_b + h).to(tl.float32) * 1.4426950408889634
+
+    # The tile's visible keys (as in the dense kernel), cut to this split's blocks.
+    p_lo = pid_m * BLOCK_M + (seqlen_k - seqlen_q)
+    p_hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, seqlen_q) - 1 + (seqlen_k - seqlen_q)
+    key_lo = 0
+    key_hi = seqlen_k
+    if HAS_LEFT:
+        key_lo = tl.maximum(p_lo - window_left, 0)
+    if HAS_RIGHT:
+        key_hi = tl.minimum(tl.maximum(p_hi + window_right + 1, 0), seqlen_k)
+    lo = tl.maximum(key_lo // BLOCK_N, split * SPLIT_BLOCKS)
+    hi = tl.minimum(tl.cdiv(key_hi, BLOCK_N), split * SPLIT_BLOCKS + SPLIT_BLOCKS)
+    hi = tl.where(pid_m * BLOCK_M >= seqlen_q, lo, hi)
+
+    k_base = K + h_kv.to(tl.int64) * stride_kh
+    v_base = V + h_kv.to(tl.int64) * stride_vh
+    m_s, l_s, acc_s = empty_state(BLOCK_M, HEAD_DIM)
+    for j in range(lo, hi):
+        pos_k = j * BLOCK_N + offs_n
+        ld = (pos_k < seqlen_k)[:, None] & d_ok[None, :]
+        k_rows = _cache_rows(k_base, b_cache, pos_k, seqlen_k, BLOCK_TABLE, stride_bt_b, b,
+                             page_size, stride_kp, stride_kn, PAGED)
+        v_rows = _cache_rows(v_base, b_cache, pos_k, seqlen_k, BLOCK_TABLE, stride_bt_b, b,
+                             page_size, stride_vp, stride_vn, PAGED)
+        k = tl.load(k_rows[:, None] + offs_d[None, :], mask=ld, other=0.0)
+        v = tl.load(v_rows[:, None] + offs_d[None, :], mask=ld, other=0.0)
+        m_s, l_s, acc_s = fold_block(m_s, l_s, acc_s, q, k, v, pos_q, pos_k, seqlen_k,
+                                     qk_scale, softcap_scaled, alibi_slope_log2, window_left,
+                                     window_right, True, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP,
+                                     HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
+
+    row = ((split * batch + b) * num_heads_q + h).to(tl.int64) * seqlen_q + offs_m
+    tl.store(WS_ACC + row[:, None] * HEAD_DIM + offs_d[None, :], acc_s, mask=row_ok[:, None])
+    tl.store(WS_ML + row * 2, m_s, mask=row_ok)
+    tl.store(WS_ML + row * 2 + 1, l_s, mask=row_ok)
+
+
+@triton.jit
+def attention_split_combine_kernel(
+    WS_ACC, WS_ML, O, LSE,
+    stride_ob, stride_om, stride_oh,
+    num_heads_q, batch, seqlen_q, head_dim, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Grid: (cdiv(Lq, BLOCK_M), B * Hq).  Merge the splits in order and finalise."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads_q
+    h = pid_bh % num_heads_q
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seqlen_q
+    m_t, l_t, acc_t = empty_state(BLOCK_M, HEAD_DIM)
+    for split in range(0, num_splits):
+        row = ((split * batch + b) * num_heads_q + h).to(tl.int64) * seqlen_q + offs_m
+        acc_s = tl.load(WS_ACC + row[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None],
+                        other=0.0)
+        m_s = tl.load(WS_ML + row * 2, mask=row_ok, other=float("-inf"))
+        l_s = tl.load(WS_ML + row * 2 + 1, mask=row_ok, other=0.0)
+        m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
+    out, lse = finalize(m_t, l_t, acc_t)
+    tl.store(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+             + offs_m[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d < head_dim)[None, :])
+    tl.store(LSE + pid_bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_ok)
