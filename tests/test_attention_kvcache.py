@@ -1,0 +1,157 @@
+"""flash_attn_with_kvcache: training = prefill = decode, bit for bit; decode batch invariance;
+bad input leaves the cache untouched."""
+
+import random
+
+import pytest
+import torch
+
+import bitstable
+from bitstable import flash_attn_func, flash_attn_with_kvcache
+
+FEATURES = [
+    pytest.param(dict(causal=True), id="causal"),
+    pytest.param(dict(causal=True, window_size=(21, 0), softcap=3.0), id="window-softcap"),
+    pytest.param(dict(causal=True, alibi=True), id="alibi"),
+]
+DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16"),
+          pytest.param(torch.float32, id="fp32")]
+CPU = dict(L=60, Hq=4, Hk=2, D=32, pages=(16, 32), split=32)
+GPU = dict(L=3000, Hq=32, Hk=8, D=128, pages=(16, 64, 256), split=512)
+SIZES = [pytest.param(CPU, id="cpu-size"), pytest.param(GPU, id="gpu-size", marks=pytest.mark.gpu)]
+
+
+def _seq(sz, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, sz["L"], sz["Hq"], sz["D"], generator=g).to(dtype).to(device)
+    k = torch.randn(1, sz["L"], sz["Hk"], sz["D"], generator=g).to(dtype).to(device)
+    v = torch.randn(1, sz["L"], sz["Hk"], sz["D"], generator=g).to(dtype).to(device)
+    return q, k, v
+
+
+def _kw(feature, sz, device):
+    kw = dict(feature)
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = torch.linspace(0.05, 0.4, sz["Hq"], device=device)
+    return kw
+
+
+def _chunks(L, rng, decode_tail):
+    """Random chunk sizes covering L; the last ``decode_tail`` tokens one at a time."""
+    sizes, left = [], L - decode_tail
+    while left > 0:
+        c = min(left, rng.randint(1, max(1, L // 3)))
+        sizes.append(c)
+        left -= c
+    return sizes + [1] * decode_tail
+
+
+def _run_through_cache(q, k, v, sizes, kw, cache, block_table=None):
+    k_cache, v_cache = cache
+    pos, outs = 0, []
+    for c in sizes:
+        seqlens = torch.tensor([pos], dtype=torch.int32, device=q.device)
+        outs.append(flash_attn_with_kvcache(q[:, pos:pos + c], k_cache, v_cache, k=k[:, pos:pos + c],
+                                           v=v[:, pos:pos + c], cache_seqlens=seqlens,
+                                           block_table=block_table, **kw))
+        pos += c
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("sz", SIZES)
+@pytest.mark.parametrize("feature", FEATURES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_chunks_and_decode_equal_the_full_forward(dtype, feature, sz, device):
+    rng = random.Random(0)
+    q, k, v = _seq(sz, dtype, device, seed=1)
+    kw = _kw(feature, sz, device)
+    with bitstable.set_deterministic_mode(True, split_size=sz["split"]):
+        full = flash_attn_func(q, k, v, **kw)
+        L = sz["L"]
+        shape = (1, L + 7, sz["Hk"], sz["D"])
+        # (a) chunked prefill then (b) token-by-token decode, contiguous cache
+        cache = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        got = _run_through_cache(q, k, v, _chunks(L, rng, decode_tail=6), kw, cache)
+        assert torch.equal(got, full), "contiguous cache: chunked prefill + decode differ from the full forward"
+        # pure token-by-token decode from the first token (every dtype at GPU sizes;
+        # fp16 only through the slow interpreter)
+        if sz is GPU or dtype == torch.float16:
+            cache = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            got = _run_through_cache(q, k, v, [1] * L, kw, cache)
+            assert torch.equal(got, full), "token-by-token decode differs from the full forward"
+        # (c) paged caches, several page sizes, pages in random order
+        for ps in sz["pages"]:
+            n_pages = -(-L // ps) + 3
+            perm = torch.randperm(n_pages, generator=torch.Generator().manual_seed(ps))
+            table = perm.to(torch.int32)[None].to(device)
+            pshape = (n_pages, ps, sz["Hk"], sz["D"])
+            cache = (torch.zeros(pshape, dtype=dtype, device=device), torch.zeros(pshape, dtype=dtype, device=device))
+            got = _run_through_cache(q, k, v, _chunks(L, rng, decode_tail=4), kw, cache, table)
+            assert torch.equal(got, full), f"paged cache (page size {ps}) differs from the full forward"
+
+
+@pytest.mark.parametrize("sz,batches", [pytest.param(CPU, (2, 3, 8), id="cpu-size"),
+                                        pytest.param(GPU, (2, 8, 64), id="gpu-size", marks=pytest.mark.gpu)])
+def test_decode_is_batch_invariant(sz, batches, device):
+    """One request's decode step alone equals the same step inside batches of other requests
+    with random cache lengths, at every position."""
+    dtype = torch.bfloat16
+    g = torch.Generator().manual_seed(7)
+    Lmax, Hq, Hk, D = sz["L"], sz["Hq"], sz["Hk"], sz["D"]
+    with bitstable.set_deterministic_mode(True, split_size=sz["split"]):
+        for bs in batches:
+            lens = torch.randint(1, Lmax, (bs,), generator=g).to(torch.int32)
+            kc = torch.randn(bs, Lmax + 1, Hk, D, generator=g).to(dtype).to(device)
+            vc = torch.randn(bs, Lmax + 1, Hk, D, generator=g).to(dtype).to(device)
+            q = torch.randn(bs, 1, Hq, D, generator=g).to(dtype).to(device)
+            together = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens.to(device), causal=True)
+            for pos in range(bs):
+                alone = flash_attn_with_kvcache(q[pos:pos + 1], kc[pos:pos + 1], vc[pos:pos + 1],
+                                                cache_seqlens=lens[pos:pos + 1].to(device), causal=True)
+                assert torch.equal(together[pos:pos + 1], alone), f"batch {bs} position {pos} differs"
+
+
+def test_cache_batch_idx_and_lse(device):
+    g = torch.Generator().manual_seed(3)
+    kc = torch.randn(4, 40, 2, 32, generator=g).half().to(device)
+    vc = torch.randn(4, 40, 2, 32, generator=g).half().to(device)
+    q = torch.randn(2, 3, 4, 32, generator=g).half().to(device)
+    idx = torch.tensor([3, 1], dtype=torch.int32, device=device)
+    lens = torch.tensor([30, 17], dtype=torch.int32, device=device)
+    out, lse = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, cache_batch_idx=idx, causal=True,
+                                       return_softmax_lse=True)
+    for b in range(2):
+        L = lens[b].item()
+        ref, ref_lse, _ = flash_attn_func(q[b:b + 1], kc[idx[b]:idx[b] + 1, :L], vc[idx[b]:idx[b] + 1, :L],
+                                          causal=True, return_attn_probs=True)
+        assert torch.equal(out[b:b + 1], ref) and torch.equal(lse[b:b + 1], ref_lse)
+
+
+def test_bad_input_leaves_the_cache_untouched(device):
+    g = torch.Generator().manual_seed(4)
+    kc = torch.randn(2, 32, 2, 32, generator=g).half().to(device)
+    vc = torch.randn(2, 32, 2, 32, generator=g).half().to(device)
+    q = torch.randn(2, 4, 4, 32, generator=g).half().to(device)
+    k = torch.randn(2, 4, 2, 32, generator=g).half().to(device)
+    before = (kc.clone(), vc.clone())
+    lens = torch.tensor([10, 30], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="cache too small: sequence 1 needs 34 slots"):
+        flash_attn_with_kvcache(q, kc, vc, k=k, v=k, cache_seqlens=lens)
+    with pytest.raises(TypeError, match="cache_seqlens must be int32"):
+        flash_attn_with_kvcache(q, kc, vc, k=k, v=k, cache_seqlens=lens.long())
+    with pytest.raises(ValueError, match="k and v must be given together"):
+        flash_attn_with_kvcache(q, kc, vc, k=k, cache_seqlens=lens)
+    pages_k = torch.randn(3, 16, 2, 32, generator=g).half().to(device)
+    pages_v = pages_k.clone()
+    pbefore = pages_k.clone()
+    table = torch.tensor([[0, 1], [2, 7]], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="block_table row 1 names pages outside"):
+        flash_attn_with_kvcache(q, pages_k, pages_v, k=k, v=k, cache_seqlens=torch.tensor(
+            [0, 14], dtype=torch.int32, device=device), block_table=table)
+    with pytest.raises(ValueError, match="page size .* must be a multiple of 16"):
+        flash_attn_with_kvcache(q, pages_k[:, :8], pages_v[:, :8], cache_seqlens=0,
+                                block_table=table[:, :1] * 0)
+    with pytest.raises(ValueError, match="cache_batch_idx entries must be in"):
+        flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens,
+                                cache_batch_idx=torch.tensor([0, 5], dtype=torch.int32, device=device))
+    assert torch.equal(kc, before[0]) and torch.equal(vc, before[1]) and torch.equal(pages_k, pbefore)
