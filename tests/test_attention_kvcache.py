@@ -155,3 +155,27 @@ def test_bad_input_leaves_the_cache_untouched(device):
         flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens,
                                 cache_batch_idx=torch.tensor([0, 5], dtype=torch.int32, device=device))
     assert torch.equal(kc, before[0]) and torch.equal(vc, before[1]) and torch.equal(pages_k, pbefore)
+
+
+def test_stock_path_is_close(device):
+    """set_deterministic(False) routes the KV-cache call to stock PyTorch (SDPA over the padded
+    caches), paged and contiguous alike."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 3, 4, 32, generator=g).to(device)
+    kc = torch.randn(2, 48, 2, 32, generator=g).to(device)
+    vc = torch.randn(2, 48, 2, 32, generator=g).to(device)
+    lens = torch.tensor([20, 41], dtype=torch.int32, device=device)
+    for kw in (dict(causal=True), dict(causal=True, softcap=2.0), dict(window_size=(9, 0))):
+        ours, lse = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, return_softmax_lse=True, **kw)
+        with bitstable.set_deterministic(False):
+            stock, stock_lse = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens,
+                                                       return_softmax_lse=True, **kw)
+        torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(lse, stock_lse, rtol=1e-4, atol=1e-5)
+    pages = kc.reshape(6, 16, 2, 32)
+    vpages = vc.reshape(6, 16, 2, 32)
+    table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32, device=device)
+    ours = flash_attn_with_kvcache(q, pages, vpages, cache_seqlens=lens, block_table=table, causal=True)
+    with bitstable.set_deterministic(False):
+        stock = flash_attn_with_kvcache(q, pages, vpages, cache_seqlens=lens, block_table=table, causal=True)
+    torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-5)

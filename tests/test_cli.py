@@ -25,7 +25,8 @@ def test_verify_holds_and_writes_json(tmp_path):
     assert data["ok"] is True
     checks = {row["check"] for row in data["rows"]}
     assert {"run-to-run", "batch invariance", "chunk invariance (causal)", "layout invariance",
-            "backward run-to-run", "backward batch invariance"} <= checks
+            "backward run-to-run", "backward batch invariance", "prefill/decode = training",
+            "decode batch invariance"} <= checks
     assert all(row["bitstable"] for row in data["rows"])
     assert all(row["stock"] in (True, False) for row in data["rows"])  # stock PyTorch was run too
 

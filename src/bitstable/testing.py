@@ -219,3 +219,60 @@ def backward_checks(attn: Callable, shape: Shape, dtype, device, runs: int = 3,
         check_backward_run_to_run(attn, shape, dtype, device, runs=runs, **kw),
         check_backward_batch_invariance(attn, shape, dtype, device, batch_sizes=batch_sizes, **kw),
     ]
+
+
+def check_decode_chunking(kvcache_fn: Callable, full_fn: Callable, shape: Shape, dtype, device,
+                          chunk_sizes: Sequence[int] = (5, 1, 1, 17, 1), seed: int = 6,
+                          **kw) -> CheckResult:
+    """Training = prefill = decode: chunked prefill and single-token decode through a KV
+    cache give the full causal forward's bits for every query."""
+    g = torch.Generator().manual_seed(seed)
+    one = Shape(1, shape.heads_q, shape.heads_kv, shape.seqlen_k, shape.seqlen_k, shape.head_dim)
+    q, k, v = random_qkv(one, dtype, device, g)
+    kw = dict(kw, causal=True)
+    full = full_fn(q, k, v, **kw)
+    L = shape.seqlen_k
+    sizes = list(chunk_sizes)
+    while sum(sizes) < L:
+        sizes.append(min(L - sum(sizes), max(1, L // 4)))
+    cache_k = torch.zeros(1, L, shape.heads_kv, shape.head_dim, dtype=dtype, device=device)
+    cache_v = torch.zeros_like(cache_k)
+    pos, bad = 0, []
+    for c in sizes:
+        c = min(c, L - pos)
+        if c <= 0:
+            break
+        lens = torch.tensor([pos], dtype=torch.int32, device=device)
+        out = kvcache_fn(q[:, pos:pos + c], cache_k, cache_v, k=k[:, pos:pos + c], v=v[:, pos:pos + c],
+                         cache_seqlens=lens, **kw)
+        if not torch.equal(out, full[:, pos:pos + c]):
+            bad.append(f"tokens {pos}..{pos + c - 1}: {_first_diff(out, full[:, pos:pos + c])}")
+        pos += c
+    ok = not bad
+    return CheckResult("prefill/decode = training", ok,
+                       f"{len(sizes)} chunks equal" if ok else "; ".join(bad[:3]), len(sizes))
+
+
+def check_decode_batch_invariance(kvcache_fn: Callable, shape: Shape, dtype, device,
+                                  batch_sizes: Sequence[int] = (2, 8), seed: int = 7,
+                                  **kw) -> CheckResult:
+    """One decode step alone equals the same step inside batches of other requests with random
+    cache lengths, at every position."""
+    g = torch.Generator().manual_seed(seed)
+    L, Hq, Hk, D = shape.seqlen_k, shape.heads_q, shape.heads_kv, shape.head_dim
+    cases, bad = 0, []
+    for bs in batch_sizes:
+        lens = torch.randint(1, L, (bs,), generator=g).to(torch.int32).to(device)
+        kc = torch.randn(bs, L, Hk, D, generator=g).to(dtype).to(device)
+        vc = torch.randn(bs, L, Hk, D, generator=g).to(dtype).to(device)
+        q = torch.randn(bs, 1, Hq, D, generator=g).to(dtype).to(device)
+        together = kvcache_fn(q, kc, vc, cache_seqlens=lens, causal=True, **kw)
+        for pos in range(bs):
+            sl = slice(pos, pos + 1)
+            alone = kvcache_fn(q[sl], kc[sl], vc[sl], cache_seqlens=lens[sl], causal=True, **kw)
+            cases += 1
+            if not torch.equal(together[sl], alone):
+                bad.append(f"batch {bs} pos {pos}: {_first_diff(together[sl], alone)}")
+    ok = not bad
+    return CheckResult("decode batch invariance", ok,
+                       f"{cases} placements equal" if ok else "; ".join(bad[:3]), cases)

@@ -17,14 +17,32 @@ from typing import List
 import torch
 
 from . import _backend
-from .attention import flash_attn_func
+from .attention import flash_attn_func, flash_attn_with_kvcache
 from .mode import set_deterministic
-from .testing import CheckResult, Shape, backward_checks, forward_checks, poison_outputs
+from .testing import (CheckResult, Shape, backward_checks, check_decode_batch_invariance,
+                      check_decode_chunking, forward_checks, poison_outputs)
 
 
 def _stock(q, k, v, **kw):
     with set_deterministic(False):
         return flash_attn_func(q, k, v, **kw)
+
+
+def _stock_kvcache(*args, **kw):
+    with set_deterministic(False):
+        return flash_attn_with_kvcache(*args, **kw)
+
+
+def _decode_checks(kvcache_fn, full_fn, on_gpu: bool, device) -> List[CheckResult]:
+    if on_gpu:
+        shape = Shape(batch=1, heads_q=32, heads_kv=8, seqlen_q=1, seqlen_k=8192, head_dim=128)
+        chunks, batches = (1000, 1, 1, 3000, 1, 64), (2, 8, 64)
+    else:
+        shape = Shape(batch=1, heads_q=4, heads_kv=2, seqlen_q=1, seqlen_k=50, head_dim=32)
+        chunks, batches = (5, 1, 1, 17, 1), (2, 3)
+    dtype = torch.bfloat16
+    return [check_decode_chunking(kvcache_fn, full_fn, shape, dtype, device, chunk_sizes=chunks),
+            check_decode_batch_invariance(kvcache_fn, shape, dtype, device, batch_sizes=batches)]
 
 
 def _scenarios(on_gpu: bool):
@@ -74,6 +92,15 @@ def run_verify(json_path: str | None = None, stream=sys.stdout) -> int:
                                  bitstable_detail=ours.detail,
                                  stock=None if stock is None else stock.passed,
                                  stock_detail="" if stock is None else stock.detail))
+    name = "bf16 KV cache GQA d128" if on_gpu else "bf16 KV cache GQA d32"
+    print(f"[decode] {name} ... ({time.time() - t0:.0f}s)", file=stream, flush=True)
+    with poison_outputs():
+        ours = _guard(lambda: _decode_checks(flash_attn_with_kvcache, flash_attn_func, on_gpu, device))
+        stock = _guard(lambda: _decode_checks(_stock_kvcache, _stock, on_gpu, device))
+    for o, st in zip(ours, stock + [None] * 8):
+        rows.append(dict(scenario=name, check=o.name, bitstable=o.passed, bitstable_detail=o.detail,
+                         stock=None if st is None else st.passed,
+                         stock_detail="" if st is None else st.detail))
     failed = [r for r in rows if not r["bitstable"]]
     _print_table(rows, stream)
     verdict = "ALL bitstable checks hold" if not failed else f"{len(failed)} bitstable check(s) FAILED"
@@ -83,6 +110,13 @@ def run_verify(json_path: str | None = None, stream=sys.stdout) -> int:
             json.dump(dict(device=_backend.describe(), rows=rows, ok=not failed), f, indent=2)
         print(f"wrote {json_path}", file=stream)
     return 1 if failed else 0
+
+
+def _guard(fn) -> List[CheckResult]:
+    try:
+        return fn()
+    except Exception as e:  # a crash is a failed check, shown as such
+        return [CheckResult("crashed", False, f"{type(e).__name__}: {e}")]
 
 
 def _print_table(rows: List[dict], stream) -> None:
