@@ -232,7 +232,7 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     split = resolve_split_size(cfg.block_n, split_size)
     HD = padded_head_dim(D)
     num_splits = max(triton.cdiv(max(totals, default=0), split), 1)
-    num_m_tiles = triton.cdiv(max(Lq, 1), cfg.block_m)
+    num_m_tiles = triton.cdiv(max(Lq, 1) * (Hq // Hk), cfg.block_m)   # GQA heads packed as rows
     out = torch.empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     ws_acc = torch.empty((num_splits, B, Hq, Lq, HD), dtype=torch.float32, device=q.device)
@@ -244,7 +244,7 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     alibi, stride_alibi_b = alibi_args(alibi_slopes, lse)
     bt = block_table if block_table is not None else seqlens_k
     bidx = cache_batch_idx if cache_batch_idx is not None else seqlens_k
-    attention_split_partial_kernel[(num_splits * num_m_tiles, B * Hq)](
+    attention_split_partial_kernel[(num_splits * num_m_tiles, B * Hk)](
         q, k_cache_c, v_cache_c, ws_acc, ws_ml, seqlens_k, bidx, bt, alibi,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache_c.stride(0), k_cache_c.stride(1), k_cache_c.stride(2),
@@ -258,7 +258,7 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
         PAGED=block_table is not None, HAS_BATCH_IDX=cache_batch_idx is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    attention_split_combine_kernel[(num_m_tiles, B * Hq)](
+    attention_split_combine_kernel[(triton.cdiv(max(Lq, 1), cfg.block_m), B * Hq)](
         ws_acc, ws_ml, out, lse, out.stride(0), out.stride(1), out.stride(2),
         Hq, B, Lq, D, num_splits, HEAD_DIM=HD, BLOCK_M=cfg.block_m, num_warps=cfg.num_warps)
     return (out, lse) if return_softmax_lse else out

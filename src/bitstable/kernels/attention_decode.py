@@ -17,7 +17,8 @@ Cache layouts: contiguous ``[B_cache, L_cache, Hkv, D]`` (row ``b`` of the
 batch reads cache row ``BATCH_IDX[b]``), or paged ``[num_pages, page_size,
 Hkv, D]`` with ``BLOCK_TABLE[b, p]`` naming the page holding keys
 ``p * page_size ...``.  Workspace: acc ``[S, B, Hq, Lq, D]`` and (m, l)
-``[S, B, Hq, Lq, 2]`` float32, for S splits.
+``[S, B, Hq, Lq, 2]`` float32, for S splits.  The partial kernel packs the
+query heads of a GQA group into one tile (they share K/V tile loads).
 """
 
 import triton
@@ -53,34 +54,45 @@ def attention_split_partial_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
 ):
-    """Grid: (num_splits * num_m_tiles, B * Hq).  One split of one query tile."""
+    """Grid: (num_splits * num_m_tiles, B * Hkv).  One split of one tile of packed rows.
+
+    A tile's rows are (query token, head of the GQA group) pairs, ``row = t *
+    group_size + g`` for query head ``h_kv * group_size + g``: the group's heads
+    share each K/V tile load, and a decode step (one token) fills ``group_size``
+    rows instead of one.  A row's bits do not depend on which rows share its
+    tile (the same fold as the dense kernel, row by row).
+    """
     split = tl.program_id(0) // num_m_tiles
     pid_m = tl.program_id(0) % num_m_tiles
     pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads_q
-    h = pid_bh % num_heads_q
-    h_kv = h // group_size
+    num_heads_kv = num_heads_q // group_size
+    b = pid_bh // num_heads_kv
+    h_kv = pid_bh % num_heads_kv
     seqlen_k = tl.load(SEQLEN_K + b)
     b_cache = b
     if HAS_BATCH_IDX:
         b_cache = tl.load(BATCH_IDX + b)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    t = rows // group_size
+    h = h_kv * group_size + rows % group_size
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < seqlen_q
+    row_ok = t < seqlen_q
     d_ok = offs_d < head_dim
-    pos_q = offs_m + (seqlen_k - seqlen_q)
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                + offs_m[:, None] * stride_qm + offs_d[None, :],
+    pos_q = t + (seqlen_k - seqlen_q)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64)[:, None] * stride_qh
+                + t.to(tl.int64)[:, None] * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
     alibi_slope_log2 = 0.0
     if HAS_ALIBI:
-        alibi_slope_log2 = tl.load(ALIBI + b * stride_alibi_b + h).to(tl.float32) * 1.4426950408889634
+        slope = tl.load(ALIBI + b * stride_alibi_b + h, mask=row_ok, other=0.0).to(tl.float32)
+        alibi_slope_log2 = (slope * 1.4426950408889634)[:, None]
 
     # The tile's visible keys (as in the dense kernel), cut to this split's blocks.
-    p_lo = pid_m * BLOCK_M + (seqlen_k - seqlen_q)
-    p_hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, seqlen_q) - 1 + (seqlen_k - seqlen_q)
+    p_lo = (pid_m * BLOCK_M) // group_size + (seqlen_k - seqlen_q)
+    p_hi = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, seqlen_q * group_size) - 1) // group_size \
+        + (seqlen_k - seqlen_q)
     key_lo = 0
     key_hi = seqlen_k
     if HAS_LEFT:
@@ -89,7 +101,7 @@ def attention_split_partial_kernel(
         key_hi = tl.minimum(tl.maximum(p_hi + window_right + 1, 0), seqlen_k)
     lo = tl.maximum(key_lo // BLOCK_N, split * SPLIT_BLOCKS)
     hi = tl.minimum(tl.cdiv(key_hi, BLOCK_N), split * SPLIT_BLOCKS + SPLIT_BLOCKS)
-    hi = tl.where(pid_m * BLOCK_M >= seqlen_q, lo, hi)
+    hi = tl.where(pid_m * BLOCK_M >= seqlen_q * group_size, lo, hi)
 
     k_base = K + h_kv.to(tl.int64) * stride_kh
     v_base = V + h_kv.to(tl.int64) * stride_vh
@@ -108,7 +120,7 @@ def attention_split_partial_kernel(
                                      window_right, True, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP,
                                      HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
 
-    row = ((split * batch + b) * num_heads_q + h).to(tl.int64) * seqlen_q + offs_m
+    row = ((split * batch + b) * num_heads_q + h).to(tl.int64) * seqlen_q + t
     tl.store(WS_ACC + row[:, None] * HEAD_DIM + offs_d[None, :], acc_s, mask=row_ok[:, None])
     tl.store(WS_ML + row * 2, m_s, mask=row_ok)
     tl.store(WS_ML + row * 2 + 1, l_s, mask=row_ok)
