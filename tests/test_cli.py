@@ -52,11 +52,17 @@ def test_verify_exits_nonzero_on_a_violation():
 
 def test_bench_writes_table_json_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    r = _run("bench", "--shape", "1,2,32,32", "--reps", "1", "--out", str(tmp_path))
+    r = _run("bench", "--shape", "1,2,32,32", "--reps", "1", "--out", str(tmp_path),
+             "--decode-batches", "1,2", "--decode-lengths", "40")
     assert r.returncode == 0, r.stdout + r.stderr
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
-    assert len(rows) == 4 and {row["causal"] for row in rows} == {False, True}
-    assert {row["pass_"] for row in rows} == {"fwd", "fwd+bwd"}
+    dense = [row for row in rows if row["pass_"] != "decode"]
+    decode = [row for row in rows if row["pass_"] == "decode"]
+    assert len(dense) == 4 and {row["causal"] for row in dense} == {False, True}
+    assert {row["pass_"] for row in dense} == {"fwd", "fwd+bwd"}
+    assert [(row["B"], row["L"]) for row in decode] == [(1, 40), (2, 40)]
+    assert all(row["bitstable_gbs"] > 0 for row in decode)
+    assert "Decode (one token" in (tmp_path / "bench.md").read_text()
     assert all(row["bitstable_ms"] > 0 for row in rows)
     assert "| B | H | L | D |" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").stat().st_size > 1000

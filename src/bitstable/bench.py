@@ -145,6 +145,85 @@ def bench_forward(shapes: Sequence[Tuple[int, int, int, int]] = DEFAULT_SHAPES,
     return rows
 
 
+DECODE_BATCHES = (1, 8, 64)
+DECODE_LENGTHS = (4096, 16384, 65536, 131072)
+
+
+def copy_bandwidth_gbs() -> Optional[float]:
+    """Device-to-device copy bandwidth (bytes read + written per second), the decode ceiling."""
+    if _backend.interpreting():
+        return None
+    import triton
+
+    src = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def bench_decode(batches: Sequence[int] = DECODE_BATCHES, lengths: Sequence[int] = DECODE_LENGTHS,
+                 heads_q: int = 32, heads_kv: int = 8, head_dim: int = 128, dtype=torch.bfloat16,
+                 reps: int = 100, stream=sys.stdout) -> List[Dict]:
+    """One new query token against a KV cache of each length: bitstable's split-KV decode
+    (bandwidth over K and V bytes, vs the copy bandwidth) next to SDPA-flash."""
+    from .attention import flash_attn_with_kvcache
+
+    device = _backend.kernel_device_type()
+    copy_bw = copy_bandwidth_gbs()
+    rows = []
+    cases = [(b, L) for L in lengths for b in batches]
+    t0 = time.time()
+    for i, (B, L) in enumerate(cases, 1):
+        print(f"[decode {i}/{len(cases)}] B={B} L={L} ({time.time() - t0:.0f}s)", file=stream, flush=True)
+        g = torch.Generator(device=device).manual_seed(i)
+        kc = torch.randn(B, L, heads_kv, head_dim, device=device, dtype=dtype, generator=g)
+        vc = torch.randn(B, L, heads_kv, head_dim, device=device, dtype=dtype, generator=g)
+        q = torch.randn(B, 1, heads_q, head_dim, device=device, dtype=dtype, generator=g)
+        lens = torch.full((B,), L, dtype=torch.int32, device=device)
+
+        def ours():
+            return flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True)
+
+        ms = _time_ms(ours, reps)
+        kv_bytes = 2 * kc.numel() * kc.element_size()
+        row = dict(pass_="decode", B=B, L=L, Hq=heads_q, Hkv=heads_kv, D=head_dim,
+                   bitstable_ms=ms, bitstable_gbs=kv_bytes / (ms * 1e-3) / 1e9, copy_gbs=copy_bw,
+                   bitstable_extra_bytes=_extra_memory(ours),
+                   input_bytes=kv_bytes + q.numel() * q.element_size())
+        row["fraction_of_copy"] = row["bitstable_gbs"] / copy_bw if copy_bw else None
+        qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
+        flash = None
+        if not _backend.interpreting():
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            def flash():
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+            try:
+                flash()
+            except Exception:
+                flash = None
+        row["sdpa_flash_ms"] = _time_ms(flash, reps) if flash else None
+        row["ratio_vs_flash"] = (row["sdpa_flash_ms"] / ms) if flash else None
+        rows.append(row)
+        del kc, vc
+    return rows
+
+
+def decode_table(rows: List[Dict]) -> str:
+    """Decode rows as markdown (ratio > 1: bitstable faster than SDPA-flash)."""
+    lines = ["| B | KV len | bitstable ms | K+V GB/s | of copy BW | SDPA-flash ms | vs flash | extra MiB (inputs MiB) |",
+             "|" + "|".join(["---"] * 8) + "|"]
+    for r in rows:
+        extra = r.get("bitstable_extra_bytes")
+        lines.append(
+            f"| {r['B']} | {r['L']} | {_fmt(r['bitstable_ms'], '.3f')} | {_fmt(r['bitstable_gbs'], '.0f')} "
+            f"| {_fmt(r['fraction_of_copy'], '.0%')} | {_fmt(r['sdpa_flash_ms'], '.3f')} "
+            f"| {_fmt(r['ratio_vs_flash'], '.2f')}x | {_fmt(None if extra is None else extra / 2**20, '.1f')} "
+            f"({r['input_bytes'] / 2**20:.0f}) |")
+    return "\n".join(lines)
+
+
 def _fmt(x, spec):
     return "n/a" if x is None else format(x, spec)
 
@@ -179,6 +258,17 @@ def plot(rows: List[Dict], path: str, title: str) -> None:
     fig, axes = plt.subplots(len(passes), 1, figsize=(max(8, 1.3 * n), 4.2 * len(passes)), squeeze=False)
     for ax, pss in zip(axes[:, 0], passes):
         sub = [r for r in rows if r["pass_"] == pss]
+        if pss == "decode":
+            labels = [f"B{r['B']}\nKV {r['L']}" for r in sub]
+            ax.bar([i - width / 2 for i in range(len(sub))], [r["bitstable_gbs"] or 0.0 for r in sub],
+                   width, label="bitstable decode (K+V bytes)")
+            ax.bar([i + width / 2 for i in range(len(sub))], [r["copy_gbs"] or 0.0 for r in sub],
+                   width, label="device copy")
+            ax.set_xticks(range(len(sub)))
+            ax.set_xticklabels(labels, fontsize=7)
+            ax.set_ylabel("GB/s (decode)")
+            ax.legend()
+            continue
         labels = [f"B{r['B']} H{r['H']}\nL{r['L']} D{r['D']}\n{'causal' if r['causal'] else 'full'}"
                   for r in sub]
         for j, (key, name) in enumerate(impls):
@@ -195,13 +285,19 @@ def plot(rows: List[Dict], path: str, title: str) -> None:
 
 
 def run_bench(out_dir: str, shapes=DEFAULT_SHAPES, reps: int = 100, stream=sys.stdout,
-              passes: Sequence[str] = ("fwd", "fwd+bwd")) -> List[Dict]:
+              passes: Sequence[str] = ("fwd", "fwd+bwd", "decode"),
+              decode_sizes: Optional[Dict] = None) -> List[Dict]:
     """Run the benchmark and write bench.json, bench.md and bench.png into ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
     device = _backend.describe()
     print(f"bitstable bench on {device}", file=stream, flush=True)
-    rows = bench_forward(shapes, reps=reps, stream=stream, passes=passes)
-    table = markdown_table(rows)
+    dense_passes = [p for p in passes if p != "decode"]
+    rows = bench_forward(shapes, reps=reps, stream=stream, passes=dense_passes) if dense_passes else []
+    table = markdown_table(rows) if rows else ""
+    if "decode" in passes:
+        dec = bench_decode(reps=reps, stream=stream, **(decode_sizes or {}))
+        rows += dec
+        table += ("\n\n" if table else "") + "Decode (one token, KV cache, split-KV):\n\n" + decode_table(dec)
     meta = dict(device=device, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                 command="bitstable " + " ".join(sys.argv[1:]), torch=torch.__version__)
     with open(os.path.join(out_dir, "bench.json"), "w") as f:

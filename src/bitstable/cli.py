@@ -23,7 +23,10 @@ def main(argv=None) -> int:
     b.add_argument("--shape", type=_shape, action="append", metavar="B,H,L,D",
                    help="a shape to time (repeatable); default: the four standard shapes")
     b.add_argument("--reps", type=int, default=100, help="timing budget (ms on GPU, runs on CPU)")
-    b.add_argument("--passes", default="fwd,fwd+bwd", help="comma list of fwd, fwd+bwd")
+    b.add_argument("--passes", default="fwd,fwd+bwd,decode", help="comma list of fwd, fwd+bwd, decode")
+    b.add_argument("--decode-batches", default="1,8,64", help="decode batch sizes (comma list)")
+    b.add_argument("--decode-lengths", default="4096,16384,65536,131072",
+                   help="decode KV-cache lengths (comma list)")
     args = ap.parse_args(argv)
 
     import bitstable  # noqa: F401  (decides GPU vs interpreter before triton loads)
@@ -35,10 +38,16 @@ def main(argv=None) -> int:
     from .bench import DEFAULT_SHAPES, run_bench
 
     passes = [p for p in args.passes.split(",") if p]
-    bad = [p for p in passes if p not in ("fwd", "fwd+bwd")]
+    bad = [p for p in passes if p not in ("fwd", "fwd+bwd", "decode")]
     if bad:
-        ap.error(f"--passes takes fwd and/or fwd+bwd, got {bad}")
-    run_bench(args.out, shapes=args.shape or DEFAULT_SHAPES, reps=args.reps, passes=passes)
+        ap.error(f"--passes takes fwd, fwd+bwd and/or decode, got {bad}")
+    try:
+        decode_sizes = dict(batches=[int(x) for x in args.decode_batches.split(",")],
+                            lengths=[int(x) for x in args.decode_lengths.split(",")])
+    except ValueError:
+        ap.error("--decode-batches and --decode-lengths take comma lists of ints")
+    run_bench(args.out, shapes=args.shape or DEFAULT_SHAPES, reps=args.reps, passes=passes,
+              decode_sizes=decode_sizes)
     return 0
 
 
