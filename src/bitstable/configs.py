@@ -63,6 +63,37 @@ class BackwardConfig:
     num_stages: int
 
 
+@dataclass(frozen=True)
+class MatmulConfig:
+    """Tiles of the batch-invariant matmul for one (arch, dtype).  ``block_k`` fixes the
+    reduction order over K; nothing here depends on M."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+_MATMUL = {
+    ("sm90", "bf16"): MatmulConfig(128, 128, 64, 8, 3), ("sm90", "fp16"): MatmulConfig(128, 128, 64, 8, 3),
+    ("sm90", "fp32"): MatmulConfig(64, 64, 32, 4, 2),
+    ("generic", "bf16"): MatmulConfig(64, 64, 32, 4, 2), ("generic", "fp16"): MatmulConfig(64, 64, 32, 4, 2),
+    ("generic", "fp32"): MatmulConfig(64, 64, 32, 4, 2),
+    ("interpreter", "bf16"): MatmulConfig(16, 16, 16, 4, 1),
+    ("interpreter", "fp16"): MatmulConfig(16, 16, 16, 4, 1),
+    ("interpreter", "fp32"): MatmulConfig(16, 16, 16, 4, 1),
+}
+
+#: Chunk of the row-wise reductions (softmax, log-softmax, sum, mean).
+ROW_BLOCK = {"interpreter": 64, "sm90": 1024, "generic": 1024}
+
+
+def matmul_config(arch: str, dtype: torch.dtype) -> MatmulConfig:
+    """The fixed matmul config for ``(arch, dtype)``."""
+    return _MATMUL[(arch, _DTYPE_KEYS[dtype])]
+
+
 def padded_head_dim(head_dim: int) -> int:
     """Smallest power of two >= ``head_dim`` (and >= 16): the kernels' D tile."""
     p = 16

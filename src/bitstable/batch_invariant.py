@@ -1,0 +1,183 @@
+"""``set_batch_invariant_mode``: swap PyTorch's own ops for batch-invariant ones.
+
+Through ``torch.library`` the mode registers bitstable's kernels (``bitstable.ops``)
+as the implementations of ``aten::mm``, ``aten::addmm``, ``aten::bmm``,
+``aten::_softmax``, ``aten::_log_softmax``, ``aten::mean.dim`` and
+``aten::sum.dim_IntList`` on the device kernels run on (CUDA; the CPU under
+Triton's interpreter), so unmodified models become batch-invariant.  Autograd's
+formulas for these ops call the same ops, so gradients through them are
+deterministic too.  Inputs the kernels do not take (other dtypes, devices)
+fall through to the stock kernels.
+
+The mode nests: ``with set_batch_invariant_mode():`` inside another block, or
+``set_batch_invariant_mode(False)`` to turn it off inside an enabled block;
+``exclude=[...]`` leaves chosen ops stock.  Leaving a block (also through an
+exception) restores the state before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterable, List, Optional, Tuple
+
+import torch
+
+from . import ops
+from ._backend import interpreting
+
+#: The ops the mode replaces, by the names ``exclude`` takes.
+OPS = ("mm", "addmm", "bmm", "_softmax", "_log_softmax", "mean.dim", "sum.dim_IntList")
+
+_lock = threading.RLock()
+_base: Tuple[bool, frozenset] = (False, frozenset())
+_stack: List[Tuple[bool, frozenset]] = []
+_lib: Optional[torch.library.Library] = None
+_active: Tuple[bool, frozenset] = (False, frozenset())
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _dispatch_key() -> str:
+    return "CPU" if interpreting() else "CUDA"
+
+
+@contextlib.contextmanager
+def _stock():
+    """Run stock kernels for a moment (inputs the batch-invariant kernels do not take)."""
+    with _lock:
+        saved = _active
+        _apply((False, frozenset()))
+        try:
+            yield
+        finally:
+            _apply(saved)
+
+
+def _ok(*tensors) -> bool:
+    return all(isinstance(t, torch.Tensor) and t.dtype in _DTYPES for t in tensors)
+
+
+def _mm(a, b):
+    if not _ok(a, b) or a.dtype != b.dtype:
+        with _stock():
+            return torch.mm(a, b)
+    return ops.mm(a, b)
+
+
+def _bmm(a, b):
+    if not _ok(a, b) or a.dtype != b.dtype:
+        with _stock():
+            return torch.bmm(a, b)
+    return ops.bmm(a, b)
+
+
+def _addmm(bias, a, b, *, beta=1, alpha=1):
+    if not _ok(bias, a, b) or a.dtype != b.dtype:
+        with _stock():
+            return torch.addmm(bias, a, b, beta=beta, alpha=alpha)
+    return ops.addmm(bias, a, b, beta=beta, alpha=alpha)
+
+
+def _softmax(x, dim, half_to_float):
+    if not _ok(x):
+        with _stock():
+            return torch.ops.aten._softmax(x, dim, half_to_float)
+    return ops.softmax(x, dim, dtype=torch.float32 if half_to_float else None)
+
+
+def _log_softmax(x, dim, half_to_float):
+    if not _ok(x):
+        with _stock():
+            return torch.ops.aten._log_softmax(x, dim, half_to_float)
+    return ops.log_softmax(x, dim, dtype=torch.float32 if half_to_float else None)
+
+
+def _mean(x, dim=None, keepdim=False, *, dtype=None):
+    if not _ok(x) or (dtype is not None and dtype not in _DTYPES):
+        with _stock():
+            return torch.ops.aten.mean.dim(x, dim, keepdim, dtype=dtype)
+    return ops.mean(x, dim, keepdim, dtype)
+
+
+def _sum(x, dim=None, keepdim=False, *, dtype=None):
+    if not _ok(x) or (dtype is not None and dtype not in _DTYPES):
+        with _stock():
+            return torch.ops.aten.sum.dim_IntList(x, dim, keepdim, dtype=dtype)
+    return ops.sum(x, dim, keepdim, dtype)
+
+
+_IMPLS = {"mm": _mm, "addmm": _addmm, "bmm": _bmm, "_softmax": _softmax,
+          "_log_softmax": _log_softmax, "mean.dim": _mean, "sum.dim_IntList": _sum}
+
+
+def _apply(state: Tuple[bool, frozenset]) -> None:
+    """Make the registered overrides match ``state`` (enabled, excluded op names)."""
+    global _lib, _active
+    if state == _active:
+        return
+    if _lib is not None:
+        _lib._destroy()
+        _lib = None
+    enabled, exclude = state
+    if enabled:
+        _lib = torch.library.Library("aten", "IMPL")
+        key = _dispatch_key()
+        for name, fn in _IMPLS.items():
+            if name not in exclude:
+                _lib.impl(name, fn, key)
+    _active = state
+
+
+def _current() -> Tuple[bool, frozenset]:
+    return _stack[-1] if _stack else _base
+
+
+def _check_exclude(exclude: Iterable[str]) -> frozenset:
+    names = frozenset(exclude)
+    unknown = names - set(OPS)
+    if unknown:
+        raise ValueError(f"exclude names unknown ops {sorted(unknown)}; choose from {list(OPS)}")
+    return names
+
+
+class set_batch_invariant_mode:
+    """Context manager: batch-invariant ``aten`` ops inside the block (``enabled=False``
+    turns them off inside an enabled block); ``exclude`` leaves chosen ops stock."""
+
+    def __init__(self, enabled: bool = True, exclude: Iterable[str] = ()):
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        self._state = (enabled, _check_exclude(exclude))
+
+    def __enter__(self):
+        with _lock:
+            _stack.append(self._state)
+            _apply(self._state)
+        return self
+
+    def __exit__(self, *exc):
+        with _lock:
+            _stack.pop()
+            _apply(_current())
+        return False
+
+
+def enable_batch_invariant_mode(exclude: Iterable[str] = ()) -> None:
+    """Turn the mode on for the process (outside any ``with`` block)."""
+    global _base
+    with _lock:
+        _base = (True, _check_exclude(exclude))
+        _apply(_current())
+
+
+def disable_batch_invariant_mode() -> None:
+    """Turn the process-wide mode off (``with`` blocks still apply inside them)."""
+    global _base
+    with _lock:
+        _base = (False, frozenset())
+        _apply(_current())
+
+
+def is_batch_invariant_mode_enabled() -> bool:
+    """Whether the batch-invariant overrides are active here and now."""
+    return _current()[0]

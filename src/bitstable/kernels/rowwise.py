@@ -1,0 +1,45 @@
+"""Row-wise reductions with a fixed chunking: softmax, log-softmax, sum.
+
+One program owns one row and walks it in chunks of BLOCK elements in ascending
+order (a fixed tree inside a chunk, then sequentially across chunks), so a
+row's bits never depend on how many rows there are.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def softmax_kernel(X, Y, n_cols, stride_x, stride_y, LOG: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid: (rows,).  y = softmax(x) or log_softmax(x) along the row, computed in fp32."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    for c in range(0, n_cols, BLOCK):
+        x = tl.load(X + row * stride_x + c + offs, mask=c + offs < n_cols, other=float("-inf")).to(tl.float32)
+        m = tl.maximum(m, x)
+    row_max = tl.max(m, 0)
+    ref = tl.where(row_max == float("-inf"), 0.0, row_max)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for c in range(0, n_cols, BLOCK):
+        x = tl.load(X + row * stride_x + c + offs, mask=c + offs < n_cols, other=float("-inf")).to(tl.float32)
+        acc += tl.exp(x - ref)
+    total = tl.sum(acc, 0)
+    for c in range(0, n_cols, BLOCK):
+        x = tl.load(X + row * stride_x + c + offs, mask=c + offs < n_cols, other=0.0).to(tl.float32)
+        if LOG:
+            y = x - ref - tl.log(total)
+        else:
+            y = tl.exp(x - ref) / total
+        tl.store(Y + row * stride_y + c + offs, y.to(Y.dtype.element_ty), mask=c + offs < n_cols)
+
+
+@triton.jit
+def row_sum_kernel(X, Y, n_cols, stride_x, scale, BLOCK: tl.constexpr):
+    """Grid: (rows,).  y = scale * sum(x) along the row, accumulated in fp32."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for c in range(0, n_cols, BLOCK):
+        acc += tl.load(X + row * stride_x + c + offs, mask=c + offs < n_cols, other=0.0).to(tl.float32)
+    tl.store(Y + row, (tl.sum(acc, 0) * scale).to(Y.dtype.element_ty))

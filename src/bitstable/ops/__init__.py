@@ -1,0 +1,7 @@
+"""Batch-invariant PyTorch ops as plain functions: a row's result never depends on
+how many rows are computed with it (see ``bitstable.set_batch_invariant_mode``)."""
+
+from .matmul import addmm, bmm, matmul, mm
+from .reductions import log_softmax, mean, softmax, sum
+
+__all__ = ["mm", "matmul", "bmm", "addmm", "softmax", "log_softmax", "sum", "mean"]

@@ -1,0 +1,81 @@
+"""Batch-invariant matrix products: ``mm``, ``bmm``, ``addmm``, ``matmul``.
+
+Each output element sums over K in ``block_k`` chunks in ascending order with
+tiles fixed per (arch, dtype) (configs.py), so ``mm(a[:m], b)`` equals
+``mm(a, b)[:m]`` bit for bit for every m.  Accumulation is float32 (IEEE fp32
+for float32 inputs, never tf32).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .._backend import interpreting, kernel_device_type
+from ..attention.launch import compute_dtype
+from ..configs import arch_key, matmul_config
+from ..kernels.matmul import matmul_kernel
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _check(name: str, t: torch.Tensor, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"{name} must be bfloat16, float16 or float32, got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-d, got shape {tuple(t.shape)}")
+    if t.device.type != kernel_device_type():
+        raise ValueError(f"{name} is on {t.device}; bitstable's kernels run on "
+                         f"{kernel_device_type()} tensors here")
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [batch, M, K] @ b [batch, K, N] -> [batch, M, N] in a's dtype."""
+    _check("a", a, 3)
+    _check("b", b, 3)
+    if a.dtype != b.dtype:
+        raise TypeError(f"a and b must share one dtype, got {a.dtype} and {b.dtype}")
+    if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
+        raise ValueError(f"shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be multiplied")
+    Bt, M, K = a.shape
+    N = b.shape[2]
+    c = torch.empty((Bt, M, N), dtype=a.dtype, device=a.device)
+    if c.numel() == 0:
+        return c
+    if K == 0:
+        return c.zero_()
+    cfg = matmul_config(arch_key(a.device), a.dtype)
+    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), Bt)
+    matmul_kernel[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), a.stride(2),
+                        b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1), c.stride(2),
+                        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                        COMPUTE_DTYPE=compute_dtype(a.dtype), ROWWISE=interpreting(),
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return c
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] @ b [K, N] -> [M, N]."""
+    _check("a", a, 2)
+    _check("b", b, 2)
+    return bmm(a.unsqueeze(0), b.unsqueeze(0))[0]
+
+
+def addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta=1, alpha=1) -> torch.Tensor:
+    """beta * bias + alpha * (a @ b), the product batch-invariant, the rest elementwise."""
+    out = mm(a, b)
+    if alpha != 1:
+        out = out * alpha
+    return out + (bias if beta == 1 else beta * bias)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for a [..., M, K] and b [K, N] (a linear layer's product) or 2-d/3-d pairs."""
+    if isinstance(b, torch.Tensor) and b.dim() == 2 and isinstance(a, torch.Tensor) and a.dim() >= 2:
+        lead = a.shape[:-1]
+        return mm(a.reshape(-1, a.shape[-1]), b).reshape(*lead, b.shape[-1])
+    if isinstance(a, torch.Tensor) and a.dim() == 3:
+        return bmm(a, b)
+    raise ValueError("bitstable.ops.matmul takes a [..., M, K] @ b [K, N] or 3-d @ 3-d")
