@@ -154,3 +154,37 @@ def test_transformer_block_forward_and_input_grads_are_batch_invariant(device):
             yi.backward(torch.ones_like(yi))
             assert torch.equal(yi, y[i:i + 1]), f"sequence {i}: forward differs alone vs in batch"
             assert torch.equal(xi.grad, x.grad[i:i + 1]), f"sequence {i}: input grad differs"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+def test_norms_rows_alone_equal_rows_in_batch_and_are_accurate(dtype, device):
+    x = _r(6, 9, 130, dtype=dtype, device=device, seed=8)
+    w, b = _r(130, dtype=dtype, device=device, seed=9), _r(130, dtype=dtype, device=device, seed=10)
+    y = ops.layer_norm(x, (130,), w, b)
+    assert torch.equal(ops.layer_norm(x[:2], (130,), w, b), y[:2])
+    ref = torch.nn.functional.layer_norm(x.double(), (130,), w.double(), b.double())
+    stock = torch.nn.functional.layer_norm(x, (130,), w, b)
+    err, err_stock = (y.double() - ref).abs().max().item(), (stock.double() - ref).abs().max().item()
+    assert err <= 2 * err_stock + torch.finfo(dtype).eps * ref.abs().max().item()
+    r = ops.rms_norm(x, (130,), w)
+    assert torch.equal(ops.rms_norm(x[:1], (130,), w), r[:1])
+    rref = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+    rstock = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6) * w.float()).to(dtype)
+    assert (r.double() - rref).abs().max().item() <= \
+        2 * (rstock.double() - rref).abs().max().item() + torch.finfo(dtype).eps * rref.abs().max().item()
+
+
+def test_layer_norm_module_under_the_mode_trains(device):
+    """nn.LayerNorm goes through the batch-invariant native_layer_norm; its backward works."""
+    ln = torch.nn.LayerNorm(32).to(device)
+    x = _r(4, 7, 32, device=device, seed=11).requires_grad_(True)
+    with bitstable.set_batch_invariant_mode():
+        out = ln(x)
+        out.square().sum().backward()
+        alone = ln(x[:1].detach())
+    assert torch.equal(alone, out[:1].detach())
+    ref = torch.nn.functional.layer_norm(x.detach(), (32,), ln.weight, ln.bias)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.layer_norm(x2, (32,), ln.weight, ln.bias).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)

@@ -24,7 +24,7 @@ from kernels.attention_bwd import (attention_bwd_dkdv_kernel, attention_bwd_dq_k
 from kernels.attention_decode import attention_split_combine_kernel, attention_split_partial_kernel  # noqa: E402
 from kernels.attention_fwd import attention_fwd_kernel  # noqa: E402
 from kernels.matmul import matmul_kernel  # noqa: E402
-from kernels.rowwise import row_sum_kernel, softmax_kernel  # noqa: E402
+from kernels.rowwise import layer_norm_kernel, row_sum_kernel, softmax_kernel  # noqa: E402
 
 
 def build(fn, const, p16=(), p32=(), pi32=(), floats=(), desc=None, **opts):
@@ -79,7 +79,9 @@ def main() -> int:
           ("A", "B", "C"), num_warps=8, num_stages=3)
     build(softmax_kernel, dict(LOG=True, BLOCK=1024), ("X", "Y"), num_warps=4)
     build(row_sum_kernel, dict(BLOCK=1024), ("X", "Y"), floats=("scale",), num_warps=4)
-    n += 5
+    build(layer_norm_kernel, dict(HAS_W=True, HAS_B=True, RMS=False, BLOCK=1024), ("X", "W", "Bias", "Y"),
+          ("MEAN", "RSTD"), floats=("eps",), num_warps=4)
+    n += 6
     print(f"compiled {n} kernel variants for sm_90 with triton {triton.__version__}")
     return 0
 

@@ -2,8 +2,8 @@
 
 Through ``torch.library`` the mode registers bitstable's kernels (``bitstable.ops``)
 as the implementations of ``aten::mm``, ``aten::addmm``, ``aten::bmm``,
-``aten::_softmax``, ``aten::_log_softmax``, ``aten::mean.dim`` and
-``aten::sum.dim_IntList`` on the device kernels run on (CUDA; the CPU under
+``aten::_softmax``, ``aten::_log_softmax``, ``aten::mean.dim``,
+``aten::sum.dim_IntList`` and ``aten::native_layer_norm`` on the device kernels run on (CUDA; the CPU under
 Triton's interpreter), so unmodified models become batch-invariant.  Autograd's
 formulas for these ops call the same ops, so gradients through them are
 deterministic too.  Inputs the kernels do not take (other dtypes, devices)
@@ -27,7 +27,8 @@ from . import ops
 from ._backend import interpreting
 
 #: The ops the mode replaces, by the names ``exclude`` takes.
-OPS = ("mm", "addmm", "bmm", "_softmax", "_log_softmax", "mean.dim", "sum.dim_IntList")
+OPS = ("mm", "addmm", "bmm", "_softmax", "_log_softmax", "mean.dim", "sum.dim_IntList",
+       "native_layer_norm")
 
 _lock = threading.RLock()
 _base: Tuple[bool, frozenset] = (False, frozenset())
@@ -106,8 +107,18 @@ def _sum(x, dim=None, keepdim=False, *, dtype=None):
     return ops.sum(x, dim, keepdim, dtype)
 
 
+def _native_layer_norm(x, normalized_shape, weight, bias, eps):
+    if not _ok(x) or (weight is not None and not _ok(weight)) or (bias is not None and not _ok(bias)):
+        with _stock():
+            return torch.ops.aten.native_layer_norm(x, normalized_shape, weight, bias, eps)
+    from .ops.norms import native_layer_norm
+
+    return native_layer_norm(x, normalized_shape, weight, bias, eps)
+
+
 _IMPLS = {"mm": _mm, "addmm": _addmm, "bmm": _bmm, "_softmax": _softmax,
-          "_log_softmax": _log_softmax, "mean.dim": _mean, "sum.dim_IntList": _sum}
+          "_log_softmax": _log_softmax, "mean.dim": _mean, "sum.dim_IntList": _sum,
+          "native_layer_norm": _native_layer_norm}
 
 
 def _apply(state: Tuple[bool, frozenset]) -> None:

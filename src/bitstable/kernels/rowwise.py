@@ -43,3 +43,35 @@ def row_sum_kernel(X, Y, n_cols, stride_x, scale, BLOCK: tl.constexpr):
     for c in range(0, n_cols, BLOCK):
         acc += tl.load(X + row * stride_x + c + offs, mask=c + offs < n_cols, other=0.0).to(tl.float32)
     tl.store(Y + row, (tl.sum(acc, 0) * scale).to(Y.dtype.element_ty))
+
+
+@triton.jit
+def layer_norm_kernel(X, W, Bias, Y, MEAN, RSTD, n_cols, stride_x, stride_y, eps,
+                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid: (rows,).  LayerNorm (or RMSNorm with ``RMS``) of one row in fixed chunks, fp32;
+    also writes the row's mean (0 for RMS) and 1/sqrt(var + eps)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mean = 0.0
+    if not RMS:
+        acc = tl.zeros([BLOCK], tl.float32)
+        for c in range(0, n_cols, BLOCK):
+            acc += tl.load(X + row * stride_x + c + offs, mask=c + offs < n_cols, other=0.0).to(tl.float32)
+        mean = tl.sum(acc, 0) / n_cols
+    acc2 = tl.zeros([BLOCK], tl.float32)
+    for c in range(0, n_cols, BLOCK):
+        x = tl.load(X + row * stride_x + c + offs, mask=c + offs < n_cols, other=0.0).to(tl.float32)
+        d = tl.where(c + offs < n_cols, x - mean, 0.0)
+        acc2 += d * d
+    rstd = 1.0 / tl.sqrt(tl.sum(acc2, 0) / n_cols + eps)
+    for c in range(0, n_cols, BLOCK):
+        m = c + offs < n_cols
+        x = tl.load(X + row * stride_x + c + offs, mask=m, other=0.0).to(tl.float32)
+        y = (x - mean) * rstd
+        if HAS_W:
+            y = y * tl.load(W + c + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_B:
+            y = y + tl.load(Bias + c + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(Y + row * stride_y + c + offs, y.to(Y.dtype.element_ty), mask=m)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)

@@ -2,6 +2,8 @@
 how many rows are computed with it (see ``bitstable.set_batch_invariant_mode``)."""
 
 from .matmul import addmm, bmm, matmul, mm
+from .norms import layer_norm, rms_norm
 from .reductions import log_softmax, mean, softmax, sum
 
-__all__ = ["mm", "matmul", "bmm", "addmm", "softmax", "log_softmax", "sum", "mean"]
+__all__ = ["mm", "matmul", "bmm", "addmm", "softmax", "log_softmax", "sum", "mean",
+           "layer_norm", "rms_norm"]
