@@ -206,7 +206,9 @@ def bench_decode(batches: Sequence[int] = DECODE_BATCHES, lengths: Sequence[int]
         row["sdpa_flash_ms"] = _time_ms(flash, reps) if flash else None
         row["ratio_vs_flash"] = (row["sdpa_flash_ms"] / ms) if flash else None
         rows.append(row)
-        del kc, vc
+        del kc, vc, q, qt, kt, vt, ours, flash    # free this case's cache before the next
+        if not _backend.interpreting():
+            torch.cuda.empty_cache()
     return rows
 
 
