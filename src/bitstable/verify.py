@@ -28,7 +28,7 @@ def _stock(q, k, v, **kw):
         return flash_attn_func(q, k, v, **kw)
 
 
-def _stock_kvcache(*args, **kw):
+def _stock_kvcache_call(*args, **kw):
     with set_deterministic(False):
         return flash_attn_with_kvcache(*args, **kw)
 
@@ -96,7 +96,7 @@ def run_verify(json_path: str | None = None, stream=sys.stdout) -> int:
     print(f"[decode] {name} ... ({time.time() - t0:.0f}s)", file=stream, flush=True)
     with poison_outputs():
         ours = _guard(lambda: _decode_checks(flash_attn_with_kvcache, flash_attn_func, on_gpu, device))
-        stock = _guard(lambda: _decode_checks(_stock_kvcache, _stock, on_gpu, device))
+        stock = _guard(lambda: _decode_checks(_stock_kvcache_call, _stock, on_gpu, device))
     for o, st in zip(ours, stock + [None] * 8):
         rows.append(dict(scenario=name, check=o.name, bitstable=o.passed, bitstable_detail=o.detail,
                          stock=None if st is None else st.passed,

@@ -17,16 +17,20 @@ from .ops import attn_fwd, attn_varlen_fwd
 from .validation import check_options, check_qkv, check_varlen, normalize_window
 
 
-def _stock_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes):
+def _stock_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                     need_lse: bool = True):
     """Stock PyTorch: SDPA (with a mask for windows, bottom-right causal and ALiBi),
-    eager math where SDPA cannot express the call (softcap)."""
+    eager math where SDPA cannot express the call (softcap).  SDPA returns no
+    log-sum-exp, so it is computed by eager math only when ``need_lse``."""
     B, Lq, Hq, D = q.shape
     Lk, Hk = k.shape[1], k.shape[2]
-    _, lse = attention_reference(q, k, v, softmax_scale, causal, window_size, softcap,
-                                 alibi_slopes, compute_dtype=torch.float32)
     if softcap > 0:
-        out, _ = attention_reference(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes)
-        return out, lse
+        out, lse = attention_reference(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes)
+        return out, lse.float()
+    lse = None
+    if need_lse:
+        _, lse = attention_reference(q, k, v, softmax_scale, causal, window_size, softcap,
+                                     alibi_slopes, compute_dtype=torch.float32)
     left, right = window_size
     mask, is_causal = None, False
     if left >= 0 or right >= 0 or (causal and Lq != Lk):
@@ -89,7 +93,8 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     left, right = normalize_window(causal, left, right, k.shape[1])
 
     if not get_deterministic_mode().enabled:
-        out, lse = _stock_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes)
+        out, lse = _stock_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                                    need_lse=return_attn_probs)
         return (out, lse, None) if return_attn_probs else out
 
     out, lse = attn_fwd(q, k, v, softmax_scale, left, right, float(softcap), alibi_slopes,
@@ -146,10 +151,11 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 slopes = slopes[i:i + 1]
             o, l_ = _stock_attention(q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]],
                                      v[None, ck[i]:ck[i + 1]], softmax_scale, causal, window_size,
-                                     softcap, slopes)
+                                     softcap, slopes, need_lse=return_attn_probs)
             outs.append(o[0])
-            lses.append(l_[0])
-        out, lse = torch.cat(outs, 0), torch.cat(lses, 1)
+            lses.append(None if l_ is None else l_[0])
+        out = torch.cat(outs, 0)
+        lse = torch.cat(lses, 1) if return_attn_probs else None
         return (out, lse, None) if return_attn_probs else out
 
     out, lse = attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

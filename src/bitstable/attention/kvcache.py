@@ -87,14 +87,18 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_t
         if page_size % 16 != 0:
             raise ValueError(f"page size (k_cache.shape[1]) must be a multiple of 16, got {page_size}")
         capacity = block_table.shape[1] * page_size
-        table = block_table.tolist()
         for b, total in enumerate(totals):
             if total > capacity:
                 raise ValueError(f"cache too small: sequence {b} needs {total} slots after the append, "
                                  f"block_table gives {capacity}")
-            used = table[b][: triton.cdiv(total, page_size)]
-            if any(p < 0 or p >= k_cache.shape[0] for p in used):
-                raise ValueError(f"block_table row {b} names pages outside [0, {k_cache.shape[0]}): {used}")
+        # Check the pages in use on the device (the table can be large; copy only a verdict).
+        pages_used = torch.tensor([triton.cdiv(t, page_size) for t in totals], device=q.device)
+        in_use = torch.arange(block_table.shape[1], device=q.device)[None, :] < pages_used[:, None]
+        bad = in_use & ((block_table < 0) | (block_table >= k_cache.shape[0]))
+        if bool(bad.any()):
+            b = int(bad.any(dim=1).nonzero()[0])
+            used = block_table[b, : int(pages_used[b])].tolist()
+            raise ValueError(f"block_table row {b} names pages outside [0, {k_cache.shape[0]}): {used}")
     else:
         if cache_batch_idx is not None:
             _check_int32_vector("cache_batch_idx", cache_batch_idx, B, q.device)
@@ -127,7 +131,7 @@ def _append(k_cache, v_cache, k, v, before, cache_batch_idx, block_table, page_s
 
 
 def _stock_kvcache(q, k_cache, v_cache, totals, cache_batch_idx, block_table, page_size,
-                   softmax_scale, causal, window_size, softcap, alibi_slopes):
+                   softmax_scale, causal, window_size, softcap, alibi_slopes, need_lse=True):
     """Stock PyTorch: one SDPA call over the batch's caches padded to the longest, with a
     mask of each row's valid, visible keys (eager math for softcap)."""
     B, Lq, Hq, D = q.shape
@@ -169,6 +173,8 @@ def _stock_kvcache(q, k_cache, v_cache, totals, cache_batch_idx, block_table, pa
         out = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=ok[:, None],
             scale=softmax_scale, enable_gqa=Hq != Hk).transpose(1, 2)
+    if not need_lse:
+        return out, None
     if s is None:
         qh = q.float().transpose(1, 2)
         kh = keys.float().transpose(1, 2).repeat_interleave(Hq // Hk, dim=1)
@@ -224,7 +230,8 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     if not get_deterministic_mode().enabled:
         out, lse = _stock_kvcache(q, k_cache, v_cache, totals, cache_batch_idx, block_table,
-                                  page_size, softmax_scale, causal, window_size, softcap, alibi_slopes)
+                                  page_size, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                                  need_lse=return_softmax_lse)
         return (out, lse) if return_softmax_lse else out
     q = last_dim_contiguous(q)
     k_cache_c, v_cache_c = last_dim_contiguous(k_cache), last_dim_contiguous(v_cache)
