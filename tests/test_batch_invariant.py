@@ -25,7 +25,8 @@ def test_mm_rows_do_not_depend_on_m(dtype, mkn, device):
     M, K, N = mkn
     a, b = _r(M, K, dtype=dtype, device=device), _r(K, N, dtype=dtype, device=device, seed=1)
     full = ops.mm(a, b)
-    for m in (1, 7, 64, 1000):
+    # m crosses every M class of the config table (tile shapes differ, block_k does not)
+    for m in (1, 7, 16, 17, 33, 64, 65, 256, 257, 1000):
         if m <= M:
             assert torch.equal(ops.mm(a[:m], b), full[:m]), f"m={m}"
     # accuracy: within 2x of stock PyTorch's error in the same dtype (+1 ulp of the output)
@@ -33,6 +34,16 @@ def test_mm_rows_do_not_depend_on_m(dtype, mkn, device):
     err = (full.double() - ref).abs().max().item()
     stock = (torch.mm(a, b).double() - ref).abs().max().item()
     assert err <= 2 * stock + torch.finfo(dtype).eps * ref.abs().max().item()
+
+
+def test_matmul_classes_share_block_k_and_end_unbounded():
+    from bitstable.configs import _MATMUL
+
+    for key, classes in _MATMUL.items():
+        assert len({cfg.block_k for _, cfg in classes}) == 1, key
+        bounds = [b for b, _ in classes]
+        assert bounds[-1] is None and all(b is not None for b in bounds[:-1]), key
+        assert bounds[:-1] == sorted(bounds[:-1]), key
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
@@ -188,3 +199,71 @@ def test_layer_norm_module_under_the_mode_trains(device):
     x2 = x.detach().clone().requires_grad_(True)
     torch.nn.functional.layer_norm(x2, (32,), ln.weight, ln.bias).square().sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal,gqa", [(False, False), (True, True)], ids=["full", "causal-gqa"])
+def test_sdpa_under_the_mode_is_bitstable_attention_and_batch_invariant(causal, gqa, device):
+    """F.scaled_dot_product_attention (no mask) runs bitstable's kernels: the same bits as
+    flash_attn_func, a sequence alone = inside the batch, gradients deterministic."""
+    B, Hq, Hk, L, D = 3, 4, 2 if gqa else 4, 37, 32
+    q = _r(B, Hq, L, D, dtype=torch.float16, device=device, seed=20)
+    k = _r(B, Hk, L, D, dtype=torch.float16, device=device, seed=21)
+    v = _r(B, Hk, L, D, dtype=torch.float16, device=device, seed=22)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with bitstable.set_batch_invariant_mode():
+        qq = q.clone().requires_grad_(True)
+        out = sdpa(qq, k, v, is_causal=causal, enable_gqa=gqa)
+        out.float().square().sum().backward()
+        alone = sdpa(q[1:2], k[1:2], v[1:2], is_causal=causal, enable_gqa=gqa)
+        with torch.inference_mode():
+            inf = sdpa(q, k, v, is_causal=causal, enable_gqa=gqa)
+        q2 = q.clone().requires_grad_(True)
+        sdpa(q2, k, v, is_causal=causal, enable_gqa=gqa).float().square().sum().backward()
+    fa = bitstable.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+    assert torch.equal(out.detach(), fa.transpose(1, 2))
+    assert torch.equal(alone, out[1:2].detach()) and torch.equal(inf, out.detach())
+    assert torch.equal(qq.grad, q2.grad)
+    stock = sdpa(q.float(), k.float(), v.float(), is_causal=causal, enable_gqa=gqa)
+    torch.testing.assert_close(out.float(), stock, rtol=2e-3, atol=2e-3)
+    with bitstable.set_batch_invariant_mode(exclude=["scaled_dot_product_attention", "bmm", "_softmax"]):
+        excluded = sdpa(q.float(), k.float(), v.float(), is_causal=causal, enable_gqa=gqa)
+    assert torch.equal(excluded, stock)
+
+
+def test_sdpa_with_a_mask_takes_the_batch_invariant_math_path(device):
+    B, H, Lq, Lk, D = 3, 2, 5, 19, 16
+    q = _r(B, H, Lq, D, device=device, seed=23)
+    k, v = _r(B, H, Lk, D, device=device, seed=24), _r(B, H, Lk, D, device=device, seed=25)
+    mask = _r(B, 1, Lq, Lk, device=device, seed=26) > -0.5          # bool mask, some keys hidden
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with bitstable.set_batch_invariant_mode():
+        out = sdpa(q, k, v, attn_mask=mask)
+        alone = sdpa(q[2:], k[2:], v[2:], attn_mask=mask[2:])
+        causal_tl = sdpa(q, k, v, is_causal=True)                    # top-left causal, Lq != Lk
+    assert torch.equal(alone, out[2:])
+    torch.testing.assert_close(out, sdpa(q, k, v, attn_mask=mask), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(causal_tl, sdpa(q, k, v, is_causal=True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_rms_norm_under_the_mode_is_batch_invariant_with_deterministic_grads(dtype, device):
+    x = _r(5, 3, 70, dtype=dtype, device=device, seed=30)
+    w = _r(70, dtype=dtype, device=device, seed=31)
+    rms = torch.nn.functional.rms_norm
+    with bitstable.set_batch_invariant_mode():
+        xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        y = rms(xx, (70,), ww, 1e-6)
+        y.float().sin().sum().backward()
+        alone = rms(x[4:], (70,), w, 1e-6)
+        with torch.inference_mode():
+            inf = rms(x, (70,), w, 1e-6)
+    assert torch.equal(y.detach(), ops.rms_norm(x, (70,), w, 1e-6))
+    assert torch.equal(alone, y[4:].detach()) and torch.equal(inf, y.detach())
+    xd, wd = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * wd).sin().sum().backward()
+    xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    rms(xs, (70,), ws, 1e-6).float().sin().sum().backward()          # stock, same dtype
+    for got, stock, ref in ((xx.grad, xs.grad, xd.grad), (ww.grad, ws.grad, wd.grad)):
+        err = (got.double() - ref).abs().max().item()
+        err_stock = (stock.double() - ref).abs().max().item()
+        assert err <= 2 * err_stock + torch.finfo(dtype).eps * ref.abs().max().item()

@@ -53,10 +53,17 @@ def test_verify_exits_nonzero_on_a_violation():
 def test_bench_writes_table_json_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
     r = _run("bench", "--shape", "1,2,32,32", "--reps", "1", "--out", str(tmp_path),
-             "--decode-batches", "1,2", "--decode-lengths", "40")
+             "--decode-batches", "1,2", "--decode-lengths", "40",
+             "--mm-shape", "3,40,24", "--mm-shape", "20,16,8", "--row-shape", "5,70")
     assert r.returncode == 0, r.stdout + r.stderr
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
-    dense = [row for row in rows if row["pass_"] != "decode"]
+    dense = [row for row in rows if row["pass_"] in ("fwd", "fwd+bwd")]
+    op_rows = [row for row in rows if row["pass_"] == "ops"]
+    assert [(row["op"], row["shape"]) for row in op_rows] == [
+        ("mm", "3x40x24"), ("mm", "20x16x8"), ("softmax", "5x70"), ("log_softmax", "5x70"),
+        ("layer_norm", "5x70"), ("rms_norm", "5x70")]
+    assert all(row["ratio_vs_stock"] > 0 for row in op_rows)
+    assert "Batch-invariant ops" in (tmp_path / "bench.md").read_text()
     decode = [row for row in rows if row["pass_"] == "decode"]
     assert len(dense) == 4 and {row["causal"] for row in dense} == {False, True}
     assert {row["pass_"] for row in dense} == {"fwd", "fwd+bwd"}

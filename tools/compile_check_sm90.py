@@ -75,8 +75,18 @@ def main() -> int:
     build(attention_split_combine_kernel, dict(HEAD_DIM=128, BLOCK_M=64), ("O",), ("WS_ACC", "WS_ML", "LSE"), num_warps=4)
     build(attention_bwd_preprocess_kernel, dict(HEAD_DIM=128, BLOCK_M=64, HAS_DLSE=True), ("O", "DO"), ("DLSE", "DELTA"),
           num_warps=4)
-    build(matmul_kernel, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, COMPUTE_DTYPE=tl.bfloat16, ROWWISE=False),
-          ("A", "B", "C"), num_warps=8, num_stages=3)
+    # float32 backward: per-head dk/dv sums (PER_HEAD_SUMS), IEEE fp32 dots
+    build(attention_bwd_dkdv_kernel, dict(HEAD_DIM=128, BLOCK_M=32, BLOCK_N=16, COMPUTE_DTYPE=tl.float32,
+                                          ROWWISE=False, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_LEFT=False,
+                                          HAS_RIGHT=True, VARLEN=False, PER_HEAD_SUMS=True),
+          ("Q", "K", "V", "DO", "DK", "DV", "DQ"), ("LSE", "DELTA", "ALIBI"), ("CU_Q", "CU_K"),
+          ("qk_scale", "softcap_scaled", "grad_scale"), num_warps=4, num_stages=1)
+    n += 1
+    # the sm90 matmul classes of configs.py (decode, middle, large)
+    for bm, bn, bk, w, s, g in ((64, 32, 64, 4, 6, 8), (64, 128, 64, 4, 4, 8), (128, 256, 64, 8, 3, 8)):
+        build(matmul_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, COMPUTE_DTYPE=tl.bfloat16,
+                                  ROWWISE=False), ("A", "B", "C"), num_warps=w, num_stages=s)
+    n += 2
     build(softmax_kernel, dict(LOG=True, BLOCK=1024), ("X", "Y"), num_warps=4)
     build(row_sum_kernel, dict(BLOCK=1024), ("X", "Y"), floats=("scale",), num_warps=4)
     build(layer_norm_kernel, dict(HAS_W=True, HAS_B=True, RMS=False, BLOCK=1024), ("X", "W", "Bias", "Y"),

@@ -6,7 +6,10 @@ as the implementations of ``aten::mm``, ``aten::addmm``, ``aten::bmm``,
 ``aten::sum.dim_IntList`` and ``aten::native_layer_norm`` on the device kernels run on (CUDA; the CPU under
 Triton's interpreter), so unmodified models become batch-invariant.  Autograd's
 formulas for these ops call the same ops, so gradients through them are
-deterministic too.  Inputs the kernels do not take (other dtypes, devices)
+deterministic too.  ``aten::rms_norm`` and ``aten::scaled_dot_product_attention``
+(composite ops in PyTorch) are registered at the autograd key and the backend key,
+with their own deterministic gradients: RMS norm through bitstable's row kernel,
+SDPA through bitstable's attention (``attention/sdpa.py``).  Inputs the kernels do not take (other dtypes, devices)
 fall through to the stock kernels.
 
 The mode nests: ``with set_batch_invariant_mode():`` inside another block, or
@@ -28,7 +31,7 @@ from ._backend import interpreting
 
 #: The ops the mode replaces, by the names ``exclude`` takes.
 OPS = ("mm", "addmm", "bmm", "_softmax", "_log_softmax", "mean.dim", "sum.dim_IntList",
-       "native_layer_norm")
+       "native_layer_norm", "rms_norm", "scaled_dot_product_attention")
 
 _lock = threading.RLock()
 _base: Tuple[bool, frozenset] = (False, frozenset())
@@ -43,7 +46,7 @@ def _dispatch_key() -> str:
 
 
 @contextlib.contextmanager
-def _stock():
+def stock_ops():
     """Run stock kernels for a moment (inputs the batch-invariant kernels do not take)."""
     with _lock:
         saved = _active
@@ -60,65 +63,109 @@ def _ok(*tensors) -> bool:
 
 def _mm(a, b):
     if not _ok(a, b) or a.dtype != b.dtype:
-        with _stock():
+        with stock_ops():
             return torch.mm(a, b)
     return ops.mm(a, b)
 
 
 def _bmm(a, b):
     if not _ok(a, b) or a.dtype != b.dtype:
-        with _stock():
+        with stock_ops():
             return torch.bmm(a, b)
     return ops.bmm(a, b)
 
 
 def _addmm(bias, a, b, *, beta=1, alpha=1):
     if not _ok(bias, a, b) or a.dtype != b.dtype:
-        with _stock():
+        with stock_ops():
             return torch.addmm(bias, a, b, beta=beta, alpha=alpha)
     return ops.addmm(bias, a, b, beta=beta, alpha=alpha)
 
 
 def _softmax(x, dim, half_to_float):
     if not _ok(x):
-        with _stock():
+        with stock_ops():
             return torch.ops.aten._softmax(x, dim, half_to_float)
     return ops.softmax(x, dim, dtype=torch.float32 if half_to_float else None)
 
 
 def _log_softmax(x, dim, half_to_float):
     if not _ok(x):
-        with _stock():
+        with stock_ops():
             return torch.ops.aten._log_softmax(x, dim, half_to_float)
     return ops.log_softmax(x, dim, dtype=torch.float32 if half_to_float else None)
 
 
 def _mean(x, dim=None, keepdim=False, *, dtype=None):
     if not _ok(x) or (dtype is not None and dtype not in _DTYPES):
-        with _stock():
+        with stock_ops():
             return torch.ops.aten.mean.dim(x, dim, keepdim, dtype=dtype)
     return ops.mean(x, dim, keepdim, dtype)
 
 
 def _sum(x, dim=None, keepdim=False, *, dtype=None):
     if not _ok(x) or (dtype is not None and dtype not in _DTYPES):
-        with _stock():
+        with stock_ops():
             return torch.ops.aten.sum.dim_IntList(x, dim, keepdim, dtype=dtype)
     return ops.sum(x, dim, keepdim, dtype)
 
 
 def _native_layer_norm(x, normalized_shape, weight, bias, eps):
     if not _ok(x) or (weight is not None and not _ok(weight)) or (bias is not None and not _ok(bias)):
-        with _stock():
+        with stock_ops():
             return torch.ops.aten.native_layer_norm(x, normalized_shape, weight, bias, eps)
     from .ops.norms import native_layer_norm
 
     return native_layer_norm(x, normalized_shape, weight, bias, eps)
 
 
+class _RMSNorm(torch.autograd.Function):
+    """RMS norm with bitstable's row kernel forward (the same bits with and without
+    grad) and a deterministic composite backward (fp32)."""
+
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, eps):
+        from .ops.norms import _norm
+
+        y, _, rstd = _norm(x, normalized_shape, weight, None, eps, rms=True)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        xh = x.float() * rstd
+        g = dy.float() * (weight.float() if weight is not None else 1.0)
+        dx = rstd * (g - xh * (g * xh).mean(ctx.dims, keepdim=True))
+        dw = None
+        if weight is not None and ctx.needs_input_grad[2]:
+            lead = tuple(range(x.dim() - len(ctx.dims)))
+            dw = (dy.float() * xh).sum(lead).to(weight.dtype) if lead else (dy.float() * xh).to(weight.dtype)
+        return dx.to(x.dtype), None, dw, None
+
+
+def _rms_norm(x, normalized_shape, weight=None, eps=None):
+    if not _ok(x) or (weight is not None and (not _ok(weight) or weight.dtype != x.dtype)):
+        with stock_ops():
+            return torch.ops.aten.rms_norm(x, normalized_shape, weight, eps)
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    return _RMSNorm.apply(x, tuple(normalized_shape), weight, eps)
+
+
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
+    from .attention.sdpa import batch_invariant_sdpa
+
+    return batch_invariant_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+#: Composite ops: registered at the autograd key too (their kernels handle gradients).
+_COMPOSITE = ("rms_norm", "scaled_dot_product_attention")
+
 _IMPLS = {"mm": _mm, "addmm": _addmm, "bmm": _bmm, "_softmax": _softmax,
           "_log_softmax": _log_softmax, "mean.dim": _mean, "sum.dim_IntList": _sum,
-          "native_layer_norm": _native_layer_norm}
+          "native_layer_norm": _native_layer_norm, "rms_norm": _rms_norm,
+          "scaled_dot_product_attention": _sdpa}
 
 
 def _apply(state: Tuple[bool, frozenset]) -> None:
@@ -136,6 +183,8 @@ def _apply(state: Tuple[bool, frozenset]) -> None:
         for name, fn in _IMPLS.items():
             if name not in exclude:
                 _lib.impl(name, fn, key)
+                if name in _COMPOSITE:
+                    _lib.impl(name, fn, "Autograd" + key)
     _active = state
 
 

@@ -260,6 +260,11 @@ def plot(rows: List[Dict], path: str, title: str) -> None:
     fig, axes = plt.subplots(len(passes), 1, figsize=(max(8, 1.3 * n), 4.2 * len(passes)), squeeze=False)
     for ax, pss in zip(axes[:, 0], passes):
         sub = [r for r in rows if r["pass_"] == pss]
+        if pss == "ops":
+            from .bench_ops import plot_ops
+
+            plot_ops(sub, ax)
+            continue
         if pss == "decode":
             labels = [f"B{r['B']}\nKV {r['L']}" for r in sub]
             ax.bar([i - width / 2 for i in range(len(sub))], [r["bitstable_gbs"] or 0.0 for r in sub],
@@ -287,25 +292,31 @@ def plot(rows: List[Dict], path: str, title: str) -> None:
 
 
 def run_bench(out_dir: str, shapes=DEFAULT_SHAPES, reps: int = 100, stream=sys.stdout,
-              passes: Sequence[str] = ("fwd", "fwd+bwd", "decode"),
-              decode_sizes: Optional[Dict] = None) -> List[Dict]:
+              passes: Sequence[str] = ("fwd", "fwd+bwd", "decode", "ops"),
+              decode_sizes: Optional[Dict] = None, ops_sizes: Optional[Dict] = None) -> List[Dict]:
     """Run the benchmark and write bench.json, bench.md and bench.png into ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
     device = _backend.describe()
     print(f"bitstable bench on {device}", file=stream, flush=True)
-    dense_passes = [p for p in passes if p != "decode"]
+    dense_passes = [p for p in passes if p in ("fwd", "fwd+bwd")]
     rows = bench_forward(shapes, reps=reps, stream=stream, passes=dense_passes) if dense_passes else []
     table = markdown_table(rows) if rows else ""
     if "decode" in passes:
         dec = bench_decode(reps=reps, stream=stream, **(decode_sizes or {}))
         rows += dec
         table += ("\n\n" if table else "") + "Decode (one token, KV cache, split-KV):\n\n" + decode_table(dec)
+    if "ops" in passes:
+        from .bench_ops import bench_ops, ops_table
+
+        op_rows = [dict(r, pass_="ops") for r in bench_ops(reps=reps, stream=stream, **(ops_sizes or {}))]
+        rows += op_rows
+        table += ("\n\n" if table else "") + "Batch-invariant ops (bf16) vs stock PyTorch:\n\n" + ops_table(op_rows)
     meta = dict(device=device, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                 command="bitstable " + " ".join(sys.argv[1:]), torch=torch.__version__)
     with open(os.path.join(out_dir, "bench.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=2)
     with open(os.path.join(out_dir, "bench.md"), "w") as f:
-        f.write(f"Forward and forward+backward, bf16. {device}. {meta['date']}. "
+        f.write(f"bitstable bench ({', '.join(passes)}), bf16. {device}. {meta['date']}. "
                 f"Command: `{meta['command']}`\n\n{table}\n")
     try:
         plot(rows, os.path.join(out_dir, "bench.png"), f"bitstable vs SDPA - {device}")

@@ -53,45 +53,76 @@ class AttentionConfig:
 class BackwardConfig:
     """Tiles of the backward kernels for one (arch, dtype, padded head dim).
 
-    ``block_m`` (query rows) and ``block_n`` (keys) fix the order in which
-    dk/dv sum over query blocks and dq sums over key blocks.
+    ``block_m`` (query rows) and ``block_n`` (keys) are the dk/dv kernel's tiles;
+    ``dq_*`` the dq kernel's (0: the same as dk/dv's).  dk/dv sum over query rows and
+    dq over keys in ascending order whatever the tiles.
     """
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    dq_block_m: int = 0
+    dq_block_n: int = 0
+    dq_num_warps: int = 0
+    dq_num_stages: int = 0
+
+    def dq_tiles(self):
+        """(block_m, block_n, num_warps, num_stages) of the dq kernel."""
+        return (self.dq_block_m or self.block_m, self.dq_block_n or self.block_n,
+                self.dq_num_warps or self.num_warps, self.dq_num_stages or self.num_stages)
 
 
 @dataclass(frozen=True)
 class MatmulConfig:
-    """Tiles of the batch-invariant matmul for one (arch, dtype).  ``block_k`` fixes the
-    reduction order over K; nothing here depends on M."""
+    """Tiles of the batch-invariant matmul for one (arch, dtype, M class).
+
+    ``block_k`` fixes the reduction order over K and is the same in every M class
+    of an (arch, dtype); the other fields only decide which program computes an
+    element (proven bit-neutral on the device, tests/test_batch_invariant.py).
+    """
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    group_m: int = 8
 
 
+# (arch, dtype) -> [(largest M of the class, config), ...], smallest class first;
+# the last class has no upper bound (None).  Small M (decode) is memory-bound and
+# wants many narrow column tiles; large M wants big tiles for tensor-core reuse.
 _MATMUL = {
-    ("sm90", "bf16"): MatmulConfig(128, 128, 64, 8, 3), ("sm90", "fp16"): MatmulConfig(128, 128, 64, 8, 3),
-    ("sm90", "fp32"): MatmulConfig(64, 64, 32, 4, 2),
-    ("generic", "bf16"): MatmulConfig(64, 64, 32, 4, 2), ("generic", "fp16"): MatmulConfig(64, 64, 32, 4, 2),
-    ("generic", "fp32"): MatmulConfig(64, 64, 32, 4, 2),
-    ("interpreter", "bf16"): MatmulConfig(16, 16, 16, 4, 1),
-    ("interpreter", "fp16"): MatmulConfig(16, 16, 16, 4, 1),
-    ("interpreter", "fp32"): MatmulConfig(16, 16, 16, 4, 1),
+    ("sm90", "bf16"): [(64, MatmulConfig(64, 32, 64, 4, 6)), (256, MatmulConfig(64, 128, 64, 4, 4)),
+                       (None, MatmulConfig(128, 256, 64, 8, 3))],
+    ("sm90", "fp16"): [(64, MatmulConfig(64, 32, 64, 4, 6)), (256, MatmulConfig(64, 128, 64, 4, 4)),
+                       (None, MatmulConfig(128, 256, 64, 8, 3))],
+    ("sm90", "fp32"): [(None, MatmulConfig(64, 64, 32, 4, 2))],
+    ("generic", "bf16"): [(None, MatmulConfig(64, 64, 32, 4, 2))],
+    ("generic", "fp16"): [(None, MatmulConfig(64, 64, 32, 4, 2))],
+    ("generic", "fp32"): [(None, MatmulConfig(64, 64, 32, 4, 2))],
+    # Under the interpreter two classes, so the CPU suite crosses a class boundary.
+    ("interpreter", "bf16"): [(16, MatmulConfig(16, 16, 16, 4, 1)), (None, MatmulConfig(32, 16, 16, 4, 1, 2))],
+    ("interpreter", "fp16"): [(16, MatmulConfig(16, 16, 16, 4, 1)), (None, MatmulConfig(32, 16, 16, 4, 1, 2))],
+    ("interpreter", "fp32"): [(16, MatmulConfig(16, 16, 16, 4, 1)), (None, MatmulConfig(32, 16, 16, 4, 1, 2))],
 }
 
 #: Chunk of the row-wise reductions (softmax, log-softmax, sum, mean).
 ROW_BLOCK = {"interpreter": 64, "sm90": 1024, "generic": 1024}
 
 
-def matmul_config(arch: str, dtype: torch.dtype) -> MatmulConfig:
-    """The fixed matmul config for ``(arch, dtype)``."""
+def matmul_classes(arch: str, dtype: torch.dtype):
+    """All ``(largest M, MatmulConfig)`` classes of ``(arch, dtype)``, smallest first."""
     return _MATMUL[(arch, _DTYPE_KEYS[dtype])]
+
+
+def matmul_config(arch: str, dtype: torch.dtype, m: int) -> MatmulConfig:
+    """The matmul config for ``(arch, dtype)`` and a product with ``m`` rows."""
+    for bound, cfg in matmul_classes(arch, dtype):
+        if bound is None or m <= bound:
+            return cfg
+    raise AssertionError("the last matmul class must be unbounded")
 
 
 def padded_head_dim(head_dim: int) -> int:

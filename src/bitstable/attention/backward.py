@@ -22,6 +22,10 @@ from .launch import alibi_args, compute_dtype, score_scales
 from .validation import last_dim_contiguous
 
 
+#: Offline exploration only (benchmarks/explore_bwd_configs.py): force one config.
+_CONFIG_OVERRIDE = None
+
+
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, softmax_scale: float,
                        window_left: int, window_right: int, softcap: float,
@@ -51,7 +55,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         B, Lq, Lk, total_q = cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, q.shape[1]
     else:
         B, Lq, Lk, total_q = q.shape[0], q.shape[1], k.shape[1], 0
-    cfg = backward_config(arch_key(q.device), q.dtype, D)
+    cfg = _CONFIG_OVERRIDE or backward_config(arch_key(q.device), q.dtype, D)
     HD = padded_head_dim(D)
     delta = torch.empty((1, Hq, total_q) if varlen else (B, Hq, Lq), dtype=torch.float32,
                         device=q.device)
@@ -68,8 +72,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     alibi, stride_alibi_b = alibi_args(alibi_slopes, lse)
     common = dict(COMPUTE_DTYPE=compute_dtype(q.dtype), ROWWISE=interpreting(),
                   HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-                  HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0)
     scalars = (qk_scale, softcap_scaled, softmax_scale, max(window_left, 0), max(window_right, 0))
 
     pre_b, pre_l = (1, total_q) if varlen else (B, Lq)   # every packed row at once
@@ -89,8 +92,10 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         stride_alibi_b, Hq, Hk, Hq // Hk, Lq, Lk, D, total_q, *scalars,
-        HEAD_DIM=HD, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, VARLEN=varlen, **common)
-    attention_bwd_dq_kernel[(triton.cdiv(Lq, cfg.block_m), B * Hq)](
+        HEAD_DIM=HD, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, VARLEN=varlen,
+        PER_HEAD_SUMS=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+    dq_m, dq_n, dq_w, dq_s = cfg.dq_tiles()
+    attention_bwd_dq_kernel[(triton.cdiv(Lq, dq_m), B * Hq)](
         q, k, v, dout, lse, delta, dq, alibi, cu_q, cu_k,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -98,5 +103,5 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         stride_alibi_b, Hq, Hq // Hk, Lq, Lk, D, total_q, *scalars,
-        HEAD_DIM=HD, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, VARLEN=varlen, **common)
+        HEAD_DIM=HD, BLOCK_M=dq_m, BLOCK_N=dq_n, VARLEN=varlen, num_warps=dq_w, num_stages=dq_s, **common)
     return result

@@ -96,9 +96,15 @@ def attention_bwd_dkdv_kernel(
     COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, VARLEN: tl.constexpr = False,
+    PER_HEAD_SUMS: tl.constexpr = False,
 ):
     """Grid: (cdiv(Lk, BLOCK_N), B * Hkv); varlen: (cdiv(max_seqlen_k, BLOCK_N), num_seqs * Hkv)
-    over packed [total, H, D] tensors (lse/delta [Hq, total_q])."""
+    over packed [total, H, D] tensors (lse/delta [Hq, total_q]).
+
+    ``PER_HEAD_SUMS`` (float32 inputs): dk/dv of each query head of the GQA group
+    are summed over its query blocks from zero and the heads' sums are then added
+    in order, instead of one running sum over heads x rows: a shorter fp32
+    rounding chain (MQA with long sequences), same order on every call."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads_kv
@@ -155,6 +161,12 @@ def attention_bwd_dkdv_kernel(
             q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
             do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
             row_base = (b * num_heads_q + h).to(tl.int64) * seqlen_q
+        if PER_HEAD_SUMS:   # each head's sum starts at zero; heads are added in order after
+            dk_h = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+            dv_h = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        else:
+            dk_h = dk
+            dv_h = dv
         for mb in range(m_lo, m_hi):
             offs_m = mb * BLOCK_M + offs_m0
             m_ok = offs_m < seqlen_q
@@ -168,8 +180,14 @@ def attention_bwd_dkdv_kernel(
                                       qk_scale, softcap_scaled, alibi_slope_log2, window_left,
                                       window_right, grad_scale, COMPUTE_DTYPE, ROWWISE,
                                       HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
-            dv = tile_dot(tl.trans(p.to(COMPUTE_DTYPE)), do, dv, ROWWISE)
-            dk = tile_dot(tl.trans(ds.to(COMPUTE_DTYPE)), q, dk, ROWWISE)
+            dv_h = tile_dot(tl.trans(p.to(COMPUTE_DTYPE)), do, dv_h, ROWWISE)
+            dk_h = tile_dot(tl.trans(ds.to(COMPUTE_DTYPE)), q, dk_h, ROWWISE)
+        if PER_HEAD_SUMS:
+            dk += dk_h
+            dv += dv_h
+        else:
+            dk = dk_h
+            dv = dv_h
 
     tl.store(DK + dk_off + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=n_ok)

@@ -1,8 +1,11 @@
 """A batch-invariant tiled matmul: every output element sums over K in BLOCK_K
-chunks in ascending order, with tile shapes fixed per (arch, dtype) (configs.py).
+chunks in ascending order (one fp32 accumulator, no split-K).
 
-Nothing depends on M: a row of ``A @ B`` has the same bits whether it is computed
-alone or inside any batch of rows.  No split-K.
+Tile shapes (BLOCK_M, BLOCK_N, warps, stages, GROUP_M) may differ between shape
+classes (configs.py): they change which program computes an element, not the
+order of its sum over K.  That a row's bits do not depend on them is proven on the
+device by tests/test_batch_invariant.py (rows of every M class against M=1) and
+by benchmarks/explore_matmul_configs.py (every candidate config, same bits).
 """
 
 import triton
@@ -17,23 +20,35 @@ def matmul_kernel(A, B, C, M, N, K,
                   stride_bb, stride_bk, stride_bn,
                   stride_cb, stride_cm, stride_cn,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr):
-    """Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), batch).  C[b] = A[b] @ B[b], fp32 accumulate."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
+                  GROUP_M: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr):
+    """Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), batch).  C[b] = A[b] @ B[b], fp32 accumulate.
+
+    Tiles are visited in groups of GROUP_M row-blocks (L2 reuse of B); the
+    grouping only moves work between programs.
+    """
+    pid = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * n_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    a_base = A + pid_b * stride_ab + offs_m[:, None].to(tl.int64) * stride_am
-    b_base = B + pid_b * stride_bb + offs_n[None, :].to(tl.int64) * stride_bn
+    # Clamp rows/columns instead of masking them: out-of-range lanes are never stored.
+    rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
+    cols = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+    a_ptr = A + pid_b * stride_ab + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptr = B + pid_b * stride_bb + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        a = tl.load(a_base + kk[None, :] * stride_ak, mask=(offs_m < M)[:, None] & (kk < K)[None, :],
-                    other=0.0).to(COMPUTE_DTYPE)
-        b = tl.load(b_base + kk[:, None] * stride_bk, mask=(kk < K)[:, None] & (offs_n < N)[None, :],
-                    other=0.0).to(COMPUTE_DTYPE)
-        acc = tile_dot(a, b, acc, ROWWISE)
+        a = tl.load(a_ptr, mask=(k0 + offs_k < K)[None, :], other=0.0)
+        b = tl.load(b_ptr, mask=(k0 + offs_k < K)[:, None], other=0.0)
+        acc = tile_dot(a.to(COMPUTE_DTYPE), b.to(COMPUTE_DTYPE), acc, ROWWISE)
+        a_ptr += BLOCK_K * stride_ak
+        b_ptr += BLOCK_K * stride_bk
     tl.store(C + pid_b * stride_cb + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn,
              acc.to(C.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])

@@ -16,6 +16,9 @@ from ..attention.launch import compute_dtype
 from ..configs import arch_key, matmul_config
 from ..kernels.matmul import matmul_kernel
 
+#: Offline exploration only (benchmarks/explore_matmul_configs.py): force one config.
+_CONFIG_OVERRIDE = None
+
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -46,12 +49,12 @@ def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return c
     if K == 0:
         return c.zero_()
-    cfg = matmul_config(arch_key(a.device), a.dtype)
-    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n), Bt)
+    cfg = _CONFIG_OVERRIDE or matmul_config(arch_key(a.device), a.dtype, M)
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), Bt)
     matmul_kernel[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), a.stride(2),
                         b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1), c.stride(2),
                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                        COMPUTE_DTYPE=compute_dtype(a.dtype), ROWWISE=interpreting(),
+                        GROUP_M=cfg.group_m, COMPUTE_DTYPE=compute_dtype(a.dtype), ROWWISE=interpreting(),
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return c
 

@@ -1,0 +1,63 @@
+"""Time candidate matmul tile configs on the GPU and prove they give the same bits
+(offline exploration, never used at run time).
+
+For each (M, N, K) every candidate computes C = A @ B; all candidates must give
+identical bits (same block_k order, tile shape only moves work between programs),
+and row 0 must equal the M=1 product.  Times are next to torch.mm (cuBLAS) in the
+same process.
+
+    PYTHONPATH=src python benchmarks/explore_matmul_configs.py
+"""
+import sys
+
+import torch
+import triton
+
+from bitstable.ops import matmul as mm_mod
+from bitstable.configs import MatmulConfig
+
+SMALL = [MatmulConfig(64, 32, 64, 4, 6), MatmulConfig(64, 64, 64, 4, 5), MatmulConfig(16, 32, 64, 4, 6),
+         MatmulConfig(32, 32, 64, 4, 6), MatmulConfig(16, 64, 64, 4, 6), MatmulConfig(64, 32, 128, 4, 4),
+         MatmulConfig(64, 16, 64, 4, 8)]
+LARGE = [MatmulConfig(128, 256, 64, 8, 3), MatmulConfig(128, 128, 64, 8, 4), MatmulConfig(128, 128, 64, 4, 4),
+         MatmulConfig(256, 128, 64, 8, 3), MatmulConfig(64, 128, 64, 4, 4), MatmulConfig(128, 256, 64, 8, 4),
+         MatmulConfig(128, 256, 64, 8, 3, 16)]
+SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (64, 4096, 4096), (1, 14336, 4096), (64, 4096, 14336),
+          (128, 4096, 4096), (256, 4096, 4096), (1024, 4096, 4096), (4096, 4096, 4096), (8192, 8192, 8192),
+          (4096, 14336, 4096)]
+
+
+def main():
+    torch.manual_seed(0)
+    print("| M | N | K | config | ms | TFLOP/s | cuBLAS ms | vs cuBLAS | same bits |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for M, N, K in SHAPES:
+        a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(N, K, device="cuda", dtype=torch.bfloat16).t()
+        cub = triton.testing.do_bench(lambda: torch.mm(a, b), return_mode="median")
+        cands = SMALL if M <= 128 else LARGE
+        ref = None
+        for cfg in cands + ([SMALL[0]] if M > 128 else [LARGE[0]]):
+            mm_mod._CONFIG_OVERRIDE = cfg
+            try:
+                out = mm_mod.mm(a, b)
+                row0 = mm_mod.mm(a[:1], b)
+                ms = triton.testing.do_bench(lambda: mm_mod.mm(a, b), return_mode="median")
+            except Exception as e:  # noqa: BLE001 - a config that does not fit is reported, not fatal
+                print(f"| {M} | {N} | {K} | {cfg} | failed: {type(e).__name__}: {str(e)[:80]} |")
+                continue
+            finally:
+                mm_mod._CONFIG_OVERRIDE = None
+            if ref is None:
+                ref = out
+            same = torch.equal(out, ref) and torch.equal(row0, ref[:1])
+            tf = 2.0 * M * N * K / ms / 1e9
+            c = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} g{cfg.group_m}"
+            print(f"| {M} | {N} | {K} | {c} | {ms:.4f} | {tf:.0f} | {cub:.4f} | {cub / ms:.2f}x | {same} |",
+                  flush=True)
+        del a, b
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""``bitstable bench --passes ops``: the batch-invariant ops next to stock PyTorch, in one process.
+
+Matmul (bf16) against ``torch.mm`` (cuBLAS) at decode shapes (M = 1..64) and
+prefill/training shapes (M >= 256, and 8192^3); softmax, log-softmax, layer norm
+and RMS norm against the stock ATen kernels at LLM shapes.  The stock side runs
+outside ``set_batch_invariant_mode`` (plain cuBLAS / ATen).  Ratios > 1 mean
+bitstable is faster.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+
+from . import _backend
+
+#: (M, N, K): decode rows, prefill rows, the 8192^3 square, MLP up/down shapes.
+MATMUL_SHAPES: List[Tuple[int, int, int]] = (
+    [(m, 4096, 4096) for m in (1, 8, 32, 64, 256, 1024, 4096)]
+    + [(8192, 8192, 8192), (1, 14336, 4096), (64, 14336, 4096), (4096, 14336, 4096),
+       (1, 4096, 14336), (64, 4096, 14336), (4096, 4096, 14336)])
+#: (rows, cols) for the row-wise kernels: hidden sizes and a vocabulary.
+ROW_SHAPES: List[Tuple[int, int]] = [(4096, 4096), (16384, 8192), (1024, 128256)]
+
+
+def _time(fn: Callable, reps: int) -> float:
+    from .bench import _time_ms
+
+    return _time_ms(fn, reps)
+
+
+def bench_ops(matmul_shapes: Sequence[Tuple[int, int, int]] = MATMUL_SHAPES,
+              row_shapes: Sequence[Tuple[int, int]] = ROW_SHAPES, dtype=torch.bfloat16,
+              reps: int = 100, stream=sys.stdout) -> List[Dict]:
+    """Rows of dict(op, shape, bitstable_ms, stock_ms, ratio_vs_stock, tflops or gbs)."""
+    from . import ops
+
+    device = _backend.kernel_device_type()
+    g = torch.Generator(device=device).manual_seed(0)
+    rows: List[Dict] = []
+    t0 = time.time()
+    n_cases = len(matmul_shapes) + 4 * len(row_shapes)
+    i = 0
+    for M, N, K in matmul_shapes:
+        i += 1
+        print(f"[ops {i}/{n_cases}] mm M={M} N={N} K={K} ({time.time() - t0:.0f}s)", file=stream, flush=True)
+        a = torch.randn(M, K, device=device, dtype=dtype, generator=g)
+        b = torch.randn(N, K, device=device, dtype=dtype, generator=g).t()   # a weight, as F.linear sees it
+        ours = _time(lambda: ops.mm(a, b), reps)
+        stock = _time(lambda: torch.mm(a, b), reps)
+        flops = 2.0 * M * N * K
+        byts = (M * K + N * K + M * N) * a.element_size()
+        rows.append(dict(op="mm", shape=f"{M}x{N}x{K}", bitstable_ms=ours, stock_ms=stock,
+                         ratio_vs_stock=stock / ours, bitstable_tflops=flops / ours / 1e9,
+                         stock_tflops=flops / stock / 1e9, bitstable_gbs=byts / ours / 1e6))
+        del a, b
+    for R, C in row_shapes:
+        x = torch.randn(R, C, device=device, dtype=dtype, generator=g)
+        w = torch.randn(C, device=device, dtype=dtype, generator=g)
+        cases = [
+            ("softmax", lambda: ops.softmax(x, -1), lambda: torch.softmax(x, -1)),
+            ("log_softmax", lambda: ops.log_softmax(x, -1), lambda: torch.log_softmax(x, -1)),
+            ("layer_norm", lambda: ops.layer_norm(x, (C,), w, w),
+             lambda: torch.nn.functional.layer_norm(x, (C,), w, w)),
+            ("rms_norm", lambda: ops.rms_norm(x, (C,), w), lambda: torch.nn.functional.rms_norm(x, (C,), w)),
+        ]
+        for name, fn_ours, fn_stock in cases:
+            i += 1
+            print(f"[ops {i}/{n_cases}] {name} {R}x{C} ({time.time() - t0:.0f}s)", file=stream, flush=True)
+            ours = _time(fn_ours, reps)
+            stock = _time(fn_stock, reps)
+            byts = 2 * x.numel() * x.element_size()
+            rows.append(dict(op=name, shape=f"{R}x{C}", bitstable_ms=ours, stock_ms=stock,
+                             ratio_vs_stock=stock / ours, bitstable_gbs=byts / ours / 1e6))
+        del x, w
+    return rows
+
+
+def ops_table(rows: List[Dict]) -> str:
+    """Markdown table of ops rows (ratio > 1: bitstable faster than stock)."""
+    from .bench import _fmt
+
+    lines = ["| op | shape | bitstable ms | stock ms | vs stock | bitstable TFLOP/s | stock TFLOP/s | bitstable GB/s |",
+             "|" + "|".join(["---"] * 8) + "|"]
+    for r in rows:
+        lines.append(f"| {r['op']} | {r['shape']} | {_fmt(r['bitstable_ms'], '.4f')} | {_fmt(r['stock_ms'], '.4f')} "
+                     f"| {_fmt(r['ratio_vs_stock'], '.2f')}x | {_fmt(r.get('bitstable_tflops'), '.0f')} "
+                     f"| {_fmt(r.get('stock_tflops'), '.0f')} | {_fmt(r.get('bitstable_gbs'), '.0f')} |")
+    return "\n".join(lines)
+
+
+def plot_ops(rows: List[Dict], ax) -> None:
+    """Bars of bitstable's speed as a ratio to stock per op and shape (1.0 = parity)."""
+    labels = [f"{r['op']}\n{r['shape']}" for r in rows]
+    vals = [r["ratio_vs_stock"] or 0.0 for r in rows]
+    ax.bar(range(len(rows)), vals, color=["tab:blue" if r["op"] == "mm" else "tab:green" for r in rows])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, fontsize=6, rotation=60, ha="right")
+    ax.set_ylabel("speed vs stock (ops)")
