@@ -10,11 +10,14 @@ same process.
 """
 import sys
 
+import importlib
+
 import torch
 import triton
 
-from bitstable.ops import matmul as mm_mod
 from bitstable.configs import MatmulConfig
+
+mm_mod = importlib.import_module("bitstable.ops.matmul")   # the module (bitstable.ops.matmul is also a function)
 
 SMALL = [MatmulConfig(64, 32, 64, 4, 6), MatmulConfig(64, 64, 64, 4, 5), MatmulConfig(16, 32, 64, 4, 6),
          MatmulConfig(32, 32, 64, 4, 6), MatmulConfig(16, 64, 64, 4, 6), MatmulConfig(64, 32, 128, 4, 4),

@@ -35,6 +35,5 @@ fi
 if [ "$BENCH" = 1 ]; then
   python3 -m bitstable bench --out "$OUT" 2>&1 | tee -a "$OUT/run.log" | grep -v '^\['
 fi
-tar czf "$OUT/triton_cache.tgz" .triton_cache 2>/dev/null || true
 echo "pytest rc=$rc verify rc=$vrc"
 [ "$rc" = 0 ] && [ "$vrc" = 0 ]

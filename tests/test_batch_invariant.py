@@ -40,7 +40,7 @@ def test_matmul_classes_share_block_k_and_end_unbounded():
     from bitstable.configs import _MATMUL
 
     for key, classes in _MATMUL.items():
-        assert len({cfg.block_k for _, cfg in classes}) == 1, key
+        assert len({(cfg.block_k, cfg.chunk_blocks) for _, cfg in classes}) == 1, key
         bounds = [b for b, _ in classes]
         assert bounds[-1] is None and all(b is not None for b in bounds[:-1]), key
         assert bounds[:-1] == sorted(bounds[:-1]), key

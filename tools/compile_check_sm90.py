@@ -86,7 +86,9 @@ def main() -> int:
     for bm, bn, bk, w, s, g in ((64, 32, 64, 4, 6, 8), (64, 128, 64, 4, 4, 8), (128, 256, 64, 8, 3, 8)):
         build(matmul_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, COMPUTE_DTYPE=tl.bfloat16,
                                   ROWWISE=False), ("A", "B", "C"), num_warps=w, num_stages=s)
-    n += 2
+    build(matmul_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, COMPUTE_DTYPE=tl.float32,
+                              ROWWISE=False, CHUNK_BLOCKS=4), ("A", "B", "C"), num_warps=4, num_stages=2)
+    n += 3
     build(softmax_kernel, dict(LOG=True, BLOCK=1024), ("X", "Y"), num_warps=4)
     build(row_sum_kernel, dict(BLOCK=1024), ("X", "Y"), floats=("scale",), num_warps=4)
     build(layer_norm_kernel, dict(HAS_W=True, HAS_B=True, RMS=False, BLOCK=1024), ("X", "W", "Bias", "Y"),

@@ -88,6 +88,7 @@ class MatmulConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8
+    chunk_blocks: int = 0   # > 0: float32 blocked summation over K (chunks of this many blocks)
 
 
 # (arch, dtype) -> [(largest M of the class, config), ...], smallest class first;
@@ -98,14 +99,15 @@ _MATMUL = {
                        (None, MatmulConfig(128, 256, 64, 8, 3))],
     ("sm90", "fp16"): [(64, MatmulConfig(64, 32, 64, 4, 6)), (256, MatmulConfig(64, 128, 64, 4, 4)),
                        (None, MatmulConfig(128, 256, 64, 8, 3))],
-    ("sm90", "fp32"): [(None, MatmulConfig(64, 64, 32, 4, 2))],
+    ("sm90", "fp32"): [(None, MatmulConfig(64, 64, 32, 4, 2, 8, 4))],
     ("generic", "bf16"): [(None, MatmulConfig(64, 64, 32, 4, 2))],
     ("generic", "fp16"): [(None, MatmulConfig(64, 64, 32, 4, 2))],
-    ("generic", "fp32"): [(None, MatmulConfig(64, 64, 32, 4, 2))],
+    ("generic", "fp32"): [(None, MatmulConfig(64, 64, 32, 4, 2, 8, 4))],
     # Under the interpreter two classes, so the CPU suite crosses a class boundary.
     ("interpreter", "bf16"): [(16, MatmulConfig(16, 16, 16, 4, 1)), (None, MatmulConfig(32, 16, 16, 4, 1, 2))],
     ("interpreter", "fp16"): [(16, MatmulConfig(16, 16, 16, 4, 1)), (None, MatmulConfig(32, 16, 16, 4, 1, 2))],
-    ("interpreter", "fp32"): [(16, MatmulConfig(16, 16, 16, 4, 1)), (None, MatmulConfig(32, 16, 16, 4, 1, 2))],
+    ("interpreter", "fp32"): [(16, MatmulConfig(16, 16, 16, 4, 1, 8, 2)),
+                              (None, MatmulConfig(32, 16, 16, 4, 1, 2, 2))],
 }
 
 #: Chunk of the row-wise reductions (softmax, log-softmax, sum, mean).

@@ -276,3 +276,41 @@ def check_decode_batch_invariance(kvcache_fn: Callable, shape: Shape, dtype, dev
     ok = not bad
     return CheckResult("decode batch invariance", ok,
                        f"{cases} placements equal" if ok else "; ".join(bad[:3]), cases)
+
+
+def check_rows_batch_invariant(name: str, fn: Callable, x: torch.Tensor, row_counts: Sequence[int],
+                               *args) -> CheckResult:
+    """``fn(x[:m], *args) == fn(x, *args)[:m]`` bitwise for every m: a row's result does not
+    depend on how many rows are computed with it (matmul, softmax, norms)."""
+    full = fn(x, *args)
+    bad = []
+    for m in row_counts:
+        if m <= x.shape[0] and not torch.equal(fn(x[:m], *args), full[:m]):
+            diff = (fn(x[:m], *args).double() - full[:m].double()).abs().max().item()
+            bad.append(f"m={m} (max diff {diff:.3g})")
+    return CheckResult(name, not bad, "rows differ alone vs in the batch: " + ", ".join(bad) if bad else "",
+                       cases=len(row_counts))
+
+
+def ops_checks(device, on_gpu: bool, stock: bool) -> List[CheckResult]:
+    """Batch invariance of matmul (bf16), softmax, log-softmax and RMS norm rows, for
+    bitstable's ops or (``stock``) PyTorch's own kernels."""
+    from . import ops
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    M, K, N, C = (2048, 4096, 4096, 32000) if on_gpu else (70, 48, 40, 300)
+    rows = (1, 2, 3, 7, 16, 64, 100, 256, 1000) if on_gpu else (1, 2, 7, 33)
+    a = torch.randn(M, K, generator=g).to(torch.bfloat16).to(device)
+    b = torch.randn(N, K, generator=g).to(torch.bfloat16).to(device).t()
+    x = torch.randn(M, C, generator=g).to(torch.bfloat16).to(device)
+    w = torch.randn(C, generator=g).to(torch.bfloat16).to(device)
+    if stock:
+        mm, sm, lsm = torch.mm, torch.softmax, torch.log_softmax
+        rms = lambda t, w_: torch.nn.functional.rms_norm(t, (t.shape[-1],), w_, 1e-6)  # noqa: E731
+    else:
+        mm, sm, lsm = ops.mm, ops.softmax, ops.log_softmax
+        rms = lambda t, w_: ops.rms_norm(t, (t.shape[-1],), w_, 1e-6)  # noqa: E731
+    return [check_rows_batch_invariant(f"matmul rows (bf16 {M}x{K}x{N})", mm, a, rows, b),
+            check_rows_batch_invariant("softmax rows", sm, x, rows, -1),
+            check_rows_batch_invariant("log_softmax rows", lsm, x, rows, -1),
+            check_rows_batch_invariant("rms_norm rows", rms, x, rows, w)]

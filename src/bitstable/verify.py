@@ -20,7 +20,7 @@ from . import _backend
 from .attention import flash_attn_func, flash_attn_with_kvcache
 from .mode import set_deterministic
 from .testing import (CheckResult, Shape, backward_checks, check_decode_batch_invariance,
-                      check_decode_chunking, forward_checks, poison_outputs)
+                      check_decode_chunking, forward_checks, ops_checks, poison_outputs)
 
 
 def _stock(q, k, v, **kw):
@@ -100,6 +100,14 @@ def run_verify(json_path: str | None = None, stream=sys.stdout) -> int:
     for o, st in zip(ours, stock + [None] * 8):
         rows.append(dict(scenario=name, check=o.name, bitstable=o.passed, bitstable_detail=o.detail,
                          stock=None if st is None else st.passed,
+                         stock_detail="" if st is None else st.detail))
+    print(f"[ops] batch-invariant ops ... ({time.time() - t0:.0f}s)", file=stream, flush=True)
+    with poison_outputs():
+        ours = _guard(lambda: ops_checks(device, on_gpu, stock=False))
+        stock = _guard(lambda: ops_checks(device, on_gpu, stock=True))
+    for o, st in zip(ours, stock + [None] * 8):
+        rows.append(dict(scenario="batch-invariant ops", check=o.name, bitstable=o.passed,
+                         bitstable_detail=o.detail, stock=None if st is None else st.passed,
                          stock_detail="" if st is None else st.detail))
     failed = [r for r in rows if not r["bitstable"]]
     _print_table(rows, stream)

@@ -1,5 +1,6 @@
 """A batch-invariant tiled matmul: every output element sums over K in BLOCK_K
-chunks in ascending order (one fp32 accumulator, no split-K).
+chunks in ascending order (no split-K; float32 inputs sum fixed chunks of blocks
+from zero and add the chunks in order).
 
 Tile shapes (BLOCK_M, BLOCK_N, warps, stages, GROUP_M) may differ between shape
 classes (configs.py): they change which program computes an element, not the
@@ -20,11 +21,13 @@ def matmul_kernel(A, B, C, M, N, K,
                   stride_bb, stride_bk, stride_bn,
                   stride_cb, stride_cm, stride_cn,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  GROUP_M: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr):
+                  GROUP_M: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
+                  CHUNK_BLOCKS: tl.constexpr = 0):
     """Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), batch).  C[b] = A[b] @ B[b], fp32 accumulate.
 
     Tiles are visited in groups of GROUP_M row-blocks (L2 reuse of B); the
-    grouping only moves work between programs.
+    grouping only moves work between programs.  ``CHUNK_BLOCKS`` > 0 (float32):
+    blocked summation over K, a shorter fp32 rounding chain in the same fixed order.
     """
     pid = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -44,11 +47,22 @@ def matmul_kernel(A, B, C, M, N, K,
     a_ptr = A + pid_b * stride_ab + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptr = B + pid_b * stride_bb + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_ptr, mask=(k0 + offs_k < K)[None, :], other=0.0)
-        b = tl.load(b_ptr, mask=(k0 + offs_k < K)[:, None], other=0.0)
-        acc = tile_dot(a.to(COMPUTE_DTYPE), b.to(COMPUTE_DTYPE), acc, ROWWISE)
-        a_ptr += BLOCK_K * stride_ak
-        b_ptr += BLOCK_K * stride_bk
+    if CHUNK_BLOCKS == 0:    # one running sum over K (tensor-core inputs)
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(a_ptr, mask=(k0 + offs_k < K)[None, :], other=0.0)
+            b = tl.load(b_ptr, mask=(k0 + offs_k < K)[:, None], other=0.0)
+            acc = tile_dot(a.to(COMPUTE_DTYPE), b.to(COMPUTE_DTYPE), acc, ROWWISE)
+            a_ptr += BLOCK_K * stride_ak
+            b_ptr += BLOCK_K * stride_bk
+    else:   # float32: each chunk of CHUNK_BLOCKS blocks summed from zero, chunks added in order
+        for c0 in range(0, K, CHUNK_BLOCKS * BLOCK_K):
+            part = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for k0 in range(c0, tl.minimum(c0 + CHUNK_BLOCKS * BLOCK_K, K), BLOCK_K):
+                a = tl.load(a_ptr, mask=(k0 + offs_k < K)[None, :], other=0.0)
+                b = tl.load(b_ptr, mask=(k0 + offs_k < K)[:, None], other=0.0)
+                part = tile_dot(a.to(COMPUTE_DTYPE), b.to(COMPUTE_DTYPE), part, ROWWISE)
+                a_ptr += BLOCK_K * stride_ak
+                b_ptr += BLOCK_K * stride_bk
+            acc += part
     tl.store(C + pid_b * stride_cb + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn,
              acc.to(C.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
