@@ -28,6 +28,14 @@ LARGE = [MatmulConfig(128, 256, 64, 8, 3), MatmulConfig(128, 128, 64, 8, 4), Mat
 SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (64, 4096, 4096), (1, 14336, 4096), (64, 4096, 14336),
           (128, 4096, 4096), (256, 4096, 4096), (1024, 4096, 4096), (4096, 4096, 4096), (8192, 8192, 8192),
           (4096, 14336, 4096)]
+if len(sys.argv) > 1:   # round 2: the classes the first round left below the bar
+    SMALL = [MatmulConfig(16, 64, 64, 4, 6), MatmulConfig(16, 64, 64, 4, 8), MatmulConfig(16, 128, 64, 4, 6),
+             MatmulConfig(16, 32, 64, 2, 8), MatmulConfig(64, 32, 64, 4, 6), MatmulConfig(32, 64, 64, 4, 6)]
+    LARGE = [MatmulConfig(256, 128, 64, 8, 3), MatmulConfig(64, 64, 64, 4, 5), MatmulConfig(128, 64, 64, 4, 4),
+             MatmulConfig(64, 128, 64, 4, 5), MatmulConfig(128, 128, 64, 8, 3, 4), MatmulConfig(256, 128, 64, 8, 4),
+             MatmulConfig(128, 256, 64, 8, 3, 16), MatmulConfig(256, 128, 64, 8, 3, 16)]
+    SHAPES = [(1, 4096, 4096), (8, 4096, 4096), (16, 4096, 4096), (32, 4096, 4096), (1, 14336, 4096),
+              (1, 4096, 14336), (256, 4096, 4096), (512, 4096, 4096), (4096, 4096, 4096), (8192, 8192, 8192)]
 
 
 def main():

@@ -72,7 +72,8 @@ def main() -> int:
                   ("Q", "K", "V"), ("WS_ACC", "WS_ML", "ALIBI"), ("SEQLEN_K", "BATCH_IDX", "BLOCK_TABLE"),
                   ("qk_scale", "softcap_scaled"), num_warps=4, num_stages=3)
             n += 1
-    build(attention_split_combine_kernel, dict(HEAD_DIM=128, BLOCK_M=64), ("O",), ("WS_ACC", "WS_ML", "LSE"), num_warps=4)
+    build(attention_split_combine_kernel, dict(HEAD_DIM=128, BLOCK_M=64), ("O",), ("WS_ACC", "WS_ML", "LSE"),
+          ("SEQLEN_K",), num_warps=4)
     build(attention_bwd_preprocess_kernel, dict(HEAD_DIM=128, BLOCK_M=64, HAS_DLSE=True), ("O", "DO"), ("DLSE", "DELTA"),
           num_warps=4)
     # float32 backward: per-head dk/dv sums (PER_HEAD_SUMS), IEEE fp32 dots

@@ -47,6 +47,13 @@ class AttentionConfig:
     #: Load K/V tiles with the Hopper copy engine (TMA) where strides allow;
     #: launch-only: the tiles hold the same values either way (tested).
     tma: bool = False
+    #: Pipeline depth of the split-KV decode kernel (0: ``num_stages``); launch-only.
+    decode_num_stages: int = 0
+
+    @property
+    def decode_stages(self) -> int:
+        """num_stages of the split-KV decode kernel."""
+        return self.decode_num_stages or self.num_stages
 
 
 @dataclass(frozen=True)

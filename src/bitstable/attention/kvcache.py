@@ -22,6 +22,10 @@ from .launch import alibi_args, compute_dtype, resolve_split_size, score_scales
 from .validation import check_options, check_qkv, last_dim_contiguous, normalize_window
 
 
+#: Offline exploration only (benchmarks/explore_decode.py): force the decode pipeline depth.
+_DECODE_STAGES_OVERRIDE = None
+
+
 def _check_int32_vector(name: str, t, length: int, device) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -34,9 +38,19 @@ def _check_int32_vector(name: str, t, length: int, device) -> torch.Tensor:
     return t
 
 
+def _capturing(device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table):
-    """Check everything before the cache is touched; returns (seqlens_before [B] int32 tensor,
-    their host list, the new-token count, page size or 0)."""
+    """Check everything before the cache is touched; returns (seqlens_before [B] int32 tensor
+    on q's device, their host list or None, the new-token count, page size or 0).
+
+    Value checks (lengths against the cache, page ids, cache_batch_idx) read the
+    values on the host: free when ``cache_seqlens`` is an int or a CPU tensor, one
+    device sync for a device tensor, and skipped while a CUDA graph is being
+    captured (nothing can be read then; shapes and dtypes are still checked).
+    """
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError("q must be a 4-d tensor (batch, seqlen_q, heads, headdim)")
     B = q.shape[0]
@@ -65,13 +79,23 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_t
         n_new = k.shape[1]
     if cache_seqlens is None:
         cache_seqlens = 0
+    host = None
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        host = [cache_seqlens] * B
         cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
+    elif isinstance(cache_seqlens, torch.Tensor) and cache_seqlens.device.type == "cpu" \
+            and q.device.type != "cpu":
+        _check_int32_vector("cache_seqlens", cache_seqlens, B, cache_seqlens.device)
+        host = cache_seqlens.tolist()
+        cache_seqlens = cache_seqlens.to(q.device, non_blocking=True)
     _check_int32_vector("cache_seqlens", cache_seqlens, B, q.device)
-    before = cache_seqlens.tolist()
-    if min(before, default=0) < 0:
+    check_values = not _capturing(q.device)
+    if host is None and check_values:
+        host = cache_seqlens.tolist()
+    before = host
+    if before is not None and min(before, default=0) < 0:
         raise ValueError(f"cache_seqlens must be >= 0, got {before}")
-    totals = [s + n_new for s in before]
+    totals = [s + n_new for s in before] if before is not None else None
 
     page_size = 0
     if block_table is not None:
@@ -87,11 +111,13 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_t
         if page_size % 16 != 0:
             raise ValueError(f"page size (k_cache.shape[1]) must be a multiple of 16, got {page_size}")
         capacity = block_table.shape[1] * page_size
-        for b, total in enumerate(totals):
+        for b, total in enumerate(totals or ()):
             if total > capacity:
                 raise ValueError(f"cache too small: sequence {b} needs {total} slots after the append, "
                                  f"block_table gives {capacity}")
         # Check the pages in use on the device (the table can be large; copy only a verdict).
+        if totals is None:
+            return cache_seqlens, before, n_new, page_size
         pages_used = torch.tensor([triton.cdiv(t, page_size) for t in totals], device=q.device)
         in_use = torch.arange(block_table.shape[1], device=q.device)[None, :] < pages_used[:, None]
         bad = in_use & ((block_table < 0) | (block_table >= k_cache.shape[0]))
@@ -102,23 +128,24 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_t
     else:
         if cache_batch_idx is not None:
             _check_int32_vector("cache_batch_idx", cache_batch_idx, B, q.device)
-            idx = cache_batch_idx.tolist()
+            idx = cache_batch_idx.tolist() if check_values else []
             if any(i < 0 or i >= k_cache.shape[0] for i in idx):
                 raise ValueError(f"cache_batch_idx entries must be in [0, {k_cache.shape[0]}), got {idx}")
         elif k_cache.shape[0] < B:
             raise ValueError(f"k_cache has {k_cache.shape[0]} rows for a batch of {B}")
-        for b, total in enumerate(totals):
+        for b, total in enumerate(totals or ()):
             if total > k_cache.shape[1]:
                 raise ValueError(f"cache too small: sequence {b} needs {total} slots after the append, "
                                  f"the cache holds {k_cache.shape[1]}")
     return cache_seqlens, before, n_new, page_size
 
 
-def _append(k_cache, v_cache, k, v, before, cache_batch_idx, block_table, page_size):
-    """Write the new tokens into the cache in place (each slot written once: no reduction)."""
+def _append(k_cache, v_cache, k, v, seqlens_before, cache_batch_idx, block_table, page_size):
+    """Write the new tokens into the cache in place (each slot written once: no reduction).
+    ``seqlens_before`` [B] int32 on the cache's device; nothing is read on the host."""
     B, n_new = k.shape[0], k.shape[1]
     dev = k_cache.device
-    pos = torch.tensor(before, device=dev, dtype=torch.long)[:, None] + torch.arange(n_new, device=dev)
+    pos = seqlens_before.long()[:, None] + torch.arange(n_new, device=dev)
     if block_table is not None:
         pages = torch.gather(block_table.long(), 1, pos // page_size)
         k_cache[pages, pos % page_size] = k
@@ -222,13 +249,17 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                                                alibi_slopes)
     B, Lq, Hq, D = q.shape
     Hk = k_cache.shape[2]
-    totals = [s + n_new for s in before]
+    capacity = block_table.shape[1] * page_size if block_table is not None else k_cache.shape[1]
     if k is not None and n_new > 0:
-        _append(k_cache, v_cache, k, v, before, cache_batch_idx, block_table, page_size)
-    left, right = normalize_window(causal, left, right, max(max(totals, default=1), 1))
+        _append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, page_size)
+    left, right = normalize_window(causal, left, right, max(capacity, 1))
     seqlens_k = cache_seqlens + n_new
 
     if not get_deterministic_mode().enabled:
+        if before is None:
+            raise RuntimeError("the stock (non-deterministic) KV-cache path reads cache_seqlens on the "
+                               "host and cannot run inside CUDA graph capture")
+        totals = [s + n_new for s in before]
         out, lse = _stock_kvcache(q, k_cache, v_cache, totals, cache_batch_idx, block_table,
                                   page_size, softmax_scale, causal, window_size, softcap, alibi_slopes,
                                   need_lse=return_softmax_lse)
@@ -238,7 +269,10 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     cfg = attention_config(arch_key(q.device), q.dtype, D)
     split = resolve_split_size(cfg.block_n, split_size)
     HD = padded_head_dim(D)
-    num_splits = max(triton.cdiv(max(totals, default=0), split), 1)
+    # Splits are launched for the cache's capacity (no host read of the lengths, so the
+    # call can be captured in a CUDA graph); splits past a row's length do nothing and
+    # the combine kernel merges only the splits that hold keys: no bits change.
+    num_splits = max(triton.cdiv(capacity, split), 1)
     num_m_tiles = triton.cdiv(max(Lq, 1) * (Hq // Hk), cfg.block_m)   # GQA heads packed as rows
     out = torch.empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
@@ -264,8 +298,8 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
         PAGED=block_table is not None, HAS_BATCH_IDX=cache_batch_idx is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=_DECODE_STAGES_OVERRIDE or cfg.decode_stages)
     attention_split_combine_kernel[(triton.cdiv(max(Lq, 1), cfg.block_m), B * Hq)](
-        ws_acc, ws_ml, out, lse, out.stride(0), out.stride(1), out.stride(2),
-        Hq, B, Lq, D, num_splits, HEAD_DIM=HD, BLOCK_M=cfg.block_m, num_warps=cfg.num_warps)
+        ws_acc, ws_ml, out, lse, seqlens_k, out.stride(0), out.stride(1), out.stride(2),
+        Hq, B, Lq, D, split, HEAD_DIM=HD, BLOCK_M=cfg.block_m, num_warps=cfg.num_warps)
     return (out, lse) if return_softmax_lse else out

@@ -120,24 +120,29 @@ def attention_split_partial_kernel(
                                      window_right, True, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP,
                                      HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
 
+    # Splits past this sequence's keys are never read by the combine: nothing to write.
+    live = row_ok & (split * SPLIT_BLOCKS * BLOCK_N < seqlen_k)
     row = ((split * batch + b) * num_heads_q + h).to(tl.int64) * seqlen_q + t
-    tl.store(WS_ACC + row[:, None] * HEAD_DIM + offs_d[None, :], acc_s, mask=row_ok[:, None])
-    tl.store(WS_ML + row * 2, m_s, mask=row_ok)
-    tl.store(WS_ML + row * 2 + 1, l_s, mask=row_ok)
+    tl.store(WS_ACC + row[:, None] * HEAD_DIM + offs_d[None, :], acc_s, mask=live[:, None])
+    tl.store(WS_ML + row * 2, m_s, mask=live)
+    tl.store(WS_ML + row * 2 + 1, l_s, mask=live)
 
 
 @triton.jit
 def attention_split_combine_kernel(
-    WS_ACC, WS_ML, O, LSE,
+    WS_ACC, WS_ML, O, LSE, SEQLEN_K,
     stride_ob, stride_om, stride_oh,
-    num_heads_q, batch, seqlen_q, head_dim, num_splits,
+    num_heads_q, batch, seqlen_q, head_dim, split_size,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Grid: (cdiv(Lq, BLOCK_M), B * Hq).  Merge the splits in order and finalise."""
+    """Grid: (cdiv(Lq, BLOCK_M), B * Hq).  Merge the splits that hold keys of this
+    sequence (``cdiv(SEQLEN_K[b], split_size)``) in order and finalise; later splits
+    would be empty states, whose merge is the identity."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads_q
     h = pid_bh % num_heads_q
+    num_splits = tl.cdiv(tl.load(SEQLEN_K + b), split_size)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seqlen_q
