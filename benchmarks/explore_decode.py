@@ -39,9 +39,10 @@ def main():
         fl = triton.testing.do_bench_cudagraph(flash, return_mode="median")
         kv_bytes = 2 * kc.numel() * kc.element_size()
         ref = None
-        for split in (2048, 1024):
-            for stages in (2, 3, 4, 5, 6):
+        for split, tile in ((2048, None), (2048, (16, 1)), (2048, (16, 2)), (2048, (32, 2)), (2048, (64, 8))):
+            for stages in (3, 4):
                 kv_mod._DECODE_STAGES_OVERRIDE = stages
+                kv_mod._DECODE_TILE_OVERRIDE = tile
 
                 def ours():
                     return bitstable.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True,
@@ -50,15 +51,16 @@ def main():
                     out = ours()
                     ms = triton.testing.do_bench_cudagraph(ours, return_mode="median")
                 except Exception as e:  # noqa: BLE001
-                    print(f"| {B} | {L} | {split} | {stages} | failed: {type(e).__name__}: {str(e)[:80]} |")
+                    print(f"| {B} | {L} | {split} | {stages} {tile or 'table'} | failed: {type(e).__name__}: {str(e)[:80]} |")
                     continue
                 finally:
                     kv_mod._DECODE_STAGES_OVERRIDE = None
+                    kv_mod._DECODE_TILE_OVERRIDE = None
                 if split == 2048 and ref is None:
                     ref = out
                 same = torch.equal(out, ref) if split == 2048 else "n/a (other split)"
                 gbs = kv_bytes / (ms * 1e-3) / 1e9
-                print(f"| {B} | {L} | {split} | {stages} | {ms:.4f} | {gbs:.0f} | {gbs / copy:.0%} | {fl:.4f} "
+                print(f"| {B} | {L} | {split} | {stages} {tile or 'table'} | {ms:.4f} | {gbs:.0f} | {gbs / copy:.0%} | {fl:.4f} "
                       f"| {fl / ms:.2f}x | {same} |", flush=True)
         del kc, vc, q, qt, kt, vt
         torch.cuda.empty_cache()

@@ -49,6 +49,11 @@ class AttentionConfig:
     tma: bool = False
     #: Pipeline depth of the split-KV decode kernel (0: ``num_stages``); launch-only.
     decode_num_stages: int = 0
+    #: Rows per tile and warps of the split-KV decode kernel (0: ``block_m`` / ``num_warps``).
+    #: A row's bits must equal the dense kernel's: checked on the device by
+    #: tests/test_attention_kvcache.py (decode = full forward) for every entry.
+    decode_block_m: int = 0
+    decode_num_warps: int = 0
 
     @property
     def decode_stages(self) -> int:
@@ -98,14 +103,18 @@ class MatmulConfig:
     chunk_blocks: int = 0   # > 0: float32 blocked summation over K (chunks of this many blocks)
 
 
+# Timed on an H200 next to cuBLAS (benchmarks/explore_matmul_configs.py, results in
+# benchmarks/results/2026-11-22-h200-matmul-explore/); every candidate gave the same bits.
+_SM90_16BIT_MM = [(32, MatmulConfig(16, 32, 64, 2, 8)), (128, MatmulConfig(64, 32, 64, 4, 6)),
+                  (384, MatmulConfig(64, 128, 64, 4, 5)), (768, MatmulConfig(128, 64, 64, 4, 4)),
+                  (None, MatmulConfig(256, 128, 64, 8, 3))]
+
 # (arch, dtype) -> [(largest M of the class, config), ...], smallest class first;
 # the last class has no upper bound (None).  Small M (decode) is memory-bound and
 # wants many narrow column tiles; large M wants big tiles for tensor-core reuse.
 _MATMUL = {
-    ("sm90", "bf16"): [(64, MatmulConfig(64, 32, 64, 4, 6)), (256, MatmulConfig(64, 128, 64, 4, 4)),
-                       (None, MatmulConfig(128, 256, 64, 8, 3))],
-    ("sm90", "fp16"): [(64, MatmulConfig(64, 32, 64, 4, 6)), (256, MatmulConfig(64, 128, 64, 4, 4)),
-                       (None, MatmulConfig(128, 256, 64, 8, 3))],
+    ("sm90", "bf16"): _SM90_16BIT_MM,
+    ("sm90", "fp16"): _SM90_16BIT_MM,
     ("sm90", "fp32"): [(None, MatmulConfig(64, 64, 32, 4, 2, 8, 4))],
     ("generic", "bf16"): [(None, MatmulConfig(64, 64, 32, 4, 2))],
     ("generic", "fp16"): [(None, MatmulConfig(64, 64, 32, 4, 2))],

@@ -24,6 +24,7 @@ from .validation import check_options, check_qkv, last_dim_contiguous, normalize
 
 #: Offline exploration only (benchmarks/explore_decode.py): force the decode pipeline depth.
 _DECODE_STAGES_OVERRIDE = None
+_DECODE_TILE_OVERRIDE = None   # (block_m, num_warps)
 
 
 def _check_int32_vector(name: str, t, length: int, device) -> torch.Tensor:
@@ -273,7 +274,9 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     # call can be captured in a CUDA graph); splits past a row's length do nothing and
     # the combine kernel merges only the splits that hold keys: no bits change.
     num_splits = max(triton.cdiv(capacity, split), 1)
-    num_m_tiles = triton.cdiv(max(Lq, 1) * (Hq // Hk), cfg.block_m)   # GQA heads packed as rows
+    dec_m, dec_w = _DECODE_TILE_OVERRIDE or (cfg.decode_block_m or cfg.block_m,
+                                             cfg.decode_num_warps or cfg.num_warps)
+    num_m_tiles = triton.cdiv(max(Lq, 1) * (Hq // Hk), dec_m)   # GQA heads packed as rows
     out = torch.empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     ws_acc = torch.empty((num_splits, B, Hq, Lq, HD), dtype=torch.float32, device=q.device)
@@ -293,12 +296,12 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         bt.stride(0) if block_table is not None else 0, max(page_size, 1), stride_alibi_b,
         Hq, Hq // Hk, B, Lq, D, num_m_tiles,
         qk_scale, softcap_scaled, max(left, 0), max(right, 0),
-        HEAD_DIM=HD, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_BLOCKS=split // cfg.block_n,
+        HEAD_DIM=HD, BLOCK_M=dec_m, BLOCK_N=cfg.block_n, SPLIT_BLOCKS=split // cfg.block_n,
         COMPUTE_DTYPE=compute_dtype(q.dtype), ROWWISE=interpreting(),
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
         PAGED=block_table is not None, HAS_BATCH_IDX=cache_batch_idx is not None,
-        num_warps=cfg.num_warps, num_stages=_DECODE_STAGES_OVERRIDE or cfg.decode_stages)
+        num_warps=dec_w, num_stages=_DECODE_STAGES_OVERRIDE or cfg.decode_stages)
     attention_split_combine_kernel[(triton.cdiv(max(Lq, 1), cfg.block_m), B * Hq)](
         ws_acc, ws_ml, out, lse, seqlens_k, out.stride(0), out.stride(1), out.stride(2),
         Hq, B, Lq, D, split, HEAD_DIM=HD, BLOCK_M=cfg.block_m, num_warps=cfg.num_warps)
