@@ -7,9 +7,20 @@ from . import _backend  # noqa: F401  (decides CUDA vs Triton's interpreter befo
 from .attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from . import ops
 from .batch_invariant import (disable_batch_invariant_mode, enable_batch_invariant_mode,
-                              is_batch_invariant_mode_enabled, set_batch_invariant_mode)
+                              is_batch_invariant_mode_enabled, register_batch_invariant_attention,
+                              set_batch_invariant_mode, unregister_batch_invariant_attention)
 from .mode import (DeterministicMode, get_deterministic_mode, set_deterministic,
                    set_deterministic_mode)
+
+
+
+def register_bitstable_attention(name: str = "bitstable") -> str:
+    """Register ``attn_implementation="bitstable"`` with Hugging Face transformers
+    (see :mod:`bitstable.integrations.transformers`)."""
+    from .integrations.transformers import register_bitstable_attention as _register
+
+    return _register(name)
+
 
 __version__ = "0.1.0"
 
@@ -25,6 +36,9 @@ __all__ = [
     "enable_batch_invariant_mode",
     "disable_batch_invariant_mode",
     "is_batch_invariant_mode_enabled",
+    "register_batch_invariant_attention",
+    "unregister_batch_invariant_attention",
+    "register_bitstable_attention",
     "ops",
     "__version__",
 ]

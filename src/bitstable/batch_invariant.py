@@ -241,3 +241,33 @@ def disable_batch_invariant_mode() -> None:
 def is_batch_invariant_mode_enabled() -> bool:
     """Whether the batch-invariant overrides are active here and now."""
     return _current()[0]
+
+
+_attention_lib: Optional[torch.library.Library] = None
+
+
+def register_batch_invariant_attention() -> None:
+    """Route ``torch.nn.functional.scaled_dot_product_attention`` to bitstable for the whole
+    process, whatever the batch-invariant mode (any model calling SDPA: transformers'
+    ``attn_implementation="sdpa"``, custom modules).  Without a mask it runs bitstable's
+    attention kernels (batch-invariant, deterministic backward); with a mask it runs
+    SDPA's math path, whose matmuls and softmax are batch-invariant only while
+    ``set_batch_invariant_mode`` is on.  Undo with :func:`unregister_batch_invariant_attention`."""
+    global _attention_lib
+    with _lock:
+        if _attention_lib is not None:
+            return
+        lib = torch.library.Library("aten", "IMPL")
+        key = _dispatch_key()
+        lib.impl("scaled_dot_product_attention", _sdpa, key)
+        lib.impl("scaled_dot_product_attention", _sdpa, "Autograd" + key)
+        _attention_lib = lib
+
+
+def unregister_batch_invariant_attention() -> None:
+    """Give ``scaled_dot_product_attention`` back to PyTorch (the mode's own override stays)."""
+    global _attention_lib
+    with _lock:
+        if _attention_lib is not None:
+            _attention_lib._destroy()
+            _attention_lib = None

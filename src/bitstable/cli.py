@@ -1,4 +1,5 @@
-"""Command line: ``bitstable verify`` and ``bitstable bench`` (also ``python -m bitstable``)."""
+"""Command line: ``bitstable verify``, ``bench``, ``demo`` and ``attention-experiment``
+(also ``python -m bitstable``)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,24 @@ def main(argv=None) -> int:
                    help="ops pass: a matmul shape (repeatable); default: decode, prefill and MLP shapes")
     b.add_argument("--row-shape", type=_ints(2, "ROWS,COLS"), action="append", metavar="ROWS,COLS",
                    help="ops pass: a softmax/norm shape (repeatable); default: LLM hidden sizes, a vocabulary")
+    d = sub.add_parser("demo", help="deterministic generation end to end: unique completions, "
+                                     "training = sampling, throughput (stock vs bitstable)")
+    d.add_argument("--n", type=int, default=None, help="copies of the prompt (default 1000 on GPU, 8 on CPU)")
+    d.add_argument("--new-tokens", type=int, default=None, help="tokens per completion (64 GPU / 6 CPU)")
+    d.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (32 GPU / 5 CPU)")
+    d.add_argument("--max-batch", type=int, default=None, help="largest running batch (64 GPU / 8 CPU)")
+    d.add_argument("--size", choices=["tiny", "1b"], default=None, help="random-weight model size")
+    d.add_argument("--model-path", default=None, help="a local transformers checkpoint instead")
+    d.add_argument("--implementation", choices=["stock", "bitstable", "both"], default="both")
+    d.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    e = sub.add_parser("attention-experiment",
+                       help="one sequence's attention output in batches of random others: unique outputs per batch size")
+    e.add_argument("--implementation", choices=["standard", "bitstable", "both"], default="both")
+    e.add_argument("--seq-len", type=int, default=None)
+    e.add_argument("--num-heads", type=int, default=16)
+    e.add_argument("--head-dim", type=int, default=64)
+    e.add_argument("--num-iterations", type=int, default=10)
+    e.add_argument("--batch-size", default=None, help="comma list of batch sizes")
     args = ap.parse_args(argv)
 
     import bitstable  # noqa: F401  (decides GPU vs interpreter before triton loads)
@@ -51,6 +70,33 @@ def main(argv=None) -> int:
         from .verify import run_verify
 
         return run_verify(args.json)
+    from . import _backend
+
+    gpu = not _backend.interpreting()
+    if args.cmd == "demo":
+        import json
+
+        from .demo import run_demo
+
+        impls = ("stock", "bitstable") if args.implementation == "both" else (args.implementation,)
+        res = run_demo(n=args.n or (1000 if gpu else 8), new_tokens=args.new_tokens or (64 if gpu else 6),
+                       prompt_len=args.prompt_len or (32 if gpu else 5), max_batch=args.max_batch or (64 if gpu else 8),
+                       size=args.size or ("1b" if gpu else "tiny"), model_path=args.model_path,
+                       implementations=impls)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(device=_backend.describe(), results=res), f, indent=2)
+        ok = "bitstable" not in res or (res["bitstable"]["unique"] == 1
+                                         and res["bitstable"]["logprobs_equal"] == res["bitstable"]["sequences"])
+        return 0 if ok else 1
+    if args.cmd == "attention-experiment":
+        from .demo import attention_experiment
+
+        sizes = [int(x) for x in (args.batch_size or ("1,2,4,8,16,32" if gpu else "1,2,3")).split(",")]
+        res = attention_experiment(args.implementation, seq_len=args.seq_len or (4096 if gpu else 40),
+                                   num_heads=args.num_heads if gpu else min(args.num_heads, 2),
+                                   head_dim=args.head_dim, num_iterations=args.num_iterations, batch_sizes=sizes)
+        return 0 if all(v == 1 for v in res.get("bitstable", {}).values()) else 1
     from .bench import DEFAULT_SHAPES, run_bench
 
     passes = [p for p in args.passes.split(",") if p]

@@ -1,0 +1,79 @@
+"""transformers integration, the generation loop and the demo (tiny random-weight Llama)."""
+
+import random
+
+import pytest
+import torch
+
+import bitstable
+
+transformers = pytest.importorskip("transformers")
+
+from bitstable.demo import attention_experiment, build_model, run_demo  # noqa: E402
+from bitstable.generate import Engine, Request, recompute_logprobs  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_model("tiny", seed=0)
+
+
+def test_hf_cache_decode_equals_the_full_forward(tiny):
+    """attn_implementation="bitstable" with transformers' own DynamicCache: logits of a
+    token-by-token decode equal one full-sequence forward's, bitwise (batch-invariant mode on)."""
+    ids = torch.tensor([[5, 17, 3, 42, 8, 60, 1]], device=next(tiny.parameters()).device)
+    with torch.inference_mode(), bitstable.set_batch_invariant_mode():
+        full = tiny(input_ids=ids, use_cache=False).logits[0]
+        out = tiny(input_ids=ids[:, :3], use_cache=True)
+        steps, past = [out.logits[0]], out.past_key_values
+        for t in range(3, ids.shape[1]):
+            out = tiny(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
+            steps.append(out.logits[0])
+            past = out.past_key_values
+    assert torch.equal(torch.cat(steps), full)
+
+
+def test_engine_is_batch_invariant_and_training_equals_sampling(tiny):
+    """The same requests generated with batch caps of 1 and of 4 (other requests around,
+    shuffled rows) give identical tokens and log-probabilities, which one full forward
+    reproduces bitwise."""
+    reqs = [Request(0, [3, 9, 27], 4), Request(1, [1, 2], 3, temperature=1.0, seed=11),
+            Request(2, [50, 40, 30, 20, 10], 4, temperature=0.7, seed=5)]
+    alone = Engine(tiny, max_batch=4, capacity=12).run(reqs, lambda: 1)
+    rng = random.Random(0)
+    mixed = Engine(tiny, max_batch=4, capacity=12).run(reqs, lambda: rng.randint(1, 4), order=rng)
+    for r in reqs:
+        assert alone[r.id].tokens == mixed[r.id].tokens
+        assert torch.equal(alone[r.id].logprob_tensor(), mixed[r.id].logprob_tensor())
+        assert torch.equal(recompute_logprobs(tiny, mixed[r.id]), mixed[r.id].logprob_tensor())
+    with pytest.raises(ValueError, match="exceed the cache capacity"):
+        Engine(tiny, max_batch=2, capacity=4).run([Request(9, [1, 2, 3], 5)], lambda: 1)
+
+
+def test_demo_counts_one_unique_completion_and_equal_logprobs(capsys):
+    res = run_demo(n=4, new_tokens=4, prompt_len=4, max_batch=4, implementations=("stock", "bitstable"))
+    b = res["bitstable"]
+    assert b["unique"] == 1 and b["completions"] == 4
+    assert b["logprobs_equal"] == b["sequences"] == 8
+    assert res["stock"]["completions"] == 4 and res["stock"]["tokens_per_s"] > 0
+    out = capsys.readouterr().out
+    assert "| bitstable | 1 of 4 | 8 of 8 |" in out and "generate [" in out
+
+
+def test_attention_experiment_reports_one_output_per_batch_size_for_bitstable():
+    res = attention_experiment("bitstable", seq_len=24, num_heads=2, head_dim=16, num_iterations=3,
+                               batch_sizes=(1, 3))
+    assert res["bitstable"] == {1: 1, 3: 1, "all": 1}
+
+
+def test_register_batch_invariant_attention_routes_sdpa():
+    device = bitstable._backend.kernel_device_type()
+    q, k, v = (torch.randn(3, 2, 20, 16, dtype=torch.float16).to(device) for _ in range(3))
+    bitstable.register_batch_invariant_attention()
+    try:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        alone = torch.nn.functional.scaled_dot_product_attention(q[1:2], k[1:2], v[1:2], is_causal=True)
+    finally:
+        bitstable.unregister_batch_invariant_attention()
+    ref = bitstable.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+    assert torch.equal(out, ref.transpose(1, 2)) and torch.equal(alone, out[1:2])
