@@ -190,6 +190,8 @@ def bench_decode(batches: Sequence[int] = DECODE_BATCHES, lengths: Sequence[int]
         vc = torch.randn(B, L, heads_kv, head_dim, device=device, dtype=dtype, generator=g)
         q = torch.randn(B, 1, heads_q, head_dim, device=device, dtype=dtype, generator=g)
         lens = torch.full((B,), L, dtype=torch.int32, device=device)
+        if not _backend.interpreting():
+            torch.cuda.synchronize()   # the timers run on a side stream: inputs must be ready
 
         def ours():
             return flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True)

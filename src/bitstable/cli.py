@@ -78,14 +78,16 @@ def main(argv=None) -> int:
 
         from .demo import run_demo
 
-        impls = ("stock", "bitstable") if args.implementation == "both" else (args.implementation,)
+        impls = ("bitstable", "stock") if args.implementation == "both" else (args.implementation,)
+
+        def save(res):
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(dict(device=_backend.describe(), results=res), f, indent=2)
         res = run_demo(n=args.n or (1000 if gpu else 8), new_tokens=args.new_tokens or (64 if gpu else 6),
                        prompt_len=args.prompt_len or (32 if gpu else 5), max_batch=args.max_batch or (64 if gpu else 8),
                        size=args.size or ("1b" if gpu else "tiny"), model_path=args.model_path,
-                       implementations=impls)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(dict(device=_backend.describe(), results=res), f, indent=2)
+                       implementations=impls, on_result=save)
         ok = "bitstable" not in res or (res["bitstable"]["unique"] == 1
                                          and res["bitstable"]["logprobs_equal"] == res["bitstable"]["sequences"])
         return 0 if ok else 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -55,7 +55,7 @@ def _workload(n: int, new_tokens: int, prompt_len: int, vocab: int, seed: int) -
     rng = random.Random(seed)
     target = [rng.randrange(vocab) for _ in range(prompt_len)]
     reqs = [Request(i, list(target), new_tokens, temperature=0.0) for i in range(n)]
-    for j in range(n):   # other traffic: random prompts, lengths and seeded sampling
+    for j in range(max(n // 2, 1)):   # other traffic: random prompts, lengths and seeded sampling
         reqs.append(Request(n + j, [rng.randrange(vocab) for _ in range(rng.randint(1, 2 * prompt_len))],
                             rng.randint(1, new_tokens), temperature=1.0, seed=rng.randrange(2**31)))
     rng.shuffle(reqs)
@@ -80,7 +80,7 @@ class _Progress:
 
 def run_demo(n: int = 8, new_tokens: int = 6, prompt_len: int = 5, max_batch: int = 8, size: str = "tiny",
              model_path: Optional[str] = None, implementations=("stock", "bitstable"), seed: int = 0,
-             stream=None) -> Dict[str, Dict]:
+             stream=None, on_result: Optional[Callable[[Dict[str, Dict]], None]] = None) -> Dict[str, Dict]:
     """Run the three experiments; print a result table; return the numbers per implementation."""
     stream = stream or sys.stdout
     model = build_model(size, model_path, seed=seed)
@@ -91,7 +91,7 @@ def run_demo(n: int = 8, new_tokens: int = 6, prompt_len: int = 5, max_batch: in
     params = sum(p.numel() for p in model.parameters())
     print(f"bitstable demo on {_backend.describe()}: {params / 1e6:.1f}M-parameter Llama "
           f"({'checkpoint ' + model_path if model_path else 'random weights, seed ' + str(seed)}), "
-          f"{n} copies of one prompt + {n} other requests, {new_tokens} new tokens, batches of 1..{max_batch}",
+          f"{n} copies of one prompt + {max(n // 2, 1)} other requests, {new_tokens} new tokens, batches of 1..{max_batch}",
           file=stream, flush=True)
     results = {}
     for impl in implementations:
@@ -118,6 +118,9 @@ def run_demo(n: int = 8, new_tokens: int = 6, prompt_len: int = 5, max_batch: in
         results[impl] = dict(unique=len(set(targets)), completions=len(targets), seconds=secs,
                              tokens=total, tokens_per_s=total / secs, logprobs_equal=equal,
                              sequences=len(done))
+        print(f"  {impl}: {results[impl]}", file=stream, flush=True)
+        if on_result:
+            on_result(results)
     _print(results, stream)
     return results
 
