@@ -77,3 +77,25 @@ def test_register_batch_invariant_attention_routes_sdpa():
         bitstable.unregister_batch_invariant_attention()
     ref = bitstable.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
     assert torch.equal(out, ref.transpose(1, 2)) and torch.equal(alone, out[1:2])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_gives_each_sequence_its_bits_alone(tiny, side):
+    """transformers pads a batch and passes a padding mask: each sequence's logits (valid
+    positions) equal the sequence run alone, unpadded, bitwise."""
+    dev = next(tiny.parameters()).device
+    seqs = [[5, 17, 3, 42, 8, 60, 1], [9, 2, 33], [70, 71, 72, 73, 74]]
+    L = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), L, dtype=torch.long)
+    mask = torch.zeros(len(seqs), L, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(L - len(s), L) if side == "left" else slice(0, len(s))
+        ids[i, sl], mask[i, sl] = torch.tensor(s), 1
+    pos = (mask.cumsum(1) - 1).clamp_min(0)
+    with torch.inference_mode(), bitstable.set_batch_invariant_mode():
+        batch = tiny(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                     use_cache=False).logits
+        for i, s in enumerate(seqs):
+            alone = tiny(input_ids=torch.tensor([s], device=dev), use_cache=False).logits[0]
+            sl = slice(L - len(s), L) if side == "left" else slice(0, len(s))
+            assert torch.equal(batch[i, sl], alone), f"sequence {i} differs padded ({side}) vs alone"
