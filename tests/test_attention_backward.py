@@ -158,3 +158,23 @@ def test_cuda_graph_captures_forward_and_backward():
     assert torch.equal(static_out, eager_out)
     for a, t in zip(eager, (q, k, v)):
         assert torch.equal(t.grad, a)
+
+
+@pytest.mark.parametrize("dtype,sizes,kw", [p for p in params(CPU_BWD, GPU_BWD)
+                                            if p.values[0] != torch.float32])
+def test_skipping_masks_on_fully_visible_tiles_changes_no_bits(dtype, sizes, kw, device):
+    """The backward's loop over fully visible tiles without mask work (launch option
+    ``skip_full_masks``) gives the same (dq, dk, dv) bits as masking every tile."""
+    from bitstable.attention import backward as bwd
+
+    q, k, v, kw = make_inputs(sizes, kw, dtype, device, seed=5)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).to(dtype).to(device)
+    got = {}
+    for skip in (False, True):
+        bwd._SKIP_OVERRIDE = skip
+        try:
+            got[skip] = _grads(_bitstable, q, k, v, dout, **kw)
+        finally:
+            bwd._SKIP_OVERRIDE = None
+    for name, a, b in zip("q k v".split(), got[False], got[True]):
+        assert torch.equal(a, b), f"d{name} differs with skipped masks"

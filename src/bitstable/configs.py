@@ -78,6 +78,8 @@ class BackwardConfig:
     dq_block_n: int = 0
     dq_num_warps: int = 0
     dq_num_stages: int = 0
+    #: Loop over fully visible tiles without mask work (launch-only: same bits, tested).
+    skip_full_masks: bool = False
 
     def dq_tiles(self):
         """(block_m, block_n, num_warps, num_stages) of the dq kernel."""
@@ -105,7 +107,7 @@ class MatmulConfig:
 
 # Timed on an H200 next to cuBLAS (benchmarks/explore_matmul_configs.py, results in
 # benchmarks/results/2026-11-22-h200-matmul-explore/); every candidate gave the same bits.
-_SM90_16BIT_MM = [(32, MatmulConfig(16, 32, 64, 2, 8)), (128, MatmulConfig(64, 32, 64, 4, 6)),
+_SM90_16BIT_MM = [(4, MatmulConfig(16, 64, 64, 4, 8)), (32, MatmulConfig(16, 32, 64, 2, 8)), (128, MatmulConfig(64, 32, 64, 4, 6)),
                   (384, MatmulConfig(64, 128, 64, 4, 5)), (768, MatmulConfig(128, 64, 64, 4, 4)),
                   (None, MatmulConfig(256, 128, 64, 8, 3))]
 
@@ -198,9 +200,11 @@ _TABLE = {
     ("interpreter", "fp32"): _INTERPRETER,
 }
 
-_BWD_SM90_16BIT = {16: BackwardConfig(64, 64, 4, 2), 32: BackwardConfig(64, 64, 4, 2),
-                   64: BackwardConfig(64, 64, 4, 2), 128: BackwardConfig(64, 64, 4, 2),
-                   256: BackwardConfig(32, 32, 4, 1)}
+_BWD_SM90_16BIT = {16: BackwardConfig(64, 64, 4, 2, skip_full_masks=True),
+                   32: BackwardConfig(64, 64, 4, 2, skip_full_masks=True),
+                   64: BackwardConfig(64, 64, 4, 2, skip_full_masks=True),
+                   128: BackwardConfig(64, 64, 4, 2, skip_full_masks=True),
+                   256: BackwardConfig(32, 32, 4, 1, skip_full_masks=True)}
 _BWD_FP32 = {d: BackwardConfig(32, 16, 4, 1) for d in (16, 32, 64, 128)}
 _BWD_FP32[256] = BackwardConfig(16, 16, 4, 1)
 _BWD_INTERPRETER = {d: BackwardConfig(16, 16, 4, 1) for d in (16, 32, 64, 128, 256)}

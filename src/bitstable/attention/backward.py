@@ -24,6 +24,7 @@ from .validation import last_dim_contiguous
 
 #: Offline exploration only (benchmarks/explore_bwd_configs.py): force one config.
 _CONFIG_OVERRIDE = None
+_SKIP_OVERRIDE = None
 
 
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -72,7 +73,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     alibi, stride_alibi_b = alibi_args(alibi_slopes, lse)
     common = dict(COMPUTE_DTYPE=compute_dtype(q.dtype), ROWWISE=interpreting(),
                   HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-                  HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0)
+                  HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+                  SKIP_FULL_MASKS=cfg.skip_full_masks if _SKIP_OVERRIDE is None else _SKIP_OVERRIDE)
     scalars = (qk_scale, softcap_scaled, softmax_scale, max(window_left, 0), max(window_right, 0))
 
     pre_b, pre_l = (1, total_q) if varlen else (B, Lq)   # every packed row at once

@@ -58,8 +58,11 @@ def _probs_and_dscore(q, k, v, do, lse2, delta, pos_q, pos_k, seqlen_k,
                       qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
                       grad_scale, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
                       HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr = True):
     """For a [M, N] tile: probabilities ``p`` and ``ds`` = dLoss/d(raw q.k score).
+
+    ``MASKED=False`` for tiles every (row, key) pair of which is visible: the mask is
+    skipped; the arithmetic of every element is the same as on the masked path.
 
     ``lse2`` [M] is the forward's log-sum-exp in base 2; ``delta`` [M] the
     preprocess term; ``grad_scale`` is ``softmax_scale`` (the raw score's
@@ -68,8 +71,9 @@ def _probs_and_dscore(q, k, v, do, lse2, delta, pos_q, pos_k, seqlen_k,
     s = tile_dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], tl.float32), ROWWISE)
     x, scale = score_transform(s, pos_q, pos_k, qk_scale, softcap_scaled, alibi_slope_log2,
                                HAS_SOFTCAP, HAS_ALIBI)
-    vis = visibility_mask(pos_q, pos_k, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-    x = tl.where(vis, x, float("-inf"))
+    if MASKED:
+        vis = visibility_mask(pos_q, pos_k, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        x = tl.where(vis, x, float("-inf"))
     p = tl.math.exp2(x * scale - lse2[:, None])
     dp = tile_dot(do, tl.trans(v), tl.zeros([q.shape[0], k.shape[0]], tl.float32), ROWWISE)
     ds = p * (dp - delta[:, None])
@@ -78,6 +82,31 @@ def _probs_and_dscore(q, k, v, do, lse2, delta, pos_q, pos_k, seqlen_k,
         ds = ds * (1.0 - t * t)
     ds = ds * grad_scale
     return p, ds
+
+
+@triton.jit
+def _dkdv_block(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, mb, offs_m0, offs_d, d_ok, offs_n,
+                seqlen_q, seqlen_k, offset, stride_qm, stride_dom,
+                qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right, grad_scale,
+                BLOCK_M: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
+                HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr):
+    """Fold query block ``mb`` of one head into this key block's dk, dv."""
+    offs_m = mb * BLOCK_M + offs_m0
+    m_ok = offs_m < seqlen_q
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok, other=0.0).to(COMPUTE_DTYPE)
+    do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :],
+                 mask=m_ok[:, None] & d_ok, other=0.0).to(COMPUTE_DTYPE)
+    lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+    p, ds = _probs_and_dscore(q, k, v, do, lse2, delta, offs_m + offset, offs_n, seqlen_k,
+                              qk_scale, softcap_scaled, alibi_slope_log2, window_left,
+                              window_right, grad_scale, COMPUTE_DTYPE, ROWWISE,
+                              HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, MASKED)
+    dv = tile_dot(tl.trans(p.to(COMPUTE_DTYPE)), do, dv, ROWWISE)
+    dk = tile_dot(tl.trans(ds.to(COMPUTE_DTYPE)), q, dk, ROWWISE)
+    return dk, dv
 
 
 @triton.jit
@@ -96,7 +125,7 @@ def attention_bwd_dkdv_kernel(
     COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, VARLEN: tl.constexpr = False,
-    PER_HEAD_SUMS: tl.constexpr = False,
+    PER_HEAD_SUMS: tl.constexpr = False, SKIP_FULL_MASKS: tl.constexpr = False,
 ):
     """Grid: (cdiv(Lk, BLOCK_N), B * Hkv); varlen: (cdiv(max_seqlen_k, BLOCK_N), num_seqs * Hkv)
     over packed [total, H, D] tensors (lse/delta [Hq, total_q]).
@@ -147,6 +176,18 @@ def attention_bwd_dkdv_kernel(
     m_hi = tl.cdiv(tl.maximum(row_hi, 0), BLOCK_M)
     if VARLEN:  # a key block past this sequence's last key does nothing
         m_hi = tl.where(pid_n * BLOCK_N >= seqlen_k, m_lo, m_hi)
+    # Query blocks whose every (row, key) pair with this key block is visible.
+    n0 = pid_n * BLOCK_N
+    full_lo = m_lo
+    full_hi = m_hi
+    if HAS_RIGHT:    # key n0+BN-1 <= row position + window_right for the block's first row
+        full_lo = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - offset - window_right, 0), BLOCK_M)
+    if HAS_LEFT:     # key n0 >= row position - window_left for the block's last row
+        t = n0 + window_left - offset - BLOCK_M + 1
+        full_hi = tl.where(t >= 0, t // BLOCK_M + 1, 0)
+    full_hi = tl.where(n0 + BLOCK_N <= seqlen_k, full_hi, 0)    # keys past the end need the mask
+    full_lo = tl.minimum(tl.maximum(full_lo, m_lo), m_hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, m_hi), full_lo)
 
     for g in range(0, group_size):
         h = h_kv * group_size + g
@@ -167,21 +208,34 @@ def attention_bwd_dkdv_kernel(
         else:
             dk_h = dk
             dv_h = dv
-        for mb in range(m_lo, m_hi):
-            offs_m = mb * BLOCK_M + offs_m0
-            m_ok = offs_m < seqlen_q
-            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
-                        mask=m_ok[:, None] & d_ok, other=0.0).to(COMPUTE_DTYPE)
-            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :],
-                         mask=m_ok[:, None] & d_ok, other=0.0).to(COMPUTE_DTYPE)
-            lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-            p, ds = _probs_and_dscore(q, k, v, do, lse2, delta, offs_m + offset, offs_n, seqlen_k,
-                                      qk_scale, softcap_scaled, alibi_slope_log2, window_left,
-                                      window_right, grad_scale, COMPUTE_DTYPE, ROWWISE,
-                                      HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
-            dv_h = tile_dot(tl.trans(p.to(COMPUTE_DTYPE)), do, dv_h, ROWWISE)
-            dk_h = tile_dot(tl.trans(ds.to(COMPUTE_DTYPE)), q, dk_h, ROWWISE)
+        if SKIP_FULL_MASKS:
+            # Query blocks in ascending order: masked ones at the edges of the visible band,
+            # fully visible ones (no mask work, the same arithmetic) in between.
+            for mb in range(m_lo, full_lo):
+                dk_h, dv_h = _dkdv_block(dk_h, dv_h, k, v, q_base, do_base, LSE, DELTA, row_base, mb, offs_m0,
+                                         offs_d, d_ok, offs_n, seqlen_q, seqlen_k, offset, stride_qm, stride_dom,
+                                         qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+                                         grad_scale, BLOCK_M, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
+                                         HAS_LEFT, HAS_RIGHT, True)
+            for mb in range(full_lo, full_hi):
+                dk_h, dv_h = _dkdv_block(dk_h, dv_h, k, v, q_base, do_base, LSE, DELTA, row_base, mb, offs_m0,
+                                         offs_d, d_ok, offs_n, seqlen_q, seqlen_k, offset, stride_qm, stride_dom,
+                                         qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+                                         grad_scale, BLOCK_M, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
+                                         HAS_LEFT, HAS_RIGHT, False)
+            for mb in range(full_hi, m_hi):
+                dk_h, dv_h = _dkdv_block(dk_h, dv_h, k, v, q_base, do_base, LSE, DELTA, row_base, mb, offs_m0,
+                                         offs_d, d_ok, offs_n, seqlen_q, seqlen_k, offset, stride_qm, stride_dom,
+                                         qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+                                         grad_scale, BLOCK_M, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
+                                         HAS_LEFT, HAS_RIGHT, True)
+        else:
+            for mb in range(m_lo, m_hi):
+                dk_h, dv_h = _dkdv_block(dk_h, dv_h, k, v, q_base, do_base, LSE, DELTA, row_base, mb, offs_m0,
+                                         offs_d, d_ok, offs_n, seqlen_q, seqlen_k, offset, stride_qm,
+                                         stride_dom, qk_scale, softcap_scaled, alibi_slope_log2, window_left,
+                                         window_right, grad_scale, BLOCK_M, COMPUTE_DTYPE, ROWWISE,
+                                         HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, True)
         if PER_HEAD_SUMS:
             dk += dk_h
             dv += dv_h
@@ -193,6 +247,24 @@ def attention_bwd_dkdv_kernel(
              mask=n_ok)
     tl.store(DV + dv_off + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
              mask=n_ok)
+
+
+@triton.jit
+def _dq_block(dq, q, do, lse2, delta, k_base, v_base, nb, offs_n0, offs_d, d_ok, offs_m, offset, seqlen_k,
+              stride_kn, stride_vn, qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+              grad_scale, BLOCK_N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
+              HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr):
+    """Fold key block ``nb`` into this query block's dq."""
+    offs_n = nb * BLOCK_N + offs_n0
+    n_ok = (offs_n < seqlen_k)[:, None] & d_ok
+    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok, other=0.0).to(COMPUTE_DTYPE)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_ok, other=0.0).to(COMPUTE_DTYPE)
+    p, ds = _probs_and_dscore(q, k, v, do, lse2, delta, offs_m + offset, offs_n, seqlen_k,
+                              qk_scale, softcap_scaled, alibi_slope_log2, window_left,
+                              window_right, grad_scale, COMPUTE_DTYPE, ROWWISE,
+                              HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, MASKED)
+    return tile_dot(ds.to(COMPUTE_DTYPE), k, dq, ROWWISE)
 
 
 @triton.jit
@@ -210,6 +282,7 @@ def attention_bwd_dq_kernel(
     COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, VARLEN: tl.constexpr = False,
+    SKIP_FULL_MASKS: tl.constexpr = False,
 ):
     """Grid: (cdiv(Lq, BLOCK_M), B * Hq); varlen: (cdiv(max_seqlen_q, BLOCK_M), num_seqs * Hq)."""
     pid_m = tl.program_id(0)
@@ -267,15 +340,40 @@ def attention_bwd_dq_kernel(
     k_base = K + k_off
     v_base = V + v_off
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for nb in range(key_lo // BLOCK_N, tl.cdiv(key_hi, BLOCK_N)):
-        offs_n = nb * BLOCK_N + offs_n0
-        n_ok = (offs_n < seqlen_k)[:, None] & d_ok
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok, other=0.0).to(COMPUTE_DTYPE)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_ok, other=0.0).to(COMPUTE_DTYPE)
-        p, ds = _probs_and_dscore(q, k, v, do, lse2, delta, offs_m + offset, offs_n, seqlen_k,
-                                  qk_scale, softcap_scaled, alibi_slope_log2, window_left,
-                                  window_right, grad_scale, COMPUTE_DTYPE, ROWWISE,
-                                  HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
-        dq = tile_dot(ds.to(COMPUTE_DTYPE), k, dq, ROWWISE)
+    n_lo = key_lo // BLOCK_N
+    n_hi = tl.cdiv(key_hi, BLOCK_N)
+    # Key blocks whose every (row, key) pair with this query block is visible.
+    m0 = pid_m * BLOCK_M
+    full_lo = n_lo
+    full_hi = seqlen_k // BLOCK_N                  # blocks wholly inside the keys
+    if HAS_LEFT:     # first key >= position of the block's last row - window_left
+        full_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M - 1 + offset - window_left, 0), BLOCK_N)
+    if HAS_RIGHT:    # last key <= position of the block's first row + window_right
+        t = m0 + offset + window_right + 1
+        full_hi = tl.minimum(full_hi, tl.where(t >= 0, t // BLOCK_N, 0))
+    full_lo = tl.minimum(tl.maximum(full_lo, n_lo), n_hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, n_hi), full_lo)
+    if SKIP_FULL_MASKS:
+        for nb in range(n_lo, full_lo):
+            dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, nb, offs_n0, offs_d, d_ok, offs_m, offset,
+                           seqlen_k, stride_kn, stride_vn, qk_scale, softcap_scaled, alibi_slope_log2,
+                           window_left, window_right, grad_scale, BLOCK_N, COMPUTE_DTYPE, ROWWISE,
+                           HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, True)
+        for nb in range(full_lo, full_hi):
+            dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, nb, offs_n0, offs_d, d_ok, offs_m, offset,
+                           seqlen_k, stride_kn, stride_vn, qk_scale, softcap_scaled, alibi_slope_log2,
+                           window_left, window_right, grad_scale, BLOCK_N, COMPUTE_DTYPE, ROWWISE,
+                           HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, False)
+        for nb in range(full_hi, n_hi):
+            dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, nb, offs_n0, offs_d, d_ok, offs_m, offset,
+                           seqlen_k, stride_kn, stride_vn, qk_scale, softcap_scaled, alibi_slope_log2,
+                           window_left, window_right, grad_scale, BLOCK_N, COMPUTE_DTYPE, ROWWISE,
+                           HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, True)
+    else:
+        for nb in range(n_lo, n_hi):
+            dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, nb, offs_n0, offs_d, d_ok, offs_m, offset,
+                           seqlen_k, stride_kn, stride_vn, qk_scale, softcap_scaled, alibi_slope_log2,
+                           window_left, window_right, grad_scale, BLOCK_N, COMPUTE_DTYPE, ROWWISE,
+                           HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, True)
     tl.store(DQ + dq_off + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=m_ok[:, None] & d_ok)
