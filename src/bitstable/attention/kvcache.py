@@ -270,10 +270,12 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     cfg = attention_config(arch_key(q.device), q.dtype, D)
     split = resolve_split_size(cfg.block_n, split_size)
     HD = padded_head_dim(D)
-    # Splits are launched for the cache's capacity (no host read of the lengths, so the
-    # call can be captured in a CUDA graph); splits past a row's length do nothing and
-    # the combine kernel merges only the splits that hold keys: no bits change.
-    num_splits = max(triton.cdiv(capacity, split), 1)
+    # Splits launched: for the longest sequence when the lengths were read on the host,
+    # else (CUDA-graph capture) for the cache's capacity.  Splits past a row's length do
+    # nothing and the combine kernel merges only the splits that hold keys: the grid
+    # changes no bits, and the workspace stays sized by the keys actually cached.
+    longest = max(before, default=0) + n_new if before is not None else capacity
+    num_splits = max(triton.cdiv(max(longest, 1), split), 1)
     dec_m, dec_w = _DECODE_TILE_OVERRIDE or (cfg.decode_block_m or cfg.block_m,
                                              cfg.decode_num_warps or cfg.num_warps)
     num_m_tiles = triton.cdiv(max(Lq, 1) * (Hq // Hk), dec_m)   # GQA heads packed as rows
