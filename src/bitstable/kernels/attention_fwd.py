@@ -71,39 +71,6 @@ def _process_block(j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, kv_b, k
 
 
 @triton.jit
-def _process_ranges(r0, r1, r2, r3, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, b, h_kv, stride_kn,
-                    stride_vn, offs_n, offs_d, pos_q, seqlen_k, head_dim, qk_scale, softcap_scaled,
-                    alibi_slope_log2, window_left, window_right, MERGE_AT_SPLIT_END: tl.constexpr,
-                    EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                    SPLIT_BLOCKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
-                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
-                    HAS_RIGHT: tl.constexpr, USE_TMA: tl.constexpr):
-    """Key blocks [r0, r1) masked, [r1, r2) whole (no mask work), [r2, r3) masked, in order."""
-    for j in range(r0, r1):
-        m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-            j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, b, h_kv, stride_kn, stride_vn,
-            offs_n, offs_d, pos_q, seqlen_k, head_dim,
-            qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-            True, MERGE_AT_SPLIT_END, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, USE_TMA)
-    for j in range(r1, r2):
-        m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-            j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, b, h_kv, stride_kn, stride_vn,
-            offs_n, offs_d, pos_q, seqlen_k, head_dim,
-            qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-            False, MERGE_AT_SPLIT_END, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, USE_TMA)
-    for j in range(r2, r3):
-        m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-            j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, b, h_kv, stride_kn, stride_vn,
-            offs_n, offs_d, pos_q, seqlen_k, head_dim,
-            qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-            True, MERGE_AT_SPLIT_END, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, USE_TMA)
-    return m_s, l_s, acc_s, m_t, l_t, acc_t
-
-
-@triton.jit
 def attention_fwd_kernel(
     Q, K, V, O, LSE, ALIBI, CU_Q, CU_K,
     stride_qb, stride_qm, stride_qh,
@@ -208,22 +175,54 @@ def attention_fwd_kernel(
             hi = tl.minimum(blk_hi, sp * SPLIT_BLOCKS + SPLIT_BLOCKS)
             a = tl.minimum(tl.maximum(mid_lo, lo), hi)
             bb = tl.minimum(tl.maximum(mid_hi, a), hi)
-            m_s, l_s, acc_s, m_t, l_t, acc_t = _process_ranges(
-                lo, a, bb, hi, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, b, h_kv, stride_kn,
-                stride_vn, offs_n, offs_d, pos_q, seqlen_k, head_dim, qk_scale, softcap_scaled,
-                alibi_slope_log2, window_left, window_right, False, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS,
-                COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, USE_TMA)
+            for j in range(lo, a):
+                m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
+                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, b, h_kv, stride_kn, stride_vn,
+                    offs_n, offs_d, pos_q, seqlen_k, head_dim,
+                    qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+                    True, False, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
+                    HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, USE_TMA)
+            for j in range(a, bb):
+                m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
+                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, b, h_kv, stride_kn, stride_vn,
+                    offs_n, offs_d, pos_q, seqlen_k, head_dim,
+                    qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+                    False, False, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
+                    HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, USE_TMA)
+            for j in range(bb, hi):
+                m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
+                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, b, h_kv, stride_kn, stride_vn,
+                    offs_n, offs_d, pos_q, seqlen_k, head_dim,
+                    qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+                    True, False, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
+                    HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, USE_TMA)
             m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
             m_s = tl.zeros_like(m_s) + float("-inf")
             l_s = tl.zeros_like(l_s)
             acc_s = tl.zeros_like(acc_s)
     else:
         # Flat loops; the split merge is a branch taken at each split's last block.
-        m_s, l_s, acc_s, m_t, l_t, acc_t = _process_ranges(
-            blk_lo, mid_lo, mid_hi, blk_hi, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, b, h_kv,
-            stride_kn, stride_vn, offs_n, offs_d, pos_q, seqlen_k, head_dim, qk_scale, softcap_scaled,
-            alibi_slope_log2, window_left, window_right, True, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS,
-            COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, USE_TMA)
+        for j in range(blk_lo, mid_lo):
+            m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
+                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, b, h_kv, stride_kn, stride_vn,
+                offs_n, offs_d, pos_q, seqlen_k, head_dim,
+                qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+                True, True, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
+                HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, USE_TMA)
+        for j in range(mid_lo, mid_hi):
+            m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
+                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, b, h_kv, stride_kn, stride_vn,
+                offs_n, offs_d, pos_q, seqlen_k, head_dim,
+                qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+                False, True, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
+                HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, USE_TMA)
+        for j in range(mid_hi, blk_hi):
+            m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
+                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, b, h_kv, stride_kn, stride_vn,
+                offs_n, offs_d, pos_q, seqlen_k, head_dim,
+                qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+                True, True, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
+                HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, USE_TMA)
         # The last, possibly partial, split.  Merging an empty split is the identity.
         m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
 
