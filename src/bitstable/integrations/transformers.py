@@ -61,58 +61,66 @@ def kv_cache_context(ctx: Optional[KVCacheContext]):
         _local.ctx = prev
 
 
-def _padding_spans(mask: torch.Tensor, Lq: int, causal: bool):
+@dataclass
+class _PackPlan:
+    """How one padded batch packs into varlen form (built once per mask, shared by layers)."""
+
+    q_index: torch.Tensor      # [total_q] long: rows of the flattened [B * Lq] queries kept
+    k_index: torch.Tensor      # [total_k] long: rows of the flattened [B * Lk] keys kept
+    cu_q: torch.Tensor         # [B + 1] int32
+    cu_k: torch.Tensor         # [B + 1] int32
+    max_q: int
+    max_k: int
+
+
+def _pack_plan(mask: torch.Tensor, Lq: int, Lk: int, causal: bool) -> Optional[_PackPlan]:
     """If the 4-d bool ``mask`` [B, 1, Lq, Lk] is a padding mask (each row's valid keys one
-    contiguous span [start, end), queries aligned to the last Lq key positions, each valid
-    query seeing the span causally or fully), return the spans as host lists; else None.
-    Reads the mask on the host (one device sync)."""
-    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
-        return None
-    B, Lk = mask.shape[0], mask.shape[-1]
-    valid = mask[:, 0].any(dim=1)                                     # [B, Lk] keys anyone sees
-    pos = torch.arange(Lk, device=mask.device)
-    start = torch.where(valid, pos, Lk).amin(dim=1)
-    end = torch.where(valid, pos + 1, 0).amax(dim=1)
-    span = (pos[None] >= start[:, None]) & (pos[None] < end[:, None])
-    qpos = pos[Lk - Lq:]                                              # key position of each query
-    q_ok = (qpos[None] >= start[:, None]) & (qpos[None] < end[:, None])
-    see = span[:, None, :] & q_ok[:, :, None]
-    if causal:
-        see = see & (pos[None, None, :] <= qpos[None, :, None])
-    # Rows of padding queries are not checked (transformers lets them see the valid keys
-    # before them); their outputs are never used and come back as 0.
-    rows = q_ok[:, :, None].expand_as(see)
-    if not (torch.equal(valid, span) and torch.equal(mask[:, 0][rows], see[rows])):
-        return None
-    return start.tolist(), end.tolist()
+    contiguous span, queries aligned to the last Lq key positions, each valid query seeing
+    the span causally or fully), the varlen packing of its valid tokens; else None.
+    Reads the mask on the host once (one device sync); transformers passes the same mask
+    object to every layer of a forward, so the plan is computed once per forward."""
+    cached = getattr(_local, "plan", None)
+    if cached is not None and cached[0] is mask and cached[1] == (Lq, Lk, causal):
+        return cached[2]
+    plan, original = None, mask
+    if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[-1] >= Lk:
+        mask = mask[..., :Lk]
+        B = mask.shape[0]
+        valid = mask[:, 0].any(dim=1)                                 # [B, Lk] keys anyone sees
+        pos = torch.arange(Lk, device=mask.device)
+        start = torch.where(valid, pos, Lk).amin(dim=1)
+        end = torch.where(valid, pos + 1, 0).amax(dim=1)
+        span = (pos[None] >= start[:, None]) & (pos[None] < end[:, None])
+        qpos = pos[Lk - Lq:]                                          # key position of each query
+        q_ok = (qpos[None] >= start[:, None]) & (qpos[None] < end[:, None])
+        see = span[:, None, :] & q_ok[:, :, None]
+        if causal:
+            see = see & (pos[None, None, :] <= qpos[None, :, None])
+        # Rows of padding queries are not checked (transformers lets them see the valid keys
+        # before them); their outputs are never used and come back as 0.
+        rows = q_ok[:, :, None].expand_as(see)
+        if torch.equal(valid, span) and torch.equal(mask[:, 0][rows], see[rows]):
+            nq, nk = q_ok.sum(1), span.sum(1)
+            zero = torch.zeros(1, dtype=torch.int32, device=mask.device)
+            plan = _PackPlan(q_ok.reshape(-1).nonzero()[:, 0], span.reshape(-1).nonzero()[:, 0],
+                             torch.cat([zero, nq.cumsum(0).to(torch.int32)]),
+                             torch.cat([zero, nk.cumsum(0).to(torch.int32)]),
+                             max(int(nq.max()), 1), max(int(nk.max()), 1))
+    _local.plan = (original, (Lq, Lk, causal), plan)
+    return plan
 
 
-def _varlen_padded(query, key, value, spans, scaling, causal):
+def _varlen_padded(query, key, value, plan: _PackPlan, scaling, causal):
     """Pack each row's valid tokens, run flash_attn_varlen_func, unpack (pads get 0)."""
     B, Hq, Lq, D = query.shape
     Lk = key.shape[2]
-    starts, ends = spans
-    q_rows, k_rows, cu_q, cu_k = [], [], [0], [0]
-    for b in range(B):
-        q_lo = max(starts[b], Lk - Lq) - (Lk - Lq)
-        q_hi = max(ends[b] - (Lk - Lq), q_lo)
-        q_rows += [b * Lq + i for i in range(q_lo, q_hi)]
-        k_rows += [b * Lk + j for j in range(starts[b], ends[b])]
-        cu_q.append(len(q_rows))
-        cu_k.append(len(k_rows))
-    dev = query.device
-    qi, ki = torch.tensor(q_rows, device=dev, dtype=torch.long), torch.tensor(k_rows, device=dev, dtype=torch.long)
-    qp = query.transpose(1, 2).reshape(B * Lq, Hq, D).index_select(0, qi)
-    kp = key.transpose(1, 2).reshape(B * Lk, key.shape[1], D).index_select(0, ki)
-    vp = value.transpose(1, 2).reshape(B * Lk, value.shape[1], D).index_select(0, ki)
-    cq = torch.tensor(cu_q, dtype=torch.int32, device=dev)
-    ck = torch.tensor(cu_k, dtype=torch.int32, device=dev)
-    max_q = max((cu_q[i + 1] - cu_q[i] for i in range(B)), default=0)
-    max_k = max((cu_k[i + 1] - cu_k[i] for i in range(B)), default=0)
-    packed = flash_attn_varlen_func(qp, kp, vp, cq, ck, max(max_q, 1), max(max_k, 1),
+    qp = query.transpose(1, 2).reshape(B * Lq, Hq, D).index_select(0, plan.q_index)
+    kp = key.transpose(1, 2).reshape(B * Lk, key.shape[1], D).index_select(0, plan.k_index)
+    vp = value.transpose(1, 2).reshape(B * Lk, value.shape[1], D).index_select(0, plan.k_index)
+    packed = flash_attn_varlen_func(qp, kp, vp, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k,
                                     softmax_scale=scaling, causal=causal)
-    out = torch.zeros(B * Lq, Hq, D, dtype=query.dtype, device=dev)
-    out.index_copy_(0, qi, packed)
+    out = torch.zeros(B * Lq, Hq, D, dtype=query.dtype, device=query.device)
+    out.index_copy_(0, plan.q_index, packed)
     return out.reshape(B, Lq, Hq, D)
 
 
@@ -137,11 +145,11 @@ def bitstable_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
         out = flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                               softmax_scale=scaling, causal=causal)
         return out, None
+    plan = _pack_plan(attention_mask, query.shape[2], key.shape[2], causal)
+    if plan is not None:
+        return _varlen_padded(query, key, value, plan, scaling, causal), None
     if attention_mask.dim() == 4 and attention_mask.shape[-1] > key.shape[-2]:
         attention_mask = attention_mask[..., : key.shape[-2]]
-    spans = _padding_spans(attention_mask, query.shape[2], causal)
-    if spans is not None:
-        return _varlen_padded(query, key, value, spans, scaling, causal), None
     out = batch_invariant_sdpa(query, key, value, attn_mask=attention_mask, scale=scaling,
                                enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2), None
