@@ -146,8 +146,8 @@ class Engine:
                     order.shuffle(slots)
                 cached = [len(active[s].prompt) + len(active[s].tokens) - 1 for s in slots]
                 lps = self._forward([[active[s].tokens[-1]] for s in slots], slots, cached)
-                for row, s in enumerate(slots):
-                    self._take(active[s], reqs[s], lps[row], cached[row] + 1)
+                self._take_rows([active[s] for s in slots], [reqs[s] for s in slots], lps,
+                                [c + 1 for c in cached])
                 if on_token:
                     on_token(len(slots))
                 for s in slots:
@@ -159,6 +159,17 @@ class Engine:
         tok = sample(lp, r, position)
         c.tokens.append(tok)
         c.logprobs.append(lp[tok].clone())
+
+    @staticmethod
+    def _take_rows(cs: List[Completion], rs: List[Request], lps: torch.Tensor, positions: List[int]) -> None:
+        """:meth:`_take` for a decode batch: the greedy rows' tokens come from one argmax
+        over the batch and one host read (each row's argmax is its own: a reduction over V)."""
+        greedy = [i for i, r in enumerate(rs) if r.temperature == 0.0]
+        toks = dict(zip(greedy, torch.argmax(lps[greedy], dim=-1).tolist())) if greedy else {}
+        for i, (c, r) in enumerate(zip(cs, rs)):
+            tok = toks[i] if i in toks else sample(lps[i], r, positions[i])
+            c.tokens.append(tok)
+            c.logprobs.append(lps[i, tok].clone())
 
     @staticmethod
     def _retire(slot, active, reqs, free, done) -> None:
