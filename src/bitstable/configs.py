@@ -128,6 +128,11 @@ _MATMUL = {
                               (None, MatmulConfig(32, 16, 16, 4, 1, 2, 2))],
 }
 
+#: (rows per program, warps) of the split-KV combine kernel.  Launch-only: each row
+#: merges its own splits elementwise, so the tile changes no bits.  Small, because a
+#: decode step has one query row per head.
+DECODE_COMBINE_TILE = (8, 4)
+
 #: Chunk of the row-wise reductions (softmax, log-softmax, sum, mean).
 ROW_BLOCK = {"interpreter": 64, "sm90": 1024, "generic": 1024}
 

@@ -15,7 +15,7 @@ import triton
 
 from .. import _poison as poison
 from .._backend import interpreting
-from ..configs import arch_key, attention_config, padded_head_dim
+from ..configs import DECODE_COMBINE_TILE, arch_key, attention_config, padded_head_dim
 from ..kernels.attention_decode import attention_split_combine_kernel, attention_split_partial_kernel
 from ..mode import get_deterministic_mode
 from .launch import alibi_args, compute_dtype, resolve_split_size, score_scales
@@ -25,6 +25,7 @@ from .validation import check_options, check_qkv, last_dim_contiguous, normalize
 #: Offline exploration only (benchmarks/explore_decode.py): force the decode pipeline depth.
 _DECODE_STAGES_OVERRIDE = None
 _DECODE_TILE_OVERRIDE = None   # (block_m, num_warps)
+_DECODE_EVEN_D_OVERRIDE = None  # False: the masked-d loads (scalar, not pipelined) for comparison
 
 
 def _check_int32_vector(name: str, t, length: int, device) -> torch.Tensor:
@@ -303,8 +304,10 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
         PAGED=block_table is not None, HAS_BATCH_IDX=cache_batch_idx is not None,
+        EVEN_D=HD == D if _DECODE_EVEN_D_OVERRIDE is None else _DECODE_EVEN_D_OVERRIDE,
         num_warps=dec_w, num_stages=_DECODE_STAGES_OVERRIDE or cfg.decode_stages)
-    attention_split_combine_kernel[(triton.cdiv(max(Lq, 1), cfg.block_m), B * Hq)](
+    comb_m, comb_w = DECODE_COMBINE_TILE
+    attention_split_combine_kernel[(triton.cdiv(max(Lq, 1), comb_m), B * Hq)](
         ws_acc, ws_ml, out, lse, seqlens_k, out.stride(0), out.stride(1), out.stride(2),
-        Hq, B, Lq, D, split, HEAD_DIM=HD, BLOCK_M=cfg.block_m, num_warps=cfg.num_warps)
+        Hq, B, Lq, D, split, HEAD_DIM=HD, BLOCK_M=comb_m, num_warps=comb_w)
     return (out, lse) if return_softmax_lse else out

@@ -52,7 +52,7 @@ def attention_split_partial_kernel(
     SPLIT_BLOCKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
+    PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """Grid: (num_splits * num_m_tiles, B * Hkv).  One split of one tile of packed rows.
 
@@ -81,9 +81,10 @@ def attention_split_partial_kernel(
     row_ok = t < seqlen_q
     d_ok = offs_d < head_dim
     pos_q = t + (seqlen_k - seqlen_q)
+    q_ok = row_ok[:, None] if EVEN_D else row_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64)[:, None] * stride_qh
                 + t.to(tl.int64)[:, None] * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(COMPUTE_DTYPE)
+                mask=q_ok, other=0.0).to(COMPUTE_DTYPE)
     alibi_slope_log2 = 0.0
     if HAS_ALIBI:
         slope = tl.load(ALIBI + b * stride_alibi_b + h, mask=row_ok, other=0.0).to(tl.float32)
@@ -108,7 +109,12 @@ def attention_split_partial_kernel(
     m_s, l_s, acc_s = empty_state(BLOCK_M, HEAD_DIM)
     for j in range(lo, hi):
         pos_k = j * BLOCK_N + offs_n
-        ld = (pos_k < seqlen_k)[:, None] & d_ok[None, :]
+        # EVEN_D (head_dim == HEAD_DIM): a mask constant along d lets each row load in
+        # 16-byte vectors through the asynchronous copy pipeline (same values loaded).
+        if EVEN_D:
+            ld = (pos_k < seqlen_k)[:, None]
+        else:
+            ld = (pos_k < seqlen_k)[:, None] & d_ok[None, :]
         k_rows = _cache_rows(k_base, b_cache, pos_k, seqlen_k, BLOCK_TABLE, stride_bt_b, b,
                              page_size, stride_kp, stride_kn, PAGED)
         v_rows = _cache_rows(v_base, b_cache, pos_k, seqlen_k, BLOCK_TABLE, stride_bt_b, b,
@@ -129,6 +135,27 @@ def attention_split_partial_kernel(
 
 
 @triton.jit
+def _load_split_state(WS_ACC, WS_ML, split, num_splits, b, h, batch, num_heads_q, seqlen_q,
+                      offs_m, offs_d, row_ok, HEAD_DIM: tl.constexpr):
+    """Split ``split``'s state (m [M], l [M], acc [M, D]) of rows ``offs_m`` of head ``h``;
+    the empty state for a split at or past ``num_splits`` (nothing is read)."""
+    ok = row_ok & (split < num_splits)
+    row = ((split * batch + b) * num_heads_q + h).to(tl.int64) * seqlen_q + offs_m
+    acc = tl.load(WS_ACC + row[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
+    m = tl.load(WS_ML + row * 2, mask=ok, other=float("-inf"))
+    l = tl.load(WS_ML + row * 2 + 1, mask=ok, other=0.0)
+    return m, l, acc
+
+
+@triton.jit
+def _merge_live(m_t, l_t, acc_t, m_s, l_s, acc_s, live):
+    """:func:`merge_states` of split state ``s`` into the total if ``live`` (a scalar),
+    else the total unchanged (bit for bit, not through an empty merge)."""
+    m, l, acc = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
+    return tl.where(live, m, m_t), tl.where(live, l, l_t), tl.where(live, acc, acc_t)
+
+
+@triton.jit
 def attention_split_combine_kernel(
     WS_ACC, WS_ML, O, LSE, SEQLEN_K,
     stride_ob, stride_om, stride_oh,
@@ -136,8 +163,13 @@ def attention_split_combine_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Grid: (cdiv(Lq, BLOCK_M), B * Hq).  Merge the splits that hold keys of this
-    sequence (``cdiv(SEQLEN_K[b], split_size)``) in order and finalise; later splits
-    would be empty states, whose merge is the identity."""
+    sequence (``cdiv(SEQLEN_K[b], split_size)``) in ascending order and finalise.
+
+    The merges are a serial chain, so the loads are not: splits are read four at a
+    time, and the next four are in flight while the current four merge (eight loads
+    outstanding instead of one).  The merge order and arithmetic are those of the
+    dense kernel; rows are independent, so BLOCK_M changes no bits.
+    """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads_q
@@ -147,13 +179,31 @@ def attention_split_combine_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seqlen_q
     m_t, l_t, acc_t = empty_state(BLOCK_M, HEAD_DIM)
-    for split in range(0, num_splits):
-        row = ((split * batch + b) * num_heads_q + h).to(tl.int64) * seqlen_q + offs_m
-        acc_s = tl.load(WS_ACC + row[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None],
-                        other=0.0)
-        m_s = tl.load(WS_ML + row * 2, mask=row_ok, other=float("-inf"))
-        l_s = tl.load(WS_ML + row * 2 + 1, mask=row_ok, other=0.0)
-        m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
+    m0, l0, a0 = _load_split_state(WS_ACC, WS_ML, 0, num_splits, b, h, batch, num_heads_q, seqlen_q,
+                                   offs_m, offs_d, row_ok, HEAD_DIM)
+    m1, l1, a1 = _load_split_state(WS_ACC, WS_ML, 1, num_splits, b, h, batch, num_heads_q, seqlen_q,
+                                   offs_m, offs_d, row_ok, HEAD_DIM)
+    m2, l2, a2 = _load_split_state(WS_ACC, WS_ML, 2, num_splits, b, h, batch, num_heads_q, seqlen_q,
+                                   offs_m, offs_d, row_ok, HEAD_DIM)
+    m3, l3, a3 = _load_split_state(WS_ACC, WS_ML, 3, num_splits, b, h, batch, num_heads_q, seqlen_q,
+                                   offs_m, offs_d, row_ok, HEAD_DIM)
+    for s0 in range(0, num_splits, 4):
+        n_m0, n_l0, n_a0 = _load_split_state(WS_ACC, WS_ML, s0 + 4, num_splits, b, h, batch, num_heads_q,
+                                             seqlen_q, offs_m, offs_d, row_ok, HEAD_DIM)
+        n_m1, n_l1, n_a1 = _load_split_state(WS_ACC, WS_ML, s0 + 5, num_splits, b, h, batch, num_heads_q,
+                                             seqlen_q, offs_m, offs_d, row_ok, HEAD_DIM)
+        n_m2, n_l2, n_a2 = _load_split_state(WS_ACC, WS_ML, s0 + 6, num_splits, b, h, batch, num_heads_q,
+                                             seqlen_q, offs_m, offs_d, row_ok, HEAD_DIM)
+        n_m3, n_l3, n_a3 = _load_split_state(WS_ACC, WS_ML, s0 + 7, num_splits, b, h, batch, num_heads_q,
+                                             seqlen_q, offs_m, offs_d, row_ok, HEAD_DIM)
+        m_t, l_t, acc_t = _merge_live(m_t, l_t, acc_t, m0, l0, a0, s0 < num_splits)
+        m_t, l_t, acc_t = _merge_live(m_t, l_t, acc_t, m1, l1, a1, s0 + 1 < num_splits)
+        m_t, l_t, acc_t = _merge_live(m_t, l_t, acc_t, m2, l2, a2, s0 + 2 < num_splits)
+        m_t, l_t, acc_t = _merge_live(m_t, l_t, acc_t, m3, l3, a3, s0 + 3 < num_splits)
+        m0, l0, a0 = n_m0, n_l0, n_a0
+        m1, l1, a1 = n_m1, n_l1, n_a1
+        m2, l2, a2 = n_m2, n_l2, n_a2
+        m3, l3, a3 = n_m3, n_l3, n_a3
     out, lse = finalize(m_t, l_t, acc_t)
     tl.store(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
              + offs_m[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty),
