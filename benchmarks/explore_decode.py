@@ -21,9 +21,10 @@ from bitstable.bench import copy_bandwidth_gbs
 
 kv_mod = importlib.import_module("bitstable.attention.kvcache")
 CASES = [(1, 16384), (1, 65536), (1, 131072), (8, 16384), (64, 4096)]
-# (split, stages, even_d)
-VARIANTS = [(2048, None, False), (2048, None, True), (2048, 2, True), (2048, 4, True), (2048, 5, True),
-            (1024, None, True), (1024, 4, True), (512, None, True)]
+# (split, launch options forced over the table's)
+VARIANTS = [(2048, {}), (2048, {"overlap": False}), (2048, {"overlap": True}), (2048, {"overlap": True, "stages": 2}),
+            (2048, {"overlap": True, "stages": 4}), (2048, {"even_d": False, "overlap": False}),
+            (1024, {"overlap": False}), (1024, {"overlap": True})]
 
 
 def kernel_times(fn):
@@ -45,7 +46,7 @@ def kernel_times(fn):
 def main():
     copy = copy_bandwidth_gbs()
     print(f"device copy bandwidth: {copy:.0f} GB/s")
-    print("| B | KV len | split | stages | even_d | ms | K+V GB/s | of copy | SDPA-flash ms | vs flash | same bits |")
+    print("| B | KV len | split | launch | ms | K+V GB/s | of copy | SDPA-flash ms | vs flash | same bits | kernels |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for B, L in CASES:
         kc = torch.randn(B, L, 8, 128, device="cuda", dtype=torch.bfloat16)
@@ -61,9 +62,8 @@ def main():
         fl = triton.testing.do_bench_cudagraph(flash, return_mode="median")
         kv_bytes = 2 * kc.numel() * kc.element_size()
         refs = {}
-        for split, stages, even_d in VARIANTS:
-            kv_mod._DECODE_STAGES_OVERRIDE = stages
-            kv_mod._DECODE_EVEN_D_OVERRIDE = even_d
+        for split, force in VARIANTS:
+            kv_mod._DECODE_LAUNCH_OVERRIDE = force
 
             def ours():
                 return bitstable.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True,
@@ -71,18 +71,17 @@ def main():
             try:
                 out = ours()
                 ms = triton.testing.do_bench_cudagraph(ours, return_mode="median")
-                kt_us = kernel_times(ours) if (B == 1 and stages is None) else {}
+                kt_us = kernel_times(ours) if (B == 1 and "stages" not in force) else {}
             except Exception as e:  # noqa: BLE001
-                print(f"| {B} | {L} | {split} | {stages} | {even_d} | failed: {type(e).__name__}: {str(e)[:80]} |")
+                print(f"| {B} | {L} | {split} | {force} | failed: {type(e).__name__}: {str(e)[:80]} |")
                 continue
             finally:
-                kv_mod._DECODE_STAGES_OVERRIDE = None
-                kv_mod._DECODE_EVEN_D_OVERRIDE = None
+                kv_mod._DECODE_LAUNCH_OVERRIDE = {}
             ref = refs.setdefault(split, out)
             same = torch.equal(out, ref)
             gbs = kv_bytes / (ms * 1e-3) / 1e9
             extra = " ".join(f"{k.split('_kernel')[0]}={v:.1f}us" for k, v in kt_us.items())
-            print(f"| {B} | {L} | {split} | {stages or 'table'} | {even_d} | {ms:.4f} | {gbs:.0f} | {gbs / copy:.0%} "
+            print(f"| {B} | {L} | {split} | {force or 'table'} | {ms:.4f} | {gbs:.0f} | {gbs / copy:.0%} "
                   f"| {fl:.4f} | {fl / ms:.2f}x | {same} | {extra}", flush=True)
         del kc, vc, q, qt, kt, vt
         torch.cuda.empty_cache()

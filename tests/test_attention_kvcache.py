@@ -220,3 +220,32 @@ def test_decode_step_captures_in_a_cuda_graph_and_host_lengths_need_no_sync(devi
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager) and torch.equal(k4, k2) and torch.equal(v4, v2)
+
+
+@pytest.mark.parametrize("sz", SIZES)
+def test_decode_launch_options_change_no_bits(sz, device):
+    """The partial kernel's launch-only options (scores of the next block overlapped or
+    not, 16-byte or masked-d loads, pipeline depth) give the same bits."""
+    import importlib
+
+    kv_mod = importlib.import_module("bitstable.attention.kvcache")
+    dtype = torch.bfloat16 if device != "cpu" else torch.float16
+    q, k, v = _seq(sz, dtype, device, seed=3)
+    L = sz["L"]
+    shape = (1, L + 7, sz["Hk"], sz["D"])
+    kw = dict(causal=True, window_size=(L // 2, 0))
+    sizes = _chunks(L, random.Random(5), decode_tail=3)
+    results = []
+    with bitstable.set_deterministic_mode(True, split_size=_split(sz, dtype, device)):
+        for force in ({}, {"overlap": False}, {"overlap": True}, {"even_d": False, "overlap": False},
+                      {"overlap": True, "stages": 2}):
+            kv_mod._DECODE_LAUNCH_OVERRIDE = force
+            try:
+                cache = (torch.zeros(shape, dtype=dtype, device=device),
+                         torch.zeros(shape, dtype=dtype, device=device))
+                results.append((force, _run_through_cache(q, k, v, sizes, kw, cache)))
+            finally:
+                kv_mod._DECODE_LAUNCH_OVERRIDE = {}
+        full = flash_attn_func(q, k, v, **kw)
+    for force, got in results:
+        assert torch.equal(got, full), f"decode with launch options {force} differs from the full forward"

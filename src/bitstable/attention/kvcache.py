@@ -22,10 +22,10 @@ from .launch import alibi_args, compute_dtype, resolve_split_size, score_scales
 from .validation import check_options, check_qkv, last_dim_contiguous, normalize_window
 
 
-#: Offline exploration only (benchmarks/explore_decode.py): force the decode pipeline depth.
-_DECODE_STAGES_OVERRIDE = None
-_DECODE_TILE_OVERRIDE = None   # (block_m, num_warps)
-_DECODE_EVEN_D_OVERRIDE = None  # False: the masked-d loads (scalar, not pipelined) for comparison
+#: Offline exploration only (benchmarks/explore_decode.py): launch options of the
+#: partial kernel forced over the table's: ``stages``, ``tile`` (block_m, num_warps),
+#: ``even_d`` (False: masked-d scalar loads), ``overlap``.  All launch-only (same bits).
+_DECODE_LAUNCH_OVERRIDE: dict = {}
 
 
 def _check_int32_vector(name: str, t, length: int, device) -> torch.Tensor:
@@ -277,8 +277,10 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     # changes no bits, and the workspace stays sized by the keys actually cached.
     longest = max(before, default=0) + n_new if before is not None else capacity
     num_splits = max(triton.cdiv(max(longest, 1), split), 1)
-    dec_m, dec_w = _DECODE_TILE_OVERRIDE or (cfg.decode_block_m or cfg.block_m,
-                                             cfg.decode_num_warps or cfg.num_warps)
+    force = _DECODE_LAUNCH_OVERRIDE
+    dec_m, dec_w = force.get("tile") or (cfg.decode_block_m or cfg.block_m,
+                                         cfg.decode_num_warps or cfg.num_warps)
+    even_d = force.get("even_d", HD == D) and HD == D
     num_m_tiles = triton.cdiv(max(Lq, 1) * (Hq // Hk), dec_m)   # GQA heads packed as rows
     out = torch.empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
@@ -304,8 +306,8 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
         PAGED=block_table is not None, HAS_BATCH_IDX=cache_batch_idx is not None,
-        EVEN_D=HD == D if _DECODE_EVEN_D_OVERRIDE is None else _DECODE_EVEN_D_OVERRIDE,
-        num_warps=dec_w, num_stages=_DECODE_STAGES_OVERRIDE or cfg.decode_stages)
+        EVEN_D=even_d, OVERLAP=force.get("overlap", cfg.decode_overlap),
+        num_warps=dec_w, num_stages=force.get("stages") or cfg.decode_stages)
     comb_m, comb_w = DECODE_COMBINE_TILE
     attention_split_combine_kernel[(triton.cdiv(max(Lq, 1), comb_m), B * Hq)](
         ws_acc, ws_ml, out, lse, seqlens_k, out.stride(0), out.stride(1), out.stride(2),

@@ -24,7 +24,7 @@ query heads of a GQA group into one tile (they share K/V tile loads).
 import triton
 import triton.language as tl
 
-from .attention_core import empty_state, finalize, fold_block, merge_states
+from .attention_core import block_scores, empty_state, finalize, fold_block, fold_scores, merge_states
 
 
 @triton.jit
@@ -37,6 +37,51 @@ def _cache_rows(base, b_cache, pos_k, seqlen_k, BLOCK_TABLE, stride_bt_b, b, pag
         return base + page.to(tl.int64) * stride_page + (pos_k % page_size).to(tl.int64) * stride_row
     else:
         return base + b_cache.to(tl.int64) * stride_page + pos_k.to(tl.int64) * stride_row
+
+
+@triton.jit
+def _load_cache_block(base, j, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size,
+                      stride_p, stride_row, offs_n, offs_d, d_ok,
+                      MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr,
+                      EVEN_D: tl.constexpr):
+    """The [BLOCK_N, HEAD_DIM] tile of cached rows ``j * BLOCK_N ...`` (zeros past the
+    sequence's keys and past head_dim).  ``MASKED`` False: a block wholly inside the
+    sequence, loaded without bounds.  EVEN_D (head_dim == HEAD_DIM): a mask constant
+    along d lets each row load in 16-byte vectors through the asynchronous copy
+    pipeline; a d-mask would make every element its own load.  Same values either way."""
+    pos_k = j * BLOCK_N + offs_n
+    rows = _cache_rows(base, b_cache, pos_k, seqlen_k, BLOCK_TABLE, stride_bt_b, b,
+                       page_size, stride_p, stride_row, PAGED)
+    if EVEN_D:
+        if MASKED:
+            return tl.load(rows[:, None] + offs_d[None, :], mask=(pos_k < seqlen_k)[:, None], other=0.0)
+        else:
+            return tl.load(rows[:, None] + offs_d[None, :])
+    else:
+        return tl.load(rows[:, None] + offs_d[None, :], mask=(pos_k < seqlen_k)[:, None] & d_ok[None, :],
+                       other=0.0)
+
+
+@triton.jit
+def _fold_cache_block(j, m_s, l_s, acc_s, q, k_base, v_base, b, b_cache, seqlen_k, BLOCK_TABLE,
+                      stride_bt_b, page_size, stride_kp, stride_kn, stride_vp, stride_vn,
+                      offs_n, offs_d, d_ok, pos_q,
+                      qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+                      MASKED: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+                      ROWWISE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PAGED: tl.constexpr,
+                      EVEN_D: tl.constexpr):
+    """Load cached key block ``j`` and fold it into the split state with
+    :func:`fold_block`; ``MASKED`` as in the dense kernel (False only for a block
+    every row of the tile sees whole)."""
+    k = _load_cache_block(k_base, j, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size,
+                          stride_kp, stride_kn, offs_n, offs_d, d_ok, MASKED, BLOCK_N, PAGED, EVEN_D)
+    v = _load_cache_block(v_base, j, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size,
+                          stride_vp, stride_vn, offs_n, offs_d, d_ok, MASKED, BLOCK_N, PAGED, EVEN_D)
+    return fold_block(m_s, l_s, acc_s, q, k, v, pos_q, j * BLOCK_N + offs_n, seqlen_k,
+                      qk_scale, softcap_scaled, alibi_slope_log2, window_left,
+                      window_right, MASKED, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP,
+                      HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
 
 
 @triton.jit
@@ -53,6 +98,7 @@ def attention_split_partial_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, EVEN_D: tl.constexpr,
+    OVERLAP: tl.constexpr,
 ):
     """Grid: (num_splits * num_m_tiles, B * Hkv).  One split of one tile of packed rows.
 
@@ -104,27 +150,62 @@ def attention_split_partial_kernel(
     hi = tl.minimum(tl.cdiv(key_hi, BLOCK_N), split * SPLIT_BLOCKS + SPLIT_BLOCKS)
     hi = tl.where(pid_m * BLOCK_M >= seqlen_q * group_size, lo, hi)
 
+    # Blocks every row of the tile sees whole fold without mask work (the dense
+    # kernel's rule; masked and unmasked folds round a visible element alike).
+    full_lo = 0
+    full_hi = seqlen_k // BLOCK_N
+    if HAS_LEFT:
+        full_lo = tl.cdiv(tl.maximum(p_hi - window_left, 0), BLOCK_N)
+    if HAS_RIGHT:
+        full_hi = tl.minimum(full_hi, tl.maximum(p_lo + window_right + 1, 0) // BLOCK_N)
+    mid_lo = tl.minimum(tl.maximum(full_lo, lo), tl.maximum(hi, lo))
+    mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), tl.maximum(hi, mid_lo))
+
     k_base = K + h_kv.to(tl.int64) * stride_kh
     v_base = V + h_kv.to(tl.int64) * stride_vh
     m_s, l_s, acc_s = empty_state(BLOCK_M, HEAD_DIM)
-    for j in range(lo, hi):
-        pos_k = j * BLOCK_N + offs_n
-        # EVEN_D (head_dim == HEAD_DIM): a mask constant along d lets each row load in
-        # 16-byte vectors through the asynchronous copy pipeline (same values loaded).
-        if EVEN_D:
-            ld = (pos_k < seqlen_k)[:, None]
-        else:
-            ld = (pos_k < seqlen_k)[:, None] & d_ok[None, :]
-        k_rows = _cache_rows(k_base, b_cache, pos_k, seqlen_k, BLOCK_TABLE, stride_bt_b, b,
-                             page_size, stride_kp, stride_kn, PAGED)
-        v_rows = _cache_rows(v_base, b_cache, pos_k, seqlen_k, BLOCK_TABLE, stride_bt_b, b,
-                             page_size, stride_vp, stride_vn, PAGED)
-        k = tl.load(k_rows[:, None] + offs_d[None, :], mask=ld, other=0.0)
-        v = tl.load(v_rows[:, None] + offs_d[None, :], mask=ld, other=0.0)
-        m_s, l_s, acc_s = fold_block(m_s, l_s, acc_s, q, k, v, pos_q, pos_k, seqlen_k,
-                                     qk_scale, softcap_scaled, alibi_slope_log2, window_left,
-                                     window_right, True, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP,
-                                     HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
+    for j in range(lo, mid_lo):
+        m_s, l_s, acc_s = _fold_cache_block(
+            j, m_s, l_s, acc_s, q, k_base, v_base, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b,
+            page_size, stride_kp, stride_kn, stride_vp, stride_vn, offs_n, offs_d, d_ok, pos_q,
+            qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+            True, BLOCK_N, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
+            PAGED, EVEN_D)
+    if OVERLAP:
+        # The same folds, with block j+1's scores issued before block j's softmax and
+        # P @ V (they do not depend on it), so the tensor cores overlap the two.
+        if mid_hi > mid_lo:
+            s_cur = block_scores(q, _load_cache_block(
+                k_base, mid_lo, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size, stride_kp,
+                stride_kn, offs_n, offs_d, d_ok, False, BLOCK_N, PAGED, EVEN_D), COMPUTE_DTYPE, ROWWISE)
+            for j in range(mid_lo, mid_hi):
+                k_next = _load_cache_block(k_base, tl.minimum(j + 1, mid_hi - 1), b, b_cache, seqlen_k,
+                                           BLOCK_TABLE, stride_bt_b, page_size, stride_kp, stride_kn,
+                                           offs_n, offs_d, d_ok, False, BLOCK_N, PAGED, EVEN_D)
+                v = _load_cache_block(v_base, j, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b,
+                                      page_size, stride_vp, stride_vn, offs_n, offs_d, d_ok, False,
+                                      BLOCK_N, PAGED, EVEN_D)
+                s_next = block_scores(q, k_next, COMPUTE_DTYPE, ROWWISE)
+                m_s, l_s, acc_s = fold_scores(m_s, l_s, acc_s, s_cur, v, pos_q, j * BLOCK_N + offs_n,
+                                              seqlen_k, qk_scale, softcap_scaled, alibi_slope_log2,
+                                              window_left, window_right, False, COMPUTE_DTYPE, ROWWISE,
+                                              HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
+                s_cur = s_next
+    else:
+        for j in range(mid_lo, mid_hi):
+            m_s, l_s, acc_s = _fold_cache_block(
+                j, m_s, l_s, acc_s, q, k_base, v_base, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b,
+                page_size, stride_kp, stride_kn, stride_vp, stride_vn, offs_n, offs_d, d_ok, pos_q,
+                qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+                False, BLOCK_N, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
+                PAGED, EVEN_D)
+    for j in range(tl.maximum(mid_hi, lo), hi):
+        m_s, l_s, acc_s = _fold_cache_block(
+            j, m_s, l_s, acc_s, q, k_base, v_base, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b,
+            page_size, stride_kp, stride_kn, stride_vp, stride_vn, offs_n, offs_d, d_ok, pos_q,
+            qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+            True, BLOCK_N, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
+            PAGED, EVEN_D)
 
     # Splits past this sequence's keys are never read by the combine: nothing to write.
     live = row_ok & (split * SPLIT_BLOCKS * BLOCK_N < seqlen_k)
