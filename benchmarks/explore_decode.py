@@ -22,9 +22,8 @@ from bitstable.bench import copy_bandwidth_gbs
 kv_mod = importlib.import_module("bitstable.attention.kvcache")
 CASES = [(1, 16384), (1, 65536), (1, 131072), (8, 16384), (64, 4096)]
 # (split, launch options forced over the table's)
-VARIANTS = [(2048, {}), (2048, {"overlap": False}), (2048, {"overlap": True}), (2048, {"overlap": True, "stages": 2}),
-            (2048, {"overlap": True, "stages": 4}), (2048, {"even_d": False, "overlap": False}),
-            (1024, {"overlap": False}), (1024, {"overlap": True})]
+VARIANTS = [(2048, {}), (2048, {"combine": (8, 4)}), (2048, {"combine": (1, 4)}), (2048, {"combine": (2, 1)}),
+            (2048, {"stages": 4}), (1024, {}), (512, {})]
 
 
 def kernel_times(fn):

@@ -46,7 +46,40 @@ if len(sys.argv) > 1 and sys.argv[1] == "round3":   # small M: longer K blocks p
     LARGE = []
     SHAPES = [(1, 4096, 4096), (8, 4096, 4096), (32, 4096, 4096), (64, 4096, 4096), (1, 14336, 4096),
               (1, 4096, 14336), (64, 14336, 4096), (16, 4096, 4096), (1, 4100, 4104), (33, 1000, 3000)]
-GRAPH = len(sys.argv) > 1 and sys.argv[1] == "round3"
+GRAPH = len(sys.argv) > 1 and sys.argv[1] in ("round3", "probe")
+
+
+def probe():
+    """Why M < 16 is slower than M = 16 with the same tile: Triton's specialisation of
+    M == 1 / M % 16, and the clamped (repeated) rows of A, timed one at a time."""
+    import triton as _t
+    from bitstable.kernels import matmul as kmod
+    plain = mm_mod.matmul_kernel
+    nospec = _t.jit(do_not_specialize=["M"])(kmod.matmul_kernel.fn)
+    print("| M | config | kernel | A rows | ms | cuBLAS ms | vs cuBLAS | same bits |")
+    print("|---|---|---|---|---|---|---|---|")
+    b = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16).t()
+    for cfg in (MatmulConfig(16, 32, 256, 4, 3), MatmulConfig(16, 64, 256, 4, 3), MatmulConfig(16, 64, 64, 4, 8)):
+        for M in (1, 2, 8, 16, 17):
+            a = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
+            pad = torch.zeros(16 * ((M + 15) // 16), 4096, device="cuda", dtype=torch.bfloat16)
+            pad[:M] = a
+            cub = _time(lambda: torch.mm(a, b))
+            ref = None
+            for kname, kern in (("plain", plain), ("no-spec M", nospec)):
+                for rows, x in (("M", a), ("padded", pad)):
+                    mm_mod.matmul_kernel = kern
+                    mm_mod._CONFIG_OVERRIDE = cfg
+                    try:
+                        out = mm_mod.mm(x, b)[:M]
+                        ms = _time(lambda: mm_mod.mm(x, b))
+                    finally:
+                        mm_mod.matmul_kernel = plain
+                        mm_mod._CONFIG_OVERRIDE = None
+                    ref = out if ref is None else ref
+                    c = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
+                    print(f"| {M} | {c} | {kname} | {rows} | {ms:.4f} | {cub:.4f} | {cub / ms:.2f}x | "
+                          f"{torch.equal(out, ref)} |", flush=True)
 
 
 def _time(fn):
@@ -90,4 +123,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(probe() if len(sys.argv) > 1 and sys.argv[1] == "probe" else main())

@@ -229,11 +229,36 @@ def _load_split_state(WS_ACC, WS_ML, split, num_splits, b, h, batch, num_heads_q
 
 
 @triton.jit
-def _merge_live(m_t, l_t, acc_t, m_s, l_s, acc_s, live):
-    """:func:`merge_states` of split state ``s`` into the total if ``live`` (a scalar),
-    else the total unchanged (bit for bit, not through an empty merge)."""
-    m, l, acc = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
+def _load_four(WS_ACC, WS_ML, s0, num_splits, b, h, batch, num_heads_q, seqlen_q,
+               offs_m, offs_d, row_ok, HEAD_DIM: tl.constexpr):
+    """The states of splits s0 .. s0+3 (independent loads, all in flight at once)."""
+    return (_load_split_state(WS_ACC, WS_ML, s0, num_splits, b, h, batch, num_heads_q, seqlen_q,
+                              offs_m, offs_d, row_ok, HEAD_DIM),
+            _load_split_state(WS_ACC, WS_ML, s0 + 1, num_splits, b, h, batch, num_heads_q, seqlen_q,
+                              offs_m, offs_d, row_ok, HEAD_DIM),
+            _load_split_state(WS_ACC, WS_ML, s0 + 2, num_splits, b, h, batch, num_heads_q, seqlen_q,
+                              offs_m, offs_d, row_ok, HEAD_DIM),
+            _load_split_state(WS_ACC, WS_ML, s0 + 3, num_splits, b, h, batch, num_heads_q, seqlen_q,
+                              offs_m, offs_d, row_ok, HEAD_DIM))
+
+
+@triton.jit
+def _merge_live(m_t, l_t, acc_t, st, live):
+    """:func:`merge_states` of split state ``st`` = (m, l, acc) into the total if ``live``
+    (a scalar), else the total unchanged (bit for bit, not through an empty merge)."""
+    m, l, acc = merge_states(m_t, l_t, acc_t, st[0], st[1], st[2])
     return tl.where(live, m, m_t), tl.where(live, l, l_t), tl.where(live, acc, acc_t)
+
+
+@triton.jit
+def _merge_four(m_t, l_t, acc_t, four, s0, num_splits):
+    """Merge the states of splits s0 .. s0+3 (from :func:`_load_four`) in ascending order,
+    those below ``num_splits`` only."""
+    m_t, l_t, acc_t = _merge_live(m_t, l_t, acc_t, four[0], s0 < num_splits)
+    m_t, l_t, acc_t = _merge_live(m_t, l_t, acc_t, four[1], s0 + 1 < num_splits)
+    m_t, l_t, acc_t = _merge_live(m_t, l_t, acc_t, four[2], s0 + 2 < num_splits)
+    m_t, l_t, acc_t = _merge_live(m_t, l_t, acc_t, four[3], s0 + 3 < num_splits)
+    return m_t, l_t, acc_t
 
 
 @triton.jit
@@ -246,10 +271,10 @@ def attention_split_combine_kernel(
     """Grid: (cdiv(Lq, BLOCK_M), B * Hq).  Merge the splits that hold keys of this
     sequence (``cdiv(SEQLEN_K[b], split_size)``) in ascending order and finalise.
 
-    The merges are a serial chain, so the loads are not: splits are read four at a
-    time, and the next four are in flight while the current four merge (eight loads
-    outstanding instead of one).  The merge order and arithmetic are those of the
-    dense kernel; rows are independent, so BLOCK_M changes no bits.
+    The merges are a serial chain, the loads need not be: each step reads sixteen
+    splits at once and then merges them in order, so a long cache costs one load
+    latency per sixteen splits instead of one per split.  The merge order and
+    arithmetic are the dense kernel's; rows are independent, so BLOCK_M changes no bits.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -260,31 +285,19 @@ def attention_split_combine_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seqlen_q
     m_t, l_t, acc_t = empty_state(BLOCK_M, HEAD_DIM)
-    m0, l0, a0 = _load_split_state(WS_ACC, WS_ML, 0, num_splits, b, h, batch, num_heads_q, seqlen_q,
-                                   offs_m, offs_d, row_ok, HEAD_DIM)
-    m1, l1, a1 = _load_split_state(WS_ACC, WS_ML, 1, num_splits, b, h, batch, num_heads_q, seqlen_q,
-                                   offs_m, offs_d, row_ok, HEAD_DIM)
-    m2, l2, a2 = _load_split_state(WS_ACC, WS_ML, 2, num_splits, b, h, batch, num_heads_q, seqlen_q,
-                                   offs_m, offs_d, row_ok, HEAD_DIM)
-    m3, l3, a3 = _load_split_state(WS_ACC, WS_ML, 3, num_splits, b, h, batch, num_heads_q, seqlen_q,
-                                   offs_m, offs_d, row_ok, HEAD_DIM)
-    for s0 in range(0, num_splits, 4):
-        n_m0, n_l0, n_a0 = _load_split_state(WS_ACC, WS_ML, s0 + 4, num_splits, b, h, batch, num_heads_q,
-                                             seqlen_q, offs_m, offs_d, row_ok, HEAD_DIM)
-        n_m1, n_l1, n_a1 = _load_split_state(WS_ACC, WS_ML, s0 + 5, num_splits, b, h, batch, num_heads_q,
-                                             seqlen_q, offs_m, offs_d, row_ok, HEAD_DIM)
-        n_m2, n_l2, n_a2 = _load_split_state(WS_ACC, WS_ML, s0 + 6, num_splits, b, h, batch, num_heads_q,
-                                             seqlen_q, offs_m, offs_d, row_ok, HEAD_DIM)
-        n_m3, n_l3, n_a3 = _load_split_state(WS_ACC, WS_ML, s0 + 7, num_splits, b, h, batch, num_heads_q,
-                                             seqlen_q, offs_m, offs_d, row_ok, HEAD_DIM)
-        m_t, l_t, acc_t = _merge_live(m_t, l_t, acc_t, m0, l0, a0, s0 < num_splits)
-        m_t, l_t, acc_t = _merge_live(m_t, l_t, acc_t, m1, l1, a1, s0 + 1 < num_splits)
-        m_t, l_t, acc_t = _merge_live(m_t, l_t, acc_t, m2, l2, a2, s0 + 2 < num_splits)
-        m_t, l_t, acc_t = _merge_live(m_t, l_t, acc_t, m3, l3, a3, s0 + 3 < num_splits)
-        m0, l0, a0 = n_m0, n_l0, n_a0
-        m1, l1, a1 = n_m1, n_l1, n_a1
-        m2, l2, a2 = n_m2, n_l2, n_a2
-        m3, l3, a3 = n_m3, n_l3, n_a3
+    for s0 in range(0, num_splits, 16):
+        f0 = _load_four(WS_ACC, WS_ML, s0, num_splits, b, h, batch, num_heads_q, seqlen_q,
+                        offs_m, offs_d, row_ok, HEAD_DIM)
+        f1 = _load_four(WS_ACC, WS_ML, s0 + 4, num_splits, b, h, batch, num_heads_q, seqlen_q,
+                        offs_m, offs_d, row_ok, HEAD_DIM)
+        f2 = _load_four(WS_ACC, WS_ML, s0 + 8, num_splits, b, h, batch, num_heads_q, seqlen_q,
+                        offs_m, offs_d, row_ok, HEAD_DIM)
+        f3 = _load_four(WS_ACC, WS_ML, s0 + 12, num_splits, b, h, batch, num_heads_q, seqlen_q,
+                        offs_m, offs_d, row_ok, HEAD_DIM)
+        m_t, l_t, acc_t = _merge_four(m_t, l_t, acc_t, f0, s0, num_splits)
+        m_t, l_t, acc_t = _merge_four(m_t, l_t, acc_t, f1, s0 + 4, num_splits)
+        m_t, l_t, acc_t = _merge_four(m_t, l_t, acc_t, f2, s0 + 8, num_splits)
+        m_t, l_t, acc_t = _merge_four(m_t, l_t, acc_t, f3, s0 + 12, num_splits)
     out, lse = finalize(m_t, l_t, acc_t)
     tl.store(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
              + offs_m[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty),
