@@ -25,7 +25,7 @@ def test_mm_rows_do_not_depend_on_m(dtype, mkn, device):
     M, K, N = mkn
     a, b = _r(M, K, dtype=dtype, device=device), _r(K, N, dtype=dtype, device=device, seed=1)
     full = ops.mm(a, b)
-    # m crosses every M class of the config table (tile shapes differ, block_k does not)
+    # m crosses every M class of the config table (tile shapes differ; on sm90 16-bit so do K blocks)
     for m in (1, 7, 16, 17, 33, 64, 65, 256, 257, 1000):
         if m <= M:
             assert torch.equal(ops.mm(a[:m], b), full[:m]), f"m={m}"
@@ -36,11 +36,16 @@ def test_mm_rows_do_not_depend_on_m(dtype, mkn, device):
     assert err <= 2 * stock + torch.finfo(dtype).eps * ref.abs().max().item()
 
 
-def test_matmul_classes_share_block_k_and_end_unbounded():
+def test_matmul_classes_share_block_k_where_it_orders_the_sum_and_end_unbounded():
     from bitstable.configs import _MATMUL
 
     for key, classes in _MATMUL.items():
-        assert len({(cfg.block_k, cfg.chunk_blocks) for _, cfg in classes}) == 1, key
+        # block_k is free only on sm90 16-bit (tensor cores add K in 16-steps); float32's
+        # blocked summation and the interpreter's product cut the sum into block_k pieces.
+        if key[0] == "sm90" and key[1] in ("bf16", "fp16"):
+            assert all(cfg.chunk_blocks == 0 and cfg.block_k % 16 == 0 for _, cfg in classes), key
+        else:
+            assert len({(cfg.block_k, cfg.chunk_blocks) for _, cfg in classes}) == 1, key
         bounds = [b for b, _ in classes]
         assert bounds[-1] is None and all(b is not None for b in bounds[:-1]), key
         assert bounds[:-1] == sorted(bounds[:-1]), key

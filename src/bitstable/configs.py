@@ -94,9 +94,14 @@ class BackwardConfig:
 class MatmulConfig:
     """Tiles of the batch-invariant matmul for one (arch, dtype, M class).
 
-    ``block_k`` fixes the reduction order over K and is the same in every M class
-    of an (arch, dtype); the other fields only decide which program computes an
-    element (proven bit-neutral on the device, tests/test_batch_invariant.py).
+    The sum over K runs in ascending order into one float32 accumulator in every
+    class.  Where that sum is cut into ``block_k``-long pieces (float32's blocked
+    summation, the interpreter's row-wise product) ``block_k`` is part of the order
+    and the same in every class; with 16-bit inputs on sm90 the tensor cores add K in
+    steps of 16 whatever ``block_k`` is, so it may differ between classes there.  The
+    other fields only decide which program computes an element.  Both are proven on
+    the device (tests/test_batch_invariant.py sweeps m across every class boundary
+    against M=1; benchmarks/explore_matmul_configs.py compares all candidates).
     """
 
     block_m: int
@@ -108,11 +113,14 @@ class MatmulConfig:
     chunk_blocks: int = 0   # > 0: float32 blocked summation over K (chunks of this many blocks)
 
 
-# Timed on an H200 next to cuBLAS (benchmarks/explore_matmul_configs.py, results in
-# benchmarks/results/2026-11-22-h200-matmul-explore/); every candidate gave the same bits.
-_SM90_16BIT_MM = [(4, MatmulConfig(16, 64, 64, 4, 8)), (32, MatmulConfig(16, 32, 64, 2, 8)), (128, MatmulConfig(64, 32, 64, 4, 6)),
-                  (384, MatmulConfig(64, 128, 64, 4, 5)), (768, MatmulConfig(128, 64, 64, 4, 4)),
-                  (None, MatmulConfig(256, 128, 64, 8, 3))]
+# Timed next to cuBLAS (benchmarks/explore_matmul_configs.py; H200 results in
+# benchmarks/results/2026-11-22-h200-matmul-explore/, H100 CUDA-graph results with
+# 128- and 256-long K blocks in benchmarks/results/2026-11-22-h100-session3/); every
+# candidate gave the same bits.  Small M is memory-bound: many narrow column tiles, and
+# long K blocks so that each pipeline step moves enough bytes.
+_SM90_16BIT_MM = [(16, MatmulConfig(16, 32, 256, 4, 3)), (32, MatmulConfig(32, 32, 256, 4, 3)),
+                  (128, MatmulConfig(64, 32, 128, 4, 4)), (384, MatmulConfig(64, 128, 64, 4, 5)),
+                  (768, MatmulConfig(128, 64, 64, 4, 4)), (None, MatmulConfig(256, 128, 64, 8, 3))]
 
 # (arch, dtype) -> [(largest M of the class, config), ...], smallest class first;
 # the last class has no upper bound (None).  Small M (decode) is memory-bound and
@@ -136,7 +144,7 @@ _MATMUL = {
 #: One row per program on GPUs: a decode step has one query row per head, and the
 #: kernel keeps sixteen split states in flight per row.  The interpreter takes 16
 #: rows per program (fewer programs to simulate).
-DECODE_COMBINE_TILE = {"interpreter": (16, 4), "sm90": (1, 1), "generic": (1, 1)}
+DECODE_COMBINE_TILE = {"interpreter": (16, 4), "sm90": (1, 4), "generic": (1, 4)}
 
 #: Chunk of the row-wise reductions (softmax, log-softmax, sum, mean).
 ROW_BLOCK = {"interpreter": 64, "sm90": 1024, "generic": 1024}

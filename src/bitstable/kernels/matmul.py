@@ -1,10 +1,13 @@
-"""A batch-invariant tiled matmul: every output element sums over K in BLOCK_K
-chunks in ascending order (no split-K; float32 inputs sum fixed chunks of blocks
-from zero and add the chunks in order).
+"""A batch-invariant tiled matmul: every output element sums over K in ascending
+order into one float32 accumulator (no split-K; float32 inputs sum fixed chunks of
+blocks from zero and add the chunks in order).
 
 Tile shapes (BLOCK_M, BLOCK_N, warps, stages, GROUP_M) may differ between shape
 classes (configs.py): they change which program computes an element, not the
-order of its sum over K.  That a row's bits do not depend on them is proven on the
+order of its sum over K.  With 16-bit inputs on Hopper the tensor cores add K in
+steps of 16 whatever BLOCK_K is, so BLOCK_K may differ there too (measured: 64, 128
+and 256 gave identical bits); float32 and the interpreter sum BLOCK_K-long pieces,
+so there it is fixed.  That a row's bits do not depend on them is proven on the
 device by tests/test_batch_invariant.py (rows of every M class against M=1) and
 by benchmarks/explore_matmul_configs.py (every candidate config, same bits).
 """
@@ -41,16 +44,18 @@ def matmul_kernel(A, B, C, M, N, K,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    # Clamp rows/columns instead of masking them: out-of-range lanes are never stored.
-    rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
-    cols = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
-    a_ptr = A + pid_b * stride_ab + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptr = B + pid_b * stride_bb + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+    # Rows/columns past M/N are masked (zero-filled, never read): clamping them onto row 0
+    # made every spare lane of a 16-row tile load the same address, 2x slower at M=1
+    # (measured).  They are never stored, and no other row's sum sees them.
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    a_ptr = A + pid_b * stride_ab + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    b_ptr = B + pid_b * stride_bb + offs_k[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if CHUNK_BLOCKS == 0:    # one running sum over K (tensor-core inputs)
         for k0 in range(0, K, BLOCK_K):
-            a = tl.load(a_ptr, mask=(k0 + offs_k < K)[None, :], other=0.0)
-            b = tl.load(b_ptr, mask=(k0 + offs_k < K)[:, None], other=0.0)
+            a = tl.load(a_ptr, mask=m_ok[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
+            b = tl.load(b_ptr, mask=(k0 + offs_k < K)[:, None] & n_ok[None, :], other=0.0)
             acc = tile_dot(a.to(COMPUTE_DTYPE), b.to(COMPUTE_DTYPE), acc, ROWWISE)
             a_ptr += BLOCK_K * stride_ak
             b_ptr += BLOCK_K * stride_bk
@@ -58,11 +63,11 @@ def matmul_kernel(A, B, C, M, N, K,
         for c0 in range(0, K, CHUNK_BLOCKS * BLOCK_K):
             part = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for k0 in range(c0, tl.minimum(c0 + CHUNK_BLOCKS * BLOCK_K, K), BLOCK_K):
-                a = tl.load(a_ptr, mask=(k0 + offs_k < K)[None, :], other=0.0)
-                b = tl.load(b_ptr, mask=(k0 + offs_k < K)[:, None], other=0.0)
+                a = tl.load(a_ptr, mask=m_ok[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
+                b = tl.load(b_ptr, mask=(k0 + offs_k < K)[:, None] & n_ok[None, :], other=0.0)
                 part = tile_dot(a.to(COMPUTE_DTYPE), b.to(COMPUTE_DTYPE), part, ROWWISE)
                 a_ptr += BLOCK_K * stride_ak
                 b_ptr += BLOCK_K * stride_bk
             acc += part
     tl.store(C + pid_b * stride_cb + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn,
-             acc.to(C.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+             acc.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

@@ -1,6 +1,6 @@
 """Batch-invariant matrix products: ``mm``, ``bmm``, ``addmm``, ``matmul``.
 
-Each output element sums over K in ``block_k`` chunks in ascending order with
+Each output element sums over K in ascending order (configs.MatmulConfig) with
 tiles fixed per (arch, dtype) (configs.py), so ``mm(a[:m], b)`` equals
 ``mm(a, b)[:m]`` bit for bit for every m.  Accumulation is float32 (IEEE fp32
 for float32 inputs, never tf32).
