@@ -54,9 +54,6 @@ class AttentionConfig:
     #: tests/test_attention_kvcache.py (decode = full forward) for every entry.
     decode_block_m: int = 0
     decode_num_warps: int = 0
-    #: Decode kernel: issue the next key block's scores before the current block's
-    #: softmax and P @ V (the same folds, overlapped on the tensor cores); launch-only.
-    decode_overlap: bool = False
 
     @property
     def decode_stages(self) -> int:
@@ -203,8 +200,7 @@ _GENERIC_16BIT = {
 # Triton's interpreter (CPU): small tiles so that tests at small sizes still
 # cover several key blocks, several splits and several query tiles; both loop
 # structures are exercised (branch without a right edge, nested with one).
-_INTERPRETER = {d: AttentionConfig(16, 16, num_warps=4, num_stages=1, loop="branch", loop_causal="nested",
-                                   decode_overlap=True)
+_INTERPRETER = {d: AttentionConfig(16, 16, num_warps=4, num_stages=1, loop="branch", loop_causal="nested")
                 for d in (16, 32, 64, 128, 256)}
 
 _TABLE = {

@@ -133,32 +133,6 @@ def block_update(m, l, acc, x, v, scale, P_DTYPE: tl.constexpr, ROWWISE: tl.cons
 
 
 @triton.jit
-def block_scores(q, k, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr):
-    """Raw scores q [M, D] @ k [N, D]^T -> [M, N] float32 (the first half of :func:`fold_block`)."""
-    k = k.to(COMPUTE_DTYPE)
-    return tile_dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], tl.float32), ROWWISE)
-
-
-@triton.jit
-def fold_scores(m, l, acc, s, v, pos_q, pos_k, seqlen_k,
-                qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                MASKED: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """Fold a key block's raw scores ``s`` [M, N] (from :func:`block_scores`) and its
-    values v [N, D] into the split state: score transform, masks (``MASKED``) and
-    :func:`block_update` (the second half of :func:`fold_block`)."""
-    v = v.to(COMPUTE_DTYPE)
-    x, scale = score_transform(s, pos_q, pos_k, qk_scale, softcap_scaled, alibi_slope_log2,
-                               HAS_SOFTCAP, HAS_ALIBI)
-    if MASKED:
-        vis = visibility_mask(pos_q, pos_k, seqlen_k, window_left, window_right,
-                              HAS_LEFT, HAS_RIGHT)
-        x = tl.where(vis, x, float("-inf"))
-    return block_update(m, l, acc, x, v, scale, COMPUTE_DTYPE, ROWWISE)
-
-
-@triton.jit
 def fold_block(m, l, acc, q, k, v, pos_q, pos_k, seqlen_k,
                qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
                MASKED: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
@@ -169,15 +143,18 @@ def fold_block(m, l, acc, q, k, v, pos_q, pos_k, seqlen_k,
     and :func:`block_update` with the values v [N, D].
 
     The dense forward (prefill) and the split-KV decode kernels both fold their
-    key blocks through this one function (or its two halves, :func:`block_scores`
-    and :func:`fold_scores`), whatever loaded the tiles.
+    key blocks through this one function, whatever loaded the tiles.
     """
     k = k.to(COMPUTE_DTYPE)
-    v = v.to(COMPUTE_DTYPE)   # (converted before the product: the order the measured kernels compile)
+    v = v.to(COMPUTE_DTYPE)
     s = tile_dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], tl.float32), ROWWISE)
-    return fold_scores(m, l, acc, s, v, pos_q, pos_k, seqlen_k, qk_scale, softcap_scaled,
-                       alibi_slope_log2, window_left, window_right, MASKED, COMPUTE_DTYPE, ROWWISE,
-                       HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
+    x, scale = score_transform(s, pos_q, pos_k, qk_scale, softcap_scaled, alibi_slope_log2,
+                               HAS_SOFTCAP, HAS_ALIBI)
+    if MASKED:
+        vis = visibility_mask(pos_q, pos_k, seqlen_k, window_left, window_right,
+                              HAS_LEFT, HAS_RIGHT)
+        x = tl.where(vis, x, float("-inf"))
+    return block_update(m, l, acc, x, v, scale, COMPUTE_DTYPE, ROWWISE)
 
 
 @triton.jit

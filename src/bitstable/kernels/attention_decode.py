@@ -24,7 +24,7 @@ query heads of a GQA group into one tile (they share K/V tile loads).
 import triton
 import triton.language as tl
 
-from .attention_core import block_scores, empty_state, finalize, fold_block, fold_scores, merge_states
+from .attention_core import empty_state, finalize, fold_block, merge_states
 
 
 @triton.jit
@@ -98,7 +98,6 @@ def attention_split_partial_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, EVEN_D: tl.constexpr,
-    OVERLAP: tl.constexpr,
 ):
     """Grid: (num_splits * num_m_tiles, B * Hkv).  One split of one tile of packed rows.
 
@@ -171,34 +170,13 @@ def attention_split_partial_kernel(
             qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
             True, BLOCK_N, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
             PAGED, EVEN_D)
-    if OVERLAP:
-        # The same folds, with block j+1's scores issued before block j's softmax and
-        # P @ V (they do not depend on it), so the tensor cores overlap the two.
-        if mid_hi > mid_lo:
-            s_cur = block_scores(q, _load_cache_block(
-                k_base, mid_lo, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size, stride_kp,
-                stride_kn, offs_n, offs_d, d_ok, False, BLOCK_N, PAGED, EVEN_D), COMPUTE_DTYPE, ROWWISE)
-            for j in range(mid_lo, mid_hi):
-                k_next = _load_cache_block(k_base, tl.minimum(j + 1, mid_hi - 1), b, b_cache, seqlen_k,
-                                           BLOCK_TABLE, stride_bt_b, page_size, stride_kp, stride_kn,
-                                           offs_n, offs_d, d_ok, False, BLOCK_N, PAGED, EVEN_D)
-                v = _load_cache_block(v_base, j, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b,
-                                      page_size, stride_vp, stride_vn, offs_n, offs_d, d_ok, False,
-                                      BLOCK_N, PAGED, EVEN_D)
-                s_next = block_scores(q, k_next, COMPUTE_DTYPE, ROWWISE)
-                m_s, l_s, acc_s = fold_scores(m_s, l_s, acc_s, s_cur, v, pos_q, j * BLOCK_N + offs_n,
-                                              seqlen_k, qk_scale, softcap_scaled, alibi_slope_log2,
-                                              window_left, window_right, False, COMPUTE_DTYPE, ROWWISE,
-                                              HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
-                s_cur = s_next
-    else:
-        for j in range(mid_lo, mid_hi):
-            m_s, l_s, acc_s = _fold_cache_block(
-                j, m_s, l_s, acc_s, q, k_base, v_base, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b,
-                page_size, stride_kp, stride_kn, stride_vp, stride_vn, offs_n, offs_d, d_ok, pos_q,
-                qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                False, BLOCK_N, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
-                PAGED, EVEN_D)
+    for j in range(mid_lo, mid_hi):
+        m_s, l_s, acc_s = _fold_cache_block(
+            j, m_s, l_s, acc_s, q, k_base, v_base, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b,
+            page_size, stride_kp, stride_kn, stride_vp, stride_vn, offs_n, offs_d, d_ok, pos_q,
+            qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+            False, BLOCK_N, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
+            PAGED, EVEN_D)
     for j in range(tl.maximum(mid_hi, lo), hi):
         m_s, l_s, acc_s = _fold_cache_block(
             j, m_s, l_s, acc_s, q, k_base, v_base, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b,
