@@ -68,13 +68,15 @@ def main() -> int:
                       ("LSE", "DELTA", "ALIBI"),
                       ("CU_Q", "CU_K"), ("qk_scale", "softcap_scaled", "grad_scale"), num_warps=4, num_stages=2)
                 n += 1
-        for paged in (False, True):
-            build(attention_split_partial_kernel, dict(base, SPLIT_BLOCKS=32, PAGED=paged, HAS_BATCH_IDX=not paged),
+        for paged, even_d in ((False, True), (True, True), (False, False)):
+            build(attention_split_partial_kernel, dict(base, SPLIT_BLOCKS=32, PAGED=paged, HAS_BATCH_IDX=not paged,
+                                                       EVEN_D=even_d),
                   ("Q", "K", "V"), ("WS_ACC", "WS_ML", "ALIBI"), ("SEQLEN_K", "BATCH_IDX", "BLOCK_TABLE"),
                   ("qk_scale", "softcap_scaled"), num_warps=4, num_stages=3)
             n += 1
-    build(attention_split_combine_kernel, dict(HEAD_DIM=128, BLOCK_M=64), ("O",), ("WS_ACC", "WS_ML", "LSE"),
-          ("SEQLEN_K",), num_warps=4)
+    for block_m, warps in ((1, 4), (16, 4)):
+        build(attention_split_combine_kernel, dict(HEAD_DIM=128, BLOCK_M=block_m), ("O",), ("WS_ACC", "WS_ML", "LSE"),
+              ("SEQLEN_K",), num_warps=warps)
     build(attention_bwd_preprocess_kernel, dict(HEAD_DIM=128, BLOCK_M=64, HAS_DLSE=True), ("O", "DO"), ("DLSE", "DELTA"),
           num_warps=4)
     # float32 backward: per-head dk/dv sums (PER_HEAD_SUMS), IEEE fp32 dots
