@@ -108,6 +108,7 @@ class MatmulConfig:
     num_stages: int
     group_m: int = 8
     chunk_blocks: int = 0   # > 0: float32 blocked summation over K (chunks of this many blocks)
+    mask_rows: bool = False  # spare rows/columns of a tile masked, not clamped (launch-only)
 
 
 # Timed next to cuBLAS (benchmarks/explore_matmul_configs.py; H200 results in
@@ -115,7 +116,7 @@ class MatmulConfig:
 # 128- and 256-long K blocks in benchmarks/results/2026-11-22-h100-session3/); every
 # candidate gave the same bits.  Small M is memory-bound: many narrow column tiles, and
 # long K blocks so that each pipeline step moves enough bytes.
-_SM90_16BIT_MM = [(16, MatmulConfig(16, 32, 256, 4, 3)), (32, MatmulConfig(32, 32, 256, 4, 3)),
+_SM90_16BIT_MM = [(16, MatmulConfig(16, 32, 256, 4, 3, mask_rows=True)), (32, MatmulConfig(32, 32, 256, 4, 3)),
                   (128, MatmulConfig(64, 32, 128, 4, 4)), (384, MatmulConfig(64, 128, 64, 4, 5)),
                   (768, MatmulConfig(128, 64, 64, 4, 4)), (None, MatmulConfig(256, 128, 64, 8, 3))]
 
@@ -130,8 +131,10 @@ _MATMUL = {
     ("generic", "fp16"): [(None, MatmulConfig(64, 64, 32, 4, 2))],
     ("generic", "fp32"): [(None, MatmulConfig(64, 64, 32, 4, 2, 8, 4))],
     # Under the interpreter two classes, so the CPU suite crosses a class boundary.
-    ("interpreter", "bf16"): [(16, MatmulConfig(16, 16, 16, 4, 1)), (None, MatmulConfig(32, 16, 16, 4, 1, 2))],
-    ("interpreter", "fp16"): [(16, MatmulConfig(16, 16, 16, 4, 1)), (None, MatmulConfig(32, 16, 16, 4, 1, 2))],
+    ("interpreter", "bf16"): [(16, MatmulConfig(16, 16, 16, 4, 1, mask_rows=True)),
+                              (None, MatmulConfig(32, 16, 16, 4, 1, 2))],
+    ("interpreter", "fp16"): [(16, MatmulConfig(16, 16, 16, 4, 1, mask_rows=True)),
+                              (None, MatmulConfig(32, 16, 16, 4, 1, 2))],
     ("interpreter", "fp32"): [(16, MatmulConfig(16, 16, 16, 4, 1, 8, 2)),
                               (None, MatmulConfig(32, 16, 16, 4, 1, 2, 2))],
 }

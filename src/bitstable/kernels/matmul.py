@@ -25,7 +25,7 @@ def matmul_kernel(A, B, C, M, N, K,
                   stride_cb, stride_cm, stride_cn,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   GROUP_M: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
-                  CHUNK_BLOCKS: tl.constexpr = 0):
+                  CHUNK_BLOCKS: tl.constexpr = 0, MASK_ROWS: tl.constexpr = False):
     """Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), batch).  C[b] = A[b] @ B[b], fp32 accumulate.
 
     Tiles are visited in groups of GROUP_M row-blocks (L2 reuse of B); the
@@ -44,18 +44,29 @@ def matmul_kernel(A, B, C, M, N, K,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    # Rows/columns past M/N are masked (zero-filled, never read): clamping them onto row 0
-    # made every spare lane of a 16-row tile load the same address, 2x slower at M=1
-    # (measured).  They are never stored, and no other row's sum sees them.
+    # Rows/columns past M/N are never stored and no other row's sum sees them.  They are
+    # clamped onto row/column 0 (cheapest for tiles that are mostly full), or with
+    # MASK_ROWS masked (zero-filled, not read): clamping made every spare row of a
+    # 16-row tile load the same address, 2x slower at M=1 (measured on an H100).
     m_ok = offs_m < M
     n_ok = offs_n < N
-    a_ptr = A + pid_b * stride_ab + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
-    b_ptr = B + pid_b * stride_bb + offs_k[:, None] * stride_bk + offs_n[None, :].to(tl.int64) * stride_bn
+    if MASK_ROWS:
+        rows = offs_m.to(tl.int64)
+        cols = offs_n.to(tl.int64)
+        a_mask = m_ok[:, None]
+        b_mask = n_ok[None, :]
+    else:
+        rows = tl.where(m_ok, offs_m, 0).to(tl.int64)
+        cols = tl.where(n_ok, offs_n, 0).to(tl.int64)
+        a_mask = tl.full([BLOCK_M, 1], 1, tl.int1)   # constant true: folded away
+        b_mask = tl.full([1, BLOCK_N], 1, tl.int1)
+    a_ptr = A + pid_b * stride_ab + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptr = B + pid_b * stride_bb + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if CHUNK_BLOCKS == 0:    # one running sum over K (tensor-core inputs)
         for k0 in range(0, K, BLOCK_K):
-            a = tl.load(a_ptr, mask=m_ok[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
-            b = tl.load(b_ptr, mask=(k0 + offs_k < K)[:, None] & n_ok[None, :], other=0.0)
+            a = tl.load(a_ptr, mask=a_mask & (k0 + offs_k < K)[None, :], other=0.0)
+            b = tl.load(b_ptr, mask=(k0 + offs_k < K)[:, None] & b_mask, other=0.0)
             acc = tile_dot(a.to(COMPUTE_DTYPE), b.to(COMPUTE_DTYPE), acc, ROWWISE)
             a_ptr += BLOCK_K * stride_ak
             b_ptr += BLOCK_K * stride_bk
@@ -63,8 +74,8 @@ def matmul_kernel(A, B, C, M, N, K,
         for c0 in range(0, K, CHUNK_BLOCKS * BLOCK_K):
             part = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for k0 in range(c0, tl.minimum(c0 + CHUNK_BLOCKS * BLOCK_K, K), BLOCK_K):
-                a = tl.load(a_ptr, mask=m_ok[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
-                b = tl.load(b_ptr, mask=(k0 + offs_k < K)[:, None] & n_ok[None, :], other=0.0)
+                a = tl.load(a_ptr, mask=a_mask & (k0 + offs_k < K)[None, :], other=0.0)
+                b = tl.load(b_ptr, mask=(k0 + offs_k < K)[:, None] & b_mask, other=0.0)
                 part = tile_dot(a.to(COMPUTE_DTYPE), b.to(COMPUTE_DTYPE), part, ROWWISE)
                 a_ptr += BLOCK_K * stride_ak
                 b_ptr += BLOCK_K * stride_bk

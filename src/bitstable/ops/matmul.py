@@ -54,7 +54,8 @@ def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     matmul_kernel[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), a.stride(2),
                         b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1), c.stride(2),
                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                        GROUP_M=cfg.group_m, CHUNK_BLOCKS=cfg.chunk_blocks, COMPUTE_DTYPE=compute_dtype(a.dtype), ROWWISE=interpreting(),
+                        GROUP_M=cfg.group_m, CHUNK_BLOCKS=cfg.chunk_blocks, MASK_ROWS=cfg.mask_rows,
+                        COMPUTE_DTYPE=compute_dtype(a.dtype), ROWWISE=interpreting(),
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return c
 
