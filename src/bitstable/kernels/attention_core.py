@@ -103,6 +103,29 @@ def visibility_mask(pos_q, pos_k, seqlen_k, window_left, window_right,
 
 
 @triton.jit
+def tile_key_range(p_lo, p_hi, seqlen_k, window_left, window_right, BLOCK_N: tl.constexpr,
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Keys a tile of queries at positions ``p_lo .. p_hi`` can see, and the key blocks
+    every one of them sees whole.
+
+    Returns ``(key_lo, key_hi, full_lo, full_hi)``: keys ``[key_lo, key_hi)`` are visible
+    to some row; blocks ``[full_lo, full_hi)`` (unclamped: callers intersect them with
+    their own block range) are visible to every row, so they fold without mask work.
+    """
+    key_lo = 0
+    key_hi = seqlen_k
+    full_lo = 0
+    full_hi = seqlen_k // BLOCK_N
+    if HAS_LEFT:
+        key_lo = tl.maximum(p_lo - window_left, 0)
+        full_lo = tl.cdiv(tl.maximum(p_hi - window_left, 0), BLOCK_N)
+    if HAS_RIGHT:
+        key_hi = tl.minimum(tl.maximum(p_hi + window_right + 1, 0), seqlen_k)
+        full_hi = tl.minimum(full_hi, tl.maximum(p_lo + window_right + 1, 0) // BLOCK_N)
+    return key_lo, key_hi, full_lo, full_hi
+
+
+@triton.jit
 def empty_state(BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
     """The state of a row that has seen no key: (m=-inf, l=0, acc=0)."""
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)

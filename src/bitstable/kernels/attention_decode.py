@@ -24,7 +24,7 @@ query heads of a GQA group into one tile (they share K/V tile loads).
 import triton
 import triton.language as tl
 
-from .attention_core import empty_state, finalize, fold_block, merge_states
+from .attention_core import empty_state, finalize, fold_block, merge_states, tile_key_range
 
 
 @triton.jit
@@ -63,17 +63,21 @@ def _load_cache_block(base, j, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, p
 
 
 @triton.jit
-def _fold_cache_block(j, m_s, l_s, acc_s, q, k_base, v_base, b, b_cache, seqlen_k, BLOCK_TABLE,
-                      stride_bt_b, page_size, stride_kp, stride_kn, stride_vp, stride_vn,
-                      offs_n, offs_d, d_ok, pos_q,
-                      qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+def _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores,
                       MASKED: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                       ROWWISE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                       HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PAGED: tl.constexpr,
                       EVEN_D: tl.constexpr):
     """Load cached key block ``j`` and fold it into the split state with
     :func:`fold_block`; ``MASKED`` as in the dense kernel (False only for a block
-    every row of the tile sees whole)."""
+    every row of the tile sees whole).  ``cache`` = (k_base, v_base, b, b_cache,
+    seqlen_k, BLOCK_TABLE, stride_bt_b, page_size, stride_kp, stride_kn, stride_vp,
+    stride_vn), ``where`` = (offs_n, offs_d, d_ok, pos_q), ``scores`` = (qk_scale,
+    softcap_scaled, alibi_slope_log2, window_left, window_right)."""
+    k_base, v_base, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size, \
+        stride_kp, stride_kn, stride_vp, stride_vn = cache
+    offs_n, offs_d, d_ok, pos_q = where
+    qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right = scores
     k = _load_cache_block(k_base, j, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size,
                           stride_kp, stride_kn, offs_n, offs_d, d_ok, MASKED, BLOCK_N, PAGED, EVEN_D)
     v = _load_cache_block(v_base, j, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size,
@@ -139,51 +143,36 @@ def attention_split_partial_kernel(
     p_lo = (pid_m * BLOCK_M) // group_size + (seqlen_k - seqlen_q)
     p_hi = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, seqlen_q * group_size) - 1) // group_size \
         + (seqlen_k - seqlen_q)
-    key_lo = 0
-    key_hi = seqlen_k
-    if HAS_LEFT:
-        key_lo = tl.maximum(p_lo - window_left, 0)
-    if HAS_RIGHT:
-        key_hi = tl.minimum(tl.maximum(p_hi + window_right + 1, 0), seqlen_k)
+    key_lo, key_hi, full_lo, full_hi = tile_key_range(p_lo, p_hi, seqlen_k, window_left, window_right,
+                                                      BLOCK_N, HAS_LEFT, HAS_RIGHT)
     lo = tl.maximum(key_lo // BLOCK_N, split * SPLIT_BLOCKS)
     hi = tl.minimum(tl.cdiv(key_hi, BLOCK_N), split * SPLIT_BLOCKS + SPLIT_BLOCKS)
     hi = tl.where(pid_m * BLOCK_M >= seqlen_q * group_size, lo, hi)
 
     # Blocks every row of the tile sees whole fold without mask work (the dense
     # kernel's rule; masked and unmasked folds round a visible element alike).
-    full_lo = 0
-    full_hi = seqlen_k // BLOCK_N
-    if HAS_LEFT:
-        full_lo = tl.cdiv(tl.maximum(p_hi - window_left, 0), BLOCK_N)
-    if HAS_RIGHT:
-        full_hi = tl.minimum(full_hi, tl.maximum(p_lo + window_right + 1, 0) // BLOCK_N)
     mid_lo = tl.minimum(tl.maximum(full_lo, lo), tl.maximum(hi, lo))
     mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), tl.maximum(hi, mid_lo))
 
     k_base = K + h_kv.to(tl.int64) * stride_kh
     v_base = V + h_kv.to(tl.int64) * stride_vh
+    cache = (k_base, v_base, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size,
+             stride_kp, stride_kn, stride_vp, stride_vn)
+    where = (offs_n, offs_d, d_ok, pos_q)
+    scores = (qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right)
     m_s, l_s, acc_s = empty_state(BLOCK_M, HEAD_DIM)
-    for j in range(lo, mid_lo):
-        m_s, l_s, acc_s = _fold_cache_block(
-            j, m_s, l_s, acc_s, q, k_base, v_base, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b,
-            page_size, stride_kp, stride_kn, stride_vp, stride_vn, offs_n, offs_d, d_ok, pos_q,
-            qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-            True, BLOCK_N, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
-            PAGED, EVEN_D)
-    for j in range(mid_lo, mid_hi):
-        m_s, l_s, acc_s = _fold_cache_block(
-            j, m_s, l_s, acc_s, q, k_base, v_base, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b,
-            page_size, stride_kp, stride_kn, stride_vp, stride_vn, offs_n, offs_d, d_ok, pos_q,
-            qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-            False, BLOCK_N, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
-            PAGED, EVEN_D)
-    for j in range(tl.maximum(mid_hi, lo), hi):
-        m_s, l_s, acc_s = _fold_cache_block(
-            j, m_s, l_s, acc_s, q, k_base, v_base, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b,
-            page_size, stride_kp, stride_kn, stride_vp, stride_vn, offs_n, offs_d, d_ok, pos_q,
-            qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-            True, BLOCK_N, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT,
-            PAGED, EVEN_D)
+    for j in range(lo, mid_lo):      # masked: left window edge
+        m_s, l_s, acc_s = _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, True, BLOCK_N,
+                                            COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT,
+                                            HAS_RIGHT, PAGED, EVEN_D)
+    for j in range(mid_lo, mid_hi):  # seen whole by every row
+        m_s, l_s, acc_s = _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, False, BLOCK_N,
+                                            COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT,
+                                            HAS_RIGHT, PAGED, EVEN_D)
+    for j in range(tl.maximum(mid_hi, lo), hi):   # masked: causal / right edge, last keys
+        m_s, l_s, acc_s = _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, True, BLOCK_N,
+                                            COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT,
+                                            HAS_RIGHT, PAGED, EVEN_D)
 
     # Splits past this sequence's keys are never read by the combine: nothing to write.
     live = row_ok & (split * SPLIT_BLOCKS * BLOCK_N < seqlen_k)

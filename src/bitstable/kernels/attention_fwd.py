@@ -18,7 +18,7 @@ q; lse ``[B, Hq, Lq]`` float32.  Query head ``h`` reads key/value head
 import triton
 import triton.language as tl
 
-from .attention_core import empty_state, finalize, fold_block, merge_states
+from .attention_core import empty_state, finalize, fold_block, merge_states, tile_key_range
 
 
 @triton.jit
@@ -149,16 +149,8 @@ def attention_fwd_kernel(
     # Keys the tile can see, and the blocks every row of the tile sees whole.
     p_lo = pid_m * BLOCK_M + (seqlen_k - seqlen_q)
     p_hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, seqlen_q) - 1 + (seqlen_k - seqlen_q)
-    key_lo = 0
-    key_hi = seqlen_k
-    full_lo = 0
-    full_hi = seqlen_k // BLOCK_N
-    if HAS_LEFT:
-        key_lo = tl.maximum(p_lo - window_left, 0)
-        full_lo = tl.cdiv(tl.maximum(p_hi - window_left, 0), BLOCK_N)
-    if HAS_RIGHT:
-        key_hi = tl.minimum(tl.maximum(p_hi + window_right + 1, 0), seqlen_k)
-        full_hi = tl.minimum(full_hi, tl.maximum(p_lo + window_right + 1, 0) // BLOCK_N)
+    key_lo, key_hi, full_lo, full_hi = tile_key_range(p_lo, p_hi, seqlen_k, window_left, window_right,
+                                                      BLOCK_N, HAS_LEFT, HAS_RIGHT)
     blk_lo = key_lo // BLOCK_N
     blk_hi = tl.maximum(tl.cdiv(key_hi, BLOCK_N), blk_lo)
     if VARLEN:  # a tile past this sequence's last row does nothing
