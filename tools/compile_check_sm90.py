@@ -68,9 +68,11 @@ def main() -> int:
                       ("LSE", "DELTA", "ALIBI"),
                       ("CU_Q", "CU_K"), ("qk_scale", "softcap_scaled", "grad_scale"), num_warps=4, num_stages=2)
                 n += 1
-        for paged, even_d in ((False, True), (True, True), (False, False)):
-            build(attention_split_partial_kernel, dict(base, SPLIT_BLOCKS=32, PAGED=paged, HAS_BATCH_IDX=not paged,
-                                                       EVEN_D=even_d),
+        for paged, even_d, keys_major in ((False, True, False), (True, True, False), (False, False, False),
+                                          (False, True, True), (True, False, True)):
+            build(attention_split_partial_kernel, dict(base, BLOCK_M=16 if keys_major else base["BLOCK_M"],
+                                                       SPLIT_BLOCKS=32, PAGED=paged, HAS_BATCH_IDX=not paged,
+                                                       EVEN_D=even_d, KEYS_MAJOR=keys_major),
                   ("Q", "K", "V"), ("WS_ACC", "WS_ML", "ALIBI"), ("SEQLEN_K", "BATCH_IDX", "BLOCK_TABLE"),
                   ("qk_scale", "softcap_scaled"), num_warps=4, num_stages=3)
             n += 1

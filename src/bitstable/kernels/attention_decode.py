@@ -24,7 +24,8 @@ query heads of a GQA group into one tile (they share K/V tile loads).
 import triton
 import triton.language as tl
 
-from .attention_core import empty_state, finalize, fold_block, merge_states, tile_key_range
+from .attention_core import (empty_state, finalize, fold_block, fold_block_keys_major, merge_states,
+                             tile_key_range)
 
 
 @triton.jit
@@ -67,9 +68,10 @@ def _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores,
                       MASKED: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                       ROWWISE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                       HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PAGED: tl.constexpr,
-                      EVEN_D: tl.constexpr):
+                      EVEN_D: tl.constexpr, KEYS_MAJOR: tl.constexpr):
     """Load cached key block ``j`` and fold it into the split state with
-    :func:`fold_block`; ``MASKED`` as in the dense kernel (False only for a block
+    :func:`fold_block` (:func:`fold_block_keys_major` if ``KEYS_MAJOR``: ``acc_s`` is
+    [D, M]); ``MASKED`` as in the dense kernel (False only for a block
     every row of the tile sees whole).  ``cache`` = (k_base, v_base, b, b_cache,
     seqlen_k, BLOCK_TABLE, stride_bt_b, page_size, stride_kp, stride_kn, stride_vp,
     stride_vn), ``where`` = (offs_n, offs_d, d_ok, pos_q), ``scores`` = (qk_scale,
@@ -82,10 +84,16 @@ def _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores,
                           stride_kp, stride_kn, offs_n, offs_d, d_ok, MASKED, BLOCK_N, PAGED, EVEN_D)
     v = _load_cache_block(v_base, j, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size,
                           stride_vp, stride_vn, offs_n, offs_d, d_ok, MASKED, BLOCK_N, PAGED, EVEN_D)
-    return fold_block(m_s, l_s, acc_s, q, k, v, pos_q, j * BLOCK_N + offs_n, seqlen_k,
-                      qk_scale, softcap_scaled, alibi_slope_log2, window_left,
-                      window_right, MASKED, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP,
-                      HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
+    if KEYS_MAJOR:
+        return fold_block_keys_major(m_s, l_s, acc_s, q, k, v, pos_q, j * BLOCK_N + offs_n, seqlen_k,
+                                     qk_scale, softcap_scaled, alibi_slope_log2, window_left,
+                                     window_right, MASKED, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP,
+                                     HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
+    else:
+        return fold_block(m_s, l_s, acc_s, q, k, v, pos_q, j * BLOCK_N + offs_n, seqlen_k,
+                          qk_scale, softcap_scaled, alibi_slope_log2, window_left,
+                          window_right, MASKED, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP,
+                          HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
 
 
 @triton.jit
@@ -102,6 +110,7 @@ def attention_split_partial_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, EVEN_D: tl.constexpr,
+    KEYS_MAJOR: tl.constexpr,
 ):
     """Grid: (num_splits * num_m_tiles, B * Hkv).  One split of one tile of packed rows.
 
@@ -110,6 +119,11 @@ def attention_split_partial_kernel(
     share each K/V tile load, and a decode step (one token) fills ``group_size``
     rows instead of one.  A row's bits do not depend on which rows share its
     tile (the same fold as the dense kernel, row by row).
+
+    ``KEYS_MAJOR``: the tiles are transposed (scores [BLOCK_N, BLOCK_M], accumulator
+    [HEAD_DIM, BLOCK_M]), so that a few rows (a decode step: ``group_size`` rows)
+    fill the MMA's narrow side instead of being padded to a 64-row tile; same bits
+    (:func:`fold_block_keys_major`).
     """
     split = tl.program_id(0) // num_m_tiles
     pid_m = tl.program_id(0) % num_m_tiles
@@ -137,7 +151,10 @@ def attention_split_partial_kernel(
     alibi_slope_log2 = 0.0
     if HAS_ALIBI:
         slope = tl.load(ALIBI + b * stride_alibi_b + h, mask=row_ok, other=0.0).to(tl.float32)
-        alibi_slope_log2 = (slope * 1.4426950408889634)[:, None]
+        if KEYS_MAJOR:
+            alibi_slope_log2 = (slope * 1.4426950408889634)[None, :]
+        else:
+            alibi_slope_log2 = (slope * 1.4426950408889634)[:, None]
 
     # The tile's visible keys (as in the dense kernel), cut to this split's blocks.
     p_lo = (pid_m * BLOCK_M) // group_size + (seqlen_k - seqlen_q)
@@ -161,23 +178,28 @@ def attention_split_partial_kernel(
     where = (offs_n, offs_d, d_ok, pos_q)
     scores = (qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right)
     m_s, l_s, acc_s = empty_state(BLOCK_M, HEAD_DIM)
+    if KEYS_MAJOR:
+        acc_s = tl.zeros([HEAD_DIM, BLOCK_M], tl.float32)
     for j in range(lo, mid_lo):      # masked: left window edge
         m_s, l_s, acc_s = _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, True, BLOCK_N,
                                             COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT,
-                                            HAS_RIGHT, PAGED, EVEN_D)
+                                            HAS_RIGHT, PAGED, EVEN_D, KEYS_MAJOR)
     for j in range(mid_lo, mid_hi):  # seen whole by every row
         m_s, l_s, acc_s = _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, False, BLOCK_N,
                                             COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT,
-                                            HAS_RIGHT, PAGED, EVEN_D)
+                                            HAS_RIGHT, PAGED, EVEN_D, KEYS_MAJOR)
     for j in range(tl.maximum(mid_hi, lo), hi):   # masked: causal / right edge, last keys
         m_s, l_s, acc_s = _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, True, BLOCK_N,
                                             COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT,
-                                            HAS_RIGHT, PAGED, EVEN_D)
+                                            HAS_RIGHT, PAGED, EVEN_D, KEYS_MAJOR)
 
     # Splits past this sequence's keys are never read by the combine: nothing to write.
     live = row_ok & (split * SPLIT_BLOCKS * BLOCK_N < seqlen_k)
     row = ((split * batch + b) * num_heads_q + h).to(tl.int64) * seqlen_q + t
-    tl.store(WS_ACC + row[:, None] * HEAD_DIM + offs_d[None, :], acc_s, mask=live[:, None])
+    if KEYS_MAJOR:
+        tl.store(WS_ACC + row[None, :] * HEAD_DIM + offs_d[:, None], acc_s, mask=live[None, :])
+    else:
+        tl.store(WS_ACC + row[:, None] * HEAD_DIM + offs_d[None, :], acc_s, mask=live[:, None])
     tl.store(WS_ML + row * 2, m_s, mask=live)
     tl.store(WS_ML + row * 2 + 1, l_s, mask=live)
 
