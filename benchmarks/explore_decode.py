@@ -22,8 +22,9 @@ from bitstable.bench import copy_bandwidth_gbs
 kv_mod = importlib.import_module("bitstable.attention.kvcache")
 CASES = [(1, 4096), (1, 16384), (1, 65536), (1, 131072), (8, 4096), (8, 16384), (64, 4096)]
 # (split, launch options forced over the table's)
-VARIANTS = [(2048, {}), (2048, {"keys_major": False}), (2048, {"stages": 2}), (2048, {"stages": 4}),
-            (1024, {}), (512, {})]
+VARIANTS = [(2048, {}), (2048, {"keys_major": False}), (2048, {"keys_major": False, "tma": False}),
+            (2048, {"tma": False}), (2048, {"combine": (1, 4, 128)}), (2048, {"combine": (1, 2, 64)}),
+            (2048, {"stages": 4}), (1024, {}), (512, {})]
 
 
 def kernel_times(fn):

@@ -264,7 +264,8 @@ def test_decode_step_captures_in_a_cuda_graph_and_host_lengths_need_no_sync(devi
 @pytest.mark.parametrize("sz", SIZES)
 def test_decode_launch_options_change_no_bits(sz, device):
     """The launch-only options of the decode kernels (16-byte or masked-d loads, pipeline
-    depth, the combine kernel's tile, keys-major tiles or not) give the same bits."""
+    depth, the combine kernel's tile, keys-major tiles or not, copy-engine loads or not)
+    give the same bits."""
     import importlib
 
     kv_mod = importlib.import_module("bitstable.attention.kvcache")
@@ -276,8 +277,8 @@ def test_decode_launch_options_change_no_bits(sz, device):
     sizes = _chunks(L, random.Random(5), decode_tail=3)
     results = []
     with bitstable.set_deterministic_mode(True, split_size=_split(sz, dtype, device)):
-        for force in ({}, {"even_d": False}, {"stages": 2}, {"combine": (1, 1)}, {"combine": (1, 4)},
-                      {"combine": (16, 4)}, {"keys_major": False}):
+        for force in ({}, {"even_d": False}, {"stages": 2}, {"combine": (1, 1, 256)}, {"combine": (1, 4, 16)},
+                      {"combine": (16, 4, 32)}, {"keys_major": False}, {"tma": False}):
             kv_mod._DECODE_LAUNCH_OVERRIDE = force
             try:
                 cache = (torch.zeros(shape, dtype=dtype, device=device),

@@ -147,12 +147,13 @@ _MATMUL = {
                               (None, MatmulConfig(32, 16, 16, 4, 1, 2, 2))],
 }
 
-#: (rows per program, warps) of the split-KV combine kernel, per arch.  Launch-only:
-#: each row merges its own splits elementwise, so the tile changes no bits (tested).
-#: One row per program on GPUs: a decode step has one query row per head, and the
-#: kernel keeps sixteen split states in flight per row.  The interpreter takes 16
-#: rows per program (fewer programs to simulate).
-DECODE_COMBINE_TILE = {"interpreter": (16, 4), "sm90": (1, 4), "generic": (1, 4)}
+#: (rows per program, warps, head-dim columns per program) of the split-KV combine
+#: kernel, per arch.  Launch-only: each row merges its own splits elementwise, so the
+#: tile changes no bits (tested).  One row per program on GPUs: a decode step has one
+#: query row per head, and the kernel keeps sixteen split states in flight per row;
+#: its columns are cut over several programs so that a few rows still spread their
+#: loads over many SMs.  The interpreter takes 16 rows per program (fewer programs).
+DECODE_COMBINE_TILE = {"interpreter": (16, 4, 256), "sm90": (1, 1, 32), "generic": (1, 4, 256)}
 
 #: Chunk of the row-wise reductions (softmax, log-softmax, sum, mean).
 ROW_BLOCK = {"interpreter": 64, "sm90": 1024, "generic": 1024}

@@ -18,14 +18,15 @@ from .._backend import interpreting
 from ..configs import DECODE_COMBINE_TILE, arch_key, attention_config, padded_head_dim
 from ..kernels.attention_decode import attention_split_combine_kernel, attention_split_partial_kernel
 from ..mode import get_deterministic_mode
-from .launch import alibi_args, compute_dtype, resolve_split_size, score_scales
+from .launch import TensorDescriptor, alibi_args, compute_dtype, resolve_split_size, score_scales, tma_eligible
 from .validation import check_options, check_qkv, last_dim_contiguous, normalize_window
 
 
 #: Offline exploration only (benchmarks/explore_decode.py): launch options of the
 #: partial kernel forced over the table's: ``stages``, ``tile`` (block_m, num_warps),
 #: ``even_d`` (False: masked-d scalar loads), and the combine kernel's
-#: ``combine`` (block_m, num_warps), ``keys_major`` (False: never transposed tiles).
+#: ``combine`` (block_m, num_warps, block_d), ``keys_major`` (False: never transposed tiles),
+#: ``tma`` (False: whole blocks through per-thread copies too).
 #: All launch-only (same bits).
 _DECODE_LAUNCH_OVERRIDE: dict = {}
 
@@ -301,8 +302,17 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     alibi, stride_alibi_b = alibi_args(alibi_slopes, lse)
     bt = block_table if block_table is not None else seqlens_k
     bidx = cache_batch_idx if cache_batch_idx is not None else seqlens_k
+    # Whole key blocks through the copy engine where the layout allows it (16-byte
+    # aligned strides, pages holding whole blocks).
+    use_tma = (force.get("tma", cfg.tma) and even_d and TensorDescriptor is not None and not interpreting()
+               and (block_table is None or page_size % cfg.block_n == 0) and tma_eligible(k_cache_c, v_cache_c))
+    k_desc, v_desc = k_cache_c, v_cache_c
+    if use_tma:
+        box = [1, cfg.block_n, 1, HD]
+        k_desc = TensorDescriptor(k_cache_c, list(k_cache_c.shape), list(k_cache_c.stride()), box)
+        v_desc = TensorDescriptor(v_cache_c, list(v_cache_c.shape), list(v_cache_c.stride()), box)
     attention_split_partial_kernel[(num_splits * num_m_tiles, B * Hk)](
-        q, k_cache_c, v_cache_c, ws_acc, ws_ml, seqlens_k, bidx, bt, alibi,
+        q, k_cache_c, v_cache_c, k_desc, v_desc, ws_acc, ws_ml, seqlens_k, bidx, bt, alibi,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache_c.stride(0), k_cache_c.stride(1), k_cache_c.stride(2),
         v_cache_c.stride(0), v_cache_c.stride(1), v_cache_c.stride(2),
@@ -314,10 +324,11 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
         PAGED=block_table is not None, HAS_BATCH_IDX=cache_batch_idx is not None,
-        EVEN_D=even_d, KEYS_MAJOR=keys_major,
+        EVEN_D=even_d, KEYS_MAJOR=keys_major, USE_TMA=use_tma,
         num_warps=dec_w, num_stages=force.get("stages") or cfg.decode_stages)
-    comb_m, comb_w = force.get("combine") or DECODE_COMBINE_TILE[arch_key(q.device)]
-    attention_split_combine_kernel[(triton.cdiv(max(Lq, 1), comb_m), B * Hq)](
+    comb_m, comb_w, comb_d = force.get("combine") or DECODE_COMBINE_TILE[arch_key(q.device)]
+    comb_d = min(comb_d, HD)
+    attention_split_combine_kernel[(triton.cdiv(max(Lq, 1), comb_m) * (HD // comb_d), B * Hq)](
         ws_acc, ws_ml, out, lse, seqlens_k, out.stride(0), out.stride(1), out.stride(2),
-        Hq, B, Lq, D, split, HEAD_DIM=HD, BLOCK_M=comb_m, num_warps=comb_w)
+        Hq, B, Lq, D, split, HEAD_DIM=HD, BLOCK_M=comb_m, BLOCK_D=comb_d, num_warps=comb_w)
     return (out, lse) if return_softmax_lse else out

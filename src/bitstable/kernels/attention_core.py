@@ -234,9 +234,12 @@ def key_sum_dense_order(p, ROWWISE: tl.constexpr):
         part = _column(x, 0, LOG2_N) + _column(x, 1, LOG2_N)
         for t in tl.static_range(2, 2 * J):
             part = part + _column(x, t, LOG2_N)    # [row, c]
-        # A sum over an axis of two elements is one addition, whatever the layout.
-        pairs = tl.sum(tl.reshape(part, [M, 2, 2]), 1)    # [row, c % 2]: c0 + c2, c1 + c3
-        return tl.sum(pairs, 1)
+        # (c0 + c2) + (c1 + c3): each of the two inner sums adds one pair and zeros,
+        # which is that one addition whatever order the reduction takes.
+        c = tl.arange(0, 4)[None, :]
+        even = tl.sum(tl.where(c % 2 == 0, part, 0.0), 1)
+        odd = tl.sum(tl.where(c % 2 == 1, part, 0.0), 1)
+        return even + odd
 
 
 @triton.jit

@@ -64,26 +64,49 @@ def _load_cache_block(base, j, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, p
 
 
 @triton.jit
+def _load_cache_block_tma(desc, j, b, b_cache, h_kv, BLOCK_TABLE, stride_bt_b, page_size,
+                          BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PAGED: tl.constexpr):
+    """The [BLOCK_N, HEAD_DIM] tile of cached rows ``j * BLOCK_N ...`` through the copy
+    engine (TMA): one bulk copy per tile from a host-made 4-d descriptor over the cache
+    ([B_cache, L_cache, Hkv, D], or [pages, page_size, Hkv, D] with page_size a multiple
+    of BLOCK_N).  For blocks wholly inside the sequence only (rows past it would hold
+    stale cache entries, not zeros); the same values as the pointer loads."""
+    if PAGED:
+        page = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_bt_b + (j * BLOCK_N) // page_size)
+        tile = desc.load([page, (j * BLOCK_N) % page_size, h_kv, 0])
+    else:
+        tile = desc.load([b_cache, j * BLOCK_N, h_kv, 0])
+    return tile.reshape(BLOCK_N, HEAD_DIM)
+
+
+@triton.jit
 def _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores,
                       MASKED: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                       ROWWISE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                       HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PAGED: tl.constexpr,
-                      EVEN_D: tl.constexpr, KEYS_MAJOR: tl.constexpr):
+                      EVEN_D: tl.constexpr, KEYS_MAJOR: tl.constexpr, USE_TMA: tl.constexpr = False):
     """Load cached key block ``j`` and fold it into the split state with
     :func:`fold_block` (:func:`fold_block_keys_major` if ``KEYS_MAJOR``: ``acc_s`` is
     [D, M]); ``MASKED`` as in the dense kernel (False only for a block
     every row of the tile sees whole).  ``cache`` = (k_base, v_base, b, b_cache,
     seqlen_k, BLOCK_TABLE, stride_bt_b, page_size, stride_kp, stride_kn, stride_vp,
-    stride_vn), ``where`` = (offs_n, offs_d, d_ok, pos_q), ``scores`` = (qk_scale,
-    softcap_scaled, alibi_slope_log2, window_left, window_right)."""
+    stride_vn, k_desc, v_desc, h_kv), ``where`` = (offs_n, offs_d, d_ok, pos_q),
+    ``scores`` = (qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right).
+    ``USE_TMA`` (whole blocks only): the tiles come through the copy engine."""
     k_base, v_base, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size, \
-        stride_kp, stride_kn, stride_vp, stride_vn = cache
+        stride_kp, stride_kn, stride_vp, stride_vn, k_desc, v_desc, h_kv = cache
     offs_n, offs_d, d_ok, pos_q = where
     qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right = scores
-    k = _load_cache_block(k_base, j, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size,
-                          stride_kp, stride_kn, offs_n, offs_d, d_ok, MASKED, BLOCK_N, PAGED, EVEN_D)
-    v = _load_cache_block(v_base, j, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size,
-                          stride_vp, stride_vn, offs_n, offs_d, d_ok, MASKED, BLOCK_N, PAGED, EVEN_D)
+    if USE_TMA:
+        k = _load_cache_block_tma(k_desc, j, b, b_cache, h_kv, BLOCK_TABLE, stride_bt_b, page_size,
+                                  BLOCK_N, offs_d.shape[0], PAGED)
+        v = _load_cache_block_tma(v_desc, j, b, b_cache, h_kv, BLOCK_TABLE, stride_bt_b, page_size,
+                                  BLOCK_N, offs_d.shape[0], PAGED)
+    else:
+        k = _load_cache_block(k_base, j, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size,
+                              stride_kp, stride_kn, offs_n, offs_d, d_ok, MASKED, BLOCK_N, PAGED, EVEN_D)
+        v = _load_cache_block(v_base, j, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size,
+                              stride_vp, stride_vn, offs_n, offs_d, d_ok, MASKED, BLOCK_N, PAGED, EVEN_D)
     if KEYS_MAJOR:
         return fold_block_keys_major(m_s, l_s, acc_s, q, k, v, pos_q, j * BLOCK_N + offs_n, seqlen_k,
                                      qk_scale, softcap_scaled, alibi_slope_log2, window_left,
@@ -98,7 +121,7 @@ def _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores,
 
 @triton.jit
 def attention_split_partial_kernel(
-    Q, K, V, WS_ACC, WS_ML, SEQLEN_K, BATCH_IDX, BLOCK_TABLE, ALIBI,
+    Q, K, V, K_DESC, V_DESC, WS_ACC, WS_ML, SEQLEN_K, BATCH_IDX, BLOCK_TABLE, ALIBI,
     stride_qb, stride_qm, stride_qh,
     stride_kp, stride_kn, stride_kh,
     stride_vp, stride_vn, stride_vh,
@@ -110,7 +133,7 @@ def attention_split_partial_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, EVEN_D: tl.constexpr,
-    KEYS_MAJOR: tl.constexpr,
+    KEYS_MAJOR: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Grid: (num_splits * num_m_tiles, B * Hkv).  One split of one tile of packed rows.
 
@@ -124,6 +147,12 @@ def attention_split_partial_kernel(
     [HEAD_DIM, BLOCK_M]), so that a few rows (a decode step: ``group_size`` rows)
     fill the MMA's narrow side instead of being padded to a 64-row tile; same bits
     (:func:`fold_block_keys_major`).
+
+    ``USE_TMA``: ``K_DESC``/``V_DESC`` are 4-d tensor descriptors over the caches and
+    the blocks every row sees whole load through the copy engine (bulk copies keep
+    more bytes in flight per SM than per-thread copies, which bounds a decode step
+    with few programs); the partial blocks at the edges load through pointers.
+    Launch-only: the same values reach the same arithmetic.
     """
     split = tl.program_id(0) // num_m_tiles
     pid_m = tl.program_id(0) % num_m_tiles
@@ -174,7 +203,7 @@ def attention_split_partial_kernel(
     k_base = K + h_kv.to(tl.int64) * stride_kh
     v_base = V + h_kv.to(tl.int64) * stride_vh
     cache = (k_base, v_base, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size,
-             stride_kp, stride_kn, stride_vp, stride_vn)
+             stride_kp, stride_kn, stride_vp, stride_vn, K_DESC, V_DESC, h_kv)
     where = (offs_n, offs_d, d_ok, pos_q)
     scores = (qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right)
     m_s, l_s, acc_s = empty_state(BLOCK_M, HEAD_DIM)
@@ -187,7 +216,7 @@ def attention_split_partial_kernel(
     for j in range(mid_lo, mid_hi):  # seen whole by every row
         m_s, l_s, acc_s = _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, False, BLOCK_N,
                                             COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT,
-                                            HAS_RIGHT, PAGED, EVEN_D, KEYS_MAJOR)
+                                            HAS_RIGHT, PAGED, EVEN_D, KEYS_MAJOR, USE_TMA)
     for j in range(tl.maximum(mid_hi, lo), hi):   # masked: causal / right edge, last keys
         m_s, l_s, acc_s = _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, True, BLOCK_N,
                                             COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT,
@@ -255,25 +284,30 @@ def attention_split_combine_kernel(
     WS_ACC, WS_ML, O, LSE, SEQLEN_K,
     stride_ob, stride_om, stride_oh,
     num_heads_q, batch, seqlen_q, head_dim, split_size,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid: (cdiv(Lq, BLOCK_M), B * Hq).  Merge the splits that hold keys of this
-    sequence (``cdiv(SEQLEN_K[b], split_size)``) in ascending order and finalise.
+    """Grid: (cdiv(Lq, BLOCK_M) * HEAD_DIM // BLOCK_D, B * Hq).  Merge the splits that
+    hold keys of this sequence (``cdiv(SEQLEN_K[b], split_size)``) in ascending order
+    and finalise, for BLOCK_M rows and BLOCK_D of the head dim's columns.
 
     The merges are a serial chain, the loads need not be: each step reads sixteen
     splits at once and then merges them in order, so a long cache costs one load
     latency per sixteen splits instead of one per split.  The merge order and
-    arithmetic are the dense kernel's; rows are independent, so BLOCK_M changes no bits.
+    arithmetic are the dense kernel's; rows are independent and every column of a row
+    merges with the same (m, l) arithmetic, so BLOCK_M and BLOCK_D change no bits
+    (columns in more programs: more loads in flight for a decode step's few rows).
     """
-    pid_m = tl.program_id(0)
+    num_d_tiles: tl.constexpr = HEAD_DIM // BLOCK_D
+    pid_m = tl.program_id(0) // num_d_tiles
+    pid_d = tl.program_id(0) % num_d_tiles
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads_q
     h = pid_bh % num_heads_q
     num_splits = tl.cdiv(tl.load(SEQLEN_K + b), split_size)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = offs_m < seqlen_q
-    m_t, l_t, acc_t = empty_state(BLOCK_M, HEAD_DIM)
+    m_t, l_t, acc_t = empty_state(BLOCK_M, BLOCK_D)
     for s0 in range(0, num_splits, 16):
         f0 = _load_four(WS_ACC, WS_ML, s0, num_splits, b, h, batch, num_heads_q, seqlen_q,
                         offs_m, offs_d, row_ok, HEAD_DIM)
@@ -291,4 +325,4 @@ def attention_split_combine_kernel(
     tl.store(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
              + offs_m[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d < head_dim)[None, :])
-    tl.store(LSE + pid_bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_ok)
+    tl.store(LSE + pid_bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_ok & (pid_d == 0))
