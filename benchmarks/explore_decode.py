@@ -4,7 +4,7 @@ One query token, 32 query heads, 8 KV heads, head dim 128, bf16; CUDA-graph repl
 times of the whole call (partial + combine kernels) for each variant, next to
 SDPA-flash and the device copy bandwidth, and the two kernels' own times from the
 profiler.  Pipeline depth and the load path (``even_d``: 16-byte asynchronous loads
-vs. masked scalar loads) and the keys-major tiles are launch-only (same bits, checked here); the split size is
+vs. masked scalar loads, copy engine or not) are launch-only (same bits, checked here); the split size is
 part of the reduction order (DESIGN.md), shown only to size its cost.
 
     PYTHONPATH=src python benchmarks/explore_decode.py
@@ -22,9 +22,7 @@ from bitstable.bench import copy_bandwidth_gbs
 kv_mod = importlib.import_module("bitstable.attention.kvcache")
 CASES = [(1, 4096), (1, 16384), (1, 65536), (1, 131072), (8, 4096), (8, 16384), (64, 4096)]
 # (split, launch options forced over the table's)
-VARIANTS = [(2048, {}), (2048, {"keys_major": False}), (2048, {"keys_major": False, "tma": False}),
-            (2048, {"tma": False}), (2048, {"combine": (1, 4, 128)}), (2048, {"combine": (1, 2, 64)}),
-            (2048, {"stages": 4}), (1024, {}), (512, {})]
+VARIANTS = [(2048, {}), (2048, {"tma": False}), (2048, {"stages": 2}), (1024, {}), (512, {})]
 
 
 def kernel_times(fn):
@@ -85,7 +83,34 @@ def main():
                   f"| {fl:.4f} | {fl / ms:.2f}x | {same} | {extra}", flush=True)
         del kc, vc, q, qt, kt, vt
         torch.cuda.empty_cache()
+    l2_probe()
     return 0
+
+
+def l2_probe():
+    """Batch 1: the same decode step with its keys in memory (a contiguous cache) and in
+    L2 (a paged cache whose block table names one 2048-key page throughout).  If the
+    step is bound by moving bytes into the SM, L2-resident keys make it much faster; if
+    it is bound by the fold's instruction latency, they do not."""
+    print("\n| KV len | contiguous (HBM) us | one page (L2) us | L2 / HBM |")
+    print("|---|---|---|---|")
+    for L in (4096, 16384):
+        q = torch.randn(1, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
+        kc = torch.randn(1, L, 8, 128, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn(1, L, 8, 128, device="cuda", dtype=torch.bfloat16)
+        kp = torch.randn(1, 2048, 8, 128, device="cuda", dtype=torch.bfloat16)
+        vp = torch.randn(1, 2048, 8, 128, device="cuda", dtype=torch.bfloat16)
+        table = torch.zeros(1, L // 2048, dtype=torch.int32, device="cuda")
+        lens = torch.full((1,), L, dtype=torch.int32, device="cuda")
+
+        def hbm():
+            return bitstable.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True)
+
+        def l2():
+            return bitstable.flash_attn_with_kvcache(q, kp, vp, cache_seqlens=lens, block_table=table, causal=True)
+        t_hbm = triton.testing.do_bench_cudagraph(hbm, return_mode="median") * 1e3
+        t_l2 = triton.testing.do_bench_cudagraph(l2, return_mode="median") * 1e3
+        print(f"| {L} | {t_hbm:.1f} | {t_l2:.1f} | {t_l2 / t_hbm:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

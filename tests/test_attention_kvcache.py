@@ -99,43 +99,45 @@ def test_prefill_chunks_and_decode_equal_the_full_forward(dtype, feature, sz, de
             assert torch.equal(got, full), f"paged cache (page size {ps}) differs from the full forward"
 
 
-FEW_ROWS = [pytest.param(dict(L=40, split=16, dims=(32,), groups=(1, 4), dtypes=(torch.float16,)), id="cpu-size"),
-            pytest.param(dict(L=2600, split=512, dims=(16, 32, 64, 80, 128), groups=(1, 4, 8),
-                              dtypes=(torch.float16, torch.bfloat16)), id="gpu-size", marks=pytest.mark.gpu)]
+# (head dim, GQA group, dtype): padded head dims (80), groups filling 1..16 rows per token
+DECODE_CASES = [pytest.param(dict(L=40, split=16, cases=((32, 4, torch.float16), (24, 1, torch.float16))),
+                             id="cpu-size"),
+                pytest.param(dict(L=2600, split=512, cases=((128, 4, torch.bfloat16), (128, 8, torch.float16),
+                                                           (80, 4, torch.bfloat16), (64, 1, torch.bfloat16),
+                                                           (32, 8, torch.bfloat16), (16, 4, torch.float16))),
+                             id="gpu-size", marks=pytest.mark.gpu)]
 
 
-@pytest.mark.parametrize("sz", FEW_ROWS)
+@pytest.mark.parametrize("sz", DECODE_CASES)
 @pytest.mark.parametrize("feature", [pytest.param(dict(causal=True), id="causal"),
                                      pytest.param(dict(causal=True, window_size=(700, 0), softcap=3.0,
                                                        alibi=True), id="window-softcap-alibi")])
-def test_few_row_decode_steps_equal_the_full_forward(sz, feature, device):
-    """Decode steps with at most ``decode_keys_major_rows`` rows (new tokens x GQA group)
-    run the decode kernel's keys-major tiles: their outputs equal the full forward's and
-    the row-major tiles', bit for bit, for each head dim (80: a padded one) and group."""
+def test_decode_steps_equal_the_full_forward_per_head_dim(sz, feature, device):
+    """A prefill chunk then decode steps of one and two tokens, for several head dims
+    (80 and 24: padded) and GQA groups: the steps' outputs equal the full forward's,
+    with whole key blocks loaded through the copy engine (where the GPU has one) or not."""
     import importlib
 
     kv_mod = importlib.import_module("bitstable.attention.kvcache")
     L = sz["L"]
-    for D in sz["dims"]:
-        for group in sz["groups"]:
-            for dtype in sz["dtypes"]:
-                size = dict(L=L, Hq=2 * group, Hk=2, D=D, split=sz["split"])
-                q, k, v = _seq(size, dtype, device, seed=D + group)
-                kw = _kw(feature, size, device)
-                steps = [L - 8, 1, 2, 1, 2, 1, 1]   # one prefill chunk, then steps of <= 2 * 8 rows
-                with bitstable.set_deterministic_mode(True, split_size=_split(size, dtype, device)):
-                    full = flash_attn_func(q, k, v, **kw)
-                    for force in ({}, {"keys_major": False}):
-                        kv_mod._DECODE_LAUNCH_OVERRIDE = force
-                        try:
-                            shape = (1, L + 3, 2, D)
-                            cache = (torch.zeros(shape, dtype=dtype, device=device),
-                                     torch.zeros(shape, dtype=dtype, device=device))
-                            got = _run_through_cache(q, k, v, steps, kw, cache)
-                        finally:
-                            kv_mod._DECODE_LAUNCH_OVERRIDE = {}
-                        assert torch.equal(got[:, L - 8:], full[:, L - 8:]), \
-                            f"D={D} group={group} {dtype} {force}: decode steps differ from the full forward"
+    for D, group, dtype in sz["cases"]:
+        size = dict(L=L, Hq=2 * group, Hk=2, D=D, split=sz["split"])
+        q, k, v = _seq(size, dtype, device, seed=D + group)
+        kw = _kw(feature, size, device)
+        steps = [L - 8, 1, 2, 1, 2, 1, 1]
+        with bitstable.set_deterministic_mode(True, split_size=_split(size, dtype, device)):
+            full = flash_attn_func(q, k, v, **kw)
+            for force in ({}, {"tma": False}):
+                kv_mod._DECODE_LAUNCH_OVERRIDE = force
+                try:
+                    shape = (1, L + 3, 2, D)
+                    cache = (torch.zeros(shape, dtype=dtype, device=device),
+                             torch.zeros(shape, dtype=dtype, device=device))
+                    got = _run_through_cache(q, k, v, steps, kw, cache)
+                finally:
+                    kv_mod._DECODE_LAUNCH_OVERRIDE = {}
+                assert torch.equal(got[:, L - 8:], full[:, L - 8:]), \
+                    f"D={D} group={group} {dtype} {force}: decode steps differ from the full forward"
 
 
 @pytest.mark.parametrize("sz,batches", [pytest.param(CPU, (2, 3, 8), id="cpu-size"),
@@ -264,8 +266,7 @@ def test_decode_step_captures_in_a_cuda_graph_and_host_lengths_need_no_sync(devi
 @pytest.mark.parametrize("sz", SIZES)
 def test_decode_launch_options_change_no_bits(sz, device):
     """The launch-only options of the decode kernels (16-byte or masked-d loads, pipeline
-    depth, the combine kernel's tile, keys-major tiles or not, copy-engine loads or not)
-    give the same bits."""
+    depth, the combine kernel's tile, copy-engine loads or not) give the same bits."""
     import importlib
 
     kv_mod = importlib.import_module("bitstable.attention.kvcache")
@@ -277,8 +278,8 @@ def test_decode_launch_options_change_no_bits(sz, device):
     sizes = _chunks(L, random.Random(5), decode_tail=3)
     results = []
     with bitstable.set_deterministic_mode(True, split_size=_split(sz, dtype, device)):
-        for force in ({}, {"even_d": False}, {"stages": 2}, {"combine": (1, 1, 256)}, {"combine": (1, 4, 16)},
-                      {"combine": (16, 4, 32)}, {"keys_major": False}, {"tma": False}):
+        for force in ({}, {"even_d": False}, {"stages": 2}, {"combine": (1, 1)}, {"combine": (1, 4)},
+                      {"combine": (16, 4)}, {"tma": False}):
             kv_mod._DECODE_LAUNCH_OVERRIDE = force
             try:
                 cache = (torch.zeros(shape, dtype=dtype, device=device),

@@ -68,20 +68,17 @@ def main() -> int:
                       ("LSE", "DELTA", "ALIBI"),
                       ("CU_Q", "CU_K"), ("qk_scale", "softcap_scaled", "grad_scale"), num_warps=4, num_stages=2)
                 n += 1
-        for paged, even_d, keys_major, tma in ((False, True, False, True), (True, True, False, True),
-                                               (False, False, False, False), (False, True, True, True),
-                                               (True, False, True, False)):
+        for paged, even_d, tma in ((False, True, True), (True, True, True), (False, False, False),
+                                   (True, True, False)):
             desc = {k: "tensordesc<bf16[1,64,1,128]>" for k in ("K_DESC", "V_DESC")} if tma else None
-            build(attention_split_partial_kernel, dict(base, BLOCK_M=16 if keys_major else base["BLOCK_M"],
-                                                       SPLIT_BLOCKS=32, PAGED=paged, HAS_BATCH_IDX=not paged,
-                                                       EVEN_D=even_d, KEYS_MAJOR=keys_major, USE_TMA=tma),
+            build(attention_split_partial_kernel, dict(base, SPLIT_BLOCKS=32, PAGED=paged, HAS_BATCH_IDX=not paged,
+                                                       EVEN_D=even_d, USE_TMA=tma),
                   ("Q", "K", "V", "K_DESC", "V_DESC"), ("WS_ACC", "WS_ML", "ALIBI"),
                   ("SEQLEN_K", "BATCH_IDX", "BLOCK_TABLE"), ("qk_scale", "softcap_scaled"), desc,
                   num_warps=4, num_stages=3)
             n += 1
-    for block_m, warps, block_d in ((1, 1, 32), (16, 4, 128)):
-        build(attention_split_combine_kernel, dict(HEAD_DIM=128, BLOCK_M=block_m, BLOCK_D=block_d), ("O",),
-              ("WS_ACC", "WS_ML", "LSE"),
+    for block_m, warps in ((1, 4), (16, 4)):
+        build(attention_split_combine_kernel, dict(HEAD_DIM=128, BLOCK_M=block_m), ("O",), ("WS_ACC", "WS_ML", "LSE"),
               ("SEQLEN_K",), num_warps=warps)
     build(attention_bwd_preprocess_kernel, dict(HEAD_DIM=128, BLOCK_M=64, HAS_DLSE=True), ("O", "DO"), ("DLSE", "DELTA"),
           num_warps=4)

@@ -54,14 +54,6 @@ class AttentionConfig:
     #: tests/test_attention_kvcache.py (decode = full forward) for every entry.
     decode_block_m: int = 0
     decode_num_warps: int = 0
-    #: Query rows of the split-KV decode kernel's keys-major tiles (0: never keys-major).
-    #: A decode step with at most this many rows (new tokens x GQA group) runs with
-    #: transposed tiles (scores [block_n, rows], keys along the MMA's 64-wide side)
-    #: instead of padding its rows to ``block_m``.  Launch-only: the keys-major fold
-    #: adds the row sums in the order the dense kernel's tile layout takes, which holds
-    #: for a one-warpgroup wgmma tile (4 warps, 16 rows per warp); checked on the device
-    #: by tests/test_attention_kvcache.py (decode = full forward) for every entry.
-    decode_keys_major_rows: int = 0
 
     @property
     def decode_stages(self) -> int:
@@ -147,13 +139,12 @@ _MATMUL = {
                               (None, MatmulConfig(32, 16, 16, 4, 1, 2, 2))],
 }
 
-#: (rows per program, warps, head-dim columns per program) of the split-KV combine
-#: kernel, per arch.  Launch-only: each row merges its own splits elementwise, so the
-#: tile changes no bits (tested).  One row per program on GPUs: a decode step has one
-#: query row per head, and the kernel keeps sixteen split states in flight per row;
-#: its columns are cut over several programs so that a few rows still spread their
-#: loads over many SMs.  The interpreter takes 16 rows per program (fewer programs).
-DECODE_COMBINE_TILE = {"interpreter": (16, 4, 256), "sm90": (1, 1, 32), "generic": (1, 4, 256)}
+#: (rows per program, warps) of the split-KV combine kernel, per arch.  Launch-only:
+#: each row merges its own splits elementwise, so the tile changes no bits (tested).
+#: One row per program on GPUs: a decode step has one query row per head, and the
+#: kernel keeps sixteen split states in flight per row.  The interpreter takes 16
+#: rows per program (fewer programs to simulate).
+DECODE_COMBINE_TILE = {"interpreter": (16, 4), "sm90": (1, 4), "generic": (1, 4)}
 
 #: Chunk of the row-wise reductions (softmax, log-softmax, sum, mean).
 ROW_BLOCK = {"interpreter": 64, "sm90": 1024, "generic": 1024}
@@ -187,14 +178,10 @@ _SIXTEEN_BIT = ("bf16", "fp16")
 # loop structures were timed on an H200 (benchmarks/explore_fwd_configs.py,
 # benchmarks/results/NOTES.md).
 _SM90_16BIT = {
-    16: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True,
-                         decode_keys_major_rows=16),
-    32: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True,
-                         decode_keys_major_rows=16),
-    64: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True,
-                         decode_keys_major_rows=16),
-    128: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True,
-                         decode_keys_major_rows=16),
+    16: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True),
+    32: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True),
+    64: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True),
+    128: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True),
     256: AttentionConfig(64, 64, num_warps=8, num_stages=2, loop="nested", loop_causal="nested", tma=True),
 }
 # float32 is computed in IEEE fp32 (no tensor cores): small tiles, no spills.
@@ -216,8 +203,7 @@ _GENERIC_16BIT = {
 # Triton's interpreter (CPU): small tiles so that tests at small sizes still
 # cover several key blocks, several splits and several query tiles; both loop
 # structures are exercised (branch without a right edge, nested with one).
-_INTERPRETER = {d: AttentionConfig(16, 16, num_warps=4, num_stages=1, loop="branch", loop_causal="nested",
-                                   decode_keys_major_rows=16)
+_INTERPRETER = {d: AttentionConfig(16, 16, num_warps=4, num_stages=1, loop="branch", loop_causal="nested")
                 for d in (16, 32, 64, 128, 256)}
 
 _TABLE = {

@@ -25,8 +25,8 @@ from .validation import check_options, check_qkv, last_dim_contiguous, normalize
 #: Offline exploration only (benchmarks/explore_decode.py): launch options of the
 #: partial kernel forced over the table's: ``stages``, ``tile`` (block_m, num_warps),
 #: ``even_d`` (False: masked-d scalar loads), and the combine kernel's
-#: ``combine`` (block_m, num_warps, block_d), ``keys_major`` (False: never transposed tiles),
-#: ``tma`` (False: whole blocks through per-thread copies too).
+#: ``combine`` (block_m, num_warps), ``tma`` (False: whole blocks through per-thread
+#: copies too).
 #: All launch-only (same bits).
 _DECODE_LAUNCH_OVERRIDE: dict = {}
 
@@ -281,16 +281,10 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     longest = max(before, default=0) + n_new if before is not None else capacity
     num_splits = max(triton.cdiv(max(longest, 1), split), 1)
     force = _DECODE_LAUNCH_OVERRIDE
-    rows = max(Lq, 1) * (Hq // Hk)      # GQA heads packed as rows
-    # Few rows (a decode step): transposed tiles, keys along the MMA's wide side.
-    keys_major = force.get("keys_major", True) and 0 < rows <= cfg.decode_keys_major_rows
-    if keys_major:
-        dec_m, dec_w = cfg.decode_keys_major_rows, cfg.decode_num_warps or cfg.num_warps
-    else:
-        dec_m, dec_w = force.get("tile") or (cfg.decode_block_m or cfg.block_m,
-                                             cfg.decode_num_warps or cfg.num_warps)
+    dec_m, dec_w = force.get("tile") or (cfg.decode_block_m or cfg.block_m,
+                                         cfg.decode_num_warps or cfg.num_warps)
     even_d = force.get("even_d", HD == D) and HD == D
-    num_m_tiles = triton.cdiv(rows, dec_m)
+    num_m_tiles = triton.cdiv(max(Lq, 1) * (Hq // Hk), dec_m)   # GQA heads packed as rows
     out = torch.empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     ws_acc = torch.empty((num_splits, B, Hq, Lq, HD), dtype=torch.float32, device=q.device)
@@ -324,11 +318,10 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
         PAGED=block_table is not None, HAS_BATCH_IDX=cache_batch_idx is not None,
-        EVEN_D=even_d, KEYS_MAJOR=keys_major, USE_TMA=use_tma,
+        EVEN_D=even_d, USE_TMA=use_tma,
         num_warps=dec_w, num_stages=force.get("stages") or cfg.decode_stages)
-    comb_m, comb_w, comb_d = force.get("combine") or DECODE_COMBINE_TILE[arch_key(q.device)]
-    comb_d = min(comb_d, HD)
-    attention_split_combine_kernel[(triton.cdiv(max(Lq, 1), comb_m) * (HD // comb_d), B * Hq)](
+    comb_m, comb_w = force.get("combine") or DECODE_COMBINE_TILE[arch_key(q.device)]
+    attention_split_combine_kernel[(triton.cdiv(max(Lq, 1), comb_m), B * Hq)](
         ws_acc, ws_ml, out, lse, seqlens_k, out.stride(0), out.stride(1), out.stride(2),
-        Hq, B, Lq, D, split, HEAD_DIM=HD, BLOCK_M=comb_m, BLOCK_D=comb_d, num_warps=comb_w)
+        Hq, B, Lq, D, split, HEAD_DIM=HD, BLOCK_M=comb_m, num_warps=comb_w)
     return (out, lse) if return_softmax_lse else out

@@ -61,7 +61,7 @@ def tanh_f32(x):
 
 @triton.jit
 def score_transform(s, pos_q, pos_k, qk_scale, softcap_scaled, alibi_slope_log2,
-                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, KEYS_MAJOR: tl.constexpr = False):
+                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """Raw q.k scores [M, N] fp32 -> scores ``x`` whose base-2 logits are ``x * scale``.
 
     Returns ``(x, scale)``.  Without ALiBi, ``x`` is the raw score (through
@@ -74,16 +74,12 @@ def score_transform(s, pos_q, pos_k, qk_scale, softcap_scaled, alibi_slope_log2,
 
     Masks are applied to ``x`` afterwards (``tl.where`` to -inf), which keeps
     the arithmetic of every visible element identical on masked and unmasked
-    code paths.  ``KEYS_MAJOR``: ``s`` is the transposed tile [N, M] (and
-    ``alibi_slope_log2`` [1, M]); the arithmetic per element is the same.
+    code paths.
     """
     if HAS_SOFTCAP:
         s = tanh_f32(s * softcap_scaled)
     if HAS_ALIBI:
-        if KEYS_MAJOR:
-            dist = tl.abs(pos_q[None, :] - pos_k[:, None]).to(tl.float32)
-        else:
-            dist = tl.abs(pos_q[:, None] - pos_k[None, :]).to(tl.float32)
+        dist = tl.abs(pos_q[:, None] - pos_k[None, :]).to(tl.float32)
         s = s * qk_scale - alibi_slope_log2 * dist
         scale: tl.constexpr = 1.0
         return s, scale
@@ -93,24 +89,16 @@ def score_transform(s, pos_q, pos_k, qk_scale, softcap_scaled, alibi_slope_log2,
 
 @triton.jit
 def visibility_mask(pos_q, pos_k, seqlen_k, window_left, window_right,
-                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, KEYS_MAJOR: tl.constexpr = False):
-    """[M, N] bool ([N, M] if ``KEYS_MAJOR``): key ``pos_k`` exists and is inside
-    query ``pos_q``'s window.
+                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """[M, N] bool: key ``pos_k`` exists and is inside query ``pos_q``'s window.
 
     Causal is ``HAS_RIGHT`` with ``window_right == 0``.
     """
-    if KEYS_MAJOR:
-        ok = (pos_k < seqlen_k)[:, None] & (pos_k >= 0)[:, None]
-        if HAS_RIGHT:
-            ok = ok & (pos_k[:, None] <= pos_q[None, :] + window_right)
-        if HAS_LEFT:
-            ok = ok & (pos_k[:, None] >= pos_q[None, :] - window_left)
-    else:
-        ok = (pos_k < seqlen_k)[None, :] & (pos_k >= 0)[None, :]
-        if HAS_RIGHT:
-            ok = ok & (pos_k[None, :] <= pos_q[:, None] + window_right)
-        if HAS_LEFT:
-            ok = ok & (pos_k[None, :] >= pos_q[:, None] - window_left)
+    ok = (pos_k < seqlen_k)[None, :] & (pos_k >= 0)[None, :]
+    if HAS_RIGHT:
+        ok = ok & (pos_k[None, :] <= pos_q[:, None] + window_right)
+    if HAS_LEFT:
+        ok = ok & (pos_k[None, :] >= pos_q[:, None] - window_left)
     return ok
 
 
@@ -190,121 +178,6 @@ def fold_block(m, l, acc, q, k, v, pos_q, pos_k, seqlen_k,
                               HAS_LEFT, HAS_RIGHT)
         x = tl.where(vis, x, float("-inf"))
     return block_update(m, l, acc, x, v, scale, COMPUTE_DTYPE, ROWWISE)
-
-
-@triton.jit
-def _column(x, t: tl.constexpr, LOG2_N: tl.constexpr):
-    """``x[:, :, t]`` of x [A, B, 2**LOG2_N], by halving splits (data movement only)."""
-    for b in tl.static_range(LOG2_N):
-        x = tl.reshape(x, [x.shape[0], x.shape[1], x.shape[2] // 2, 2])
-        lo, hi = tl.split(x)
-        if (t >> b) & 1:
-            x = hi
-        else:
-            x = lo
-    return tl.reshape(x, [x.shape[0], x.shape[1]])
-
-
-@triton.jit
-def key_sum_dense_order(p, ROWWISE: tl.constexpr):
-    """Sums over keys of p [N, M] (keys-major), bit for bit as the dense kernel's
-    ``tl.sum(p^T, 1)`` over its [M, N] tile.
-
-    The order is the one the dense kernel's row sum takes on Hopper (read from its
-    PTX for a one-warpgroup wgmma accumulator, BLOCK_M = 16 rows per warp): lane
-    ``c`` (c = 0..3) of a row's quad holds keys ``8j + 2c + {0, 1}`` and folds them
-    in order (j ascending, then the pair), and the quad combines its four partial
-    sums as ``(c0 + c2) + (c1 + c3)``.  The same sequence of float32 additions is
-    written out here.  Under the interpreter (``ROWWISE``) the dense kernel's sum is
-    numpy's over a contiguous row, so the rows are copied contiguous and summed the
-    same way.
-    """
-    N: tl.constexpr = p.shape[0]
-    M: tl.constexpr = p.shape[1]
-    if ROWWISE:
-        rows = tl.reshape(tl.reshape(tl.trans(p), [N * M]), [M, N])
-        return tl.sum(rows, 1)
-    else:
-        J: tl.constexpr = N // 8
-        LOG2_N: tl.constexpr = 1 + (2 * J > 2) + (2 * J > 4) + (2 * J > 8) + (2 * J > 16)
-        tl.static_assert(N >= 16 and N <= 128, "key_sum_dense_order: 16 <= BLOCK_N <= 128")
-        x = tl.reshape(p, [J, 4, 2, M])            # key = 8j + 2c + pair
-        x = tl.permute(x, (3, 1, 0, 2))            # [row, c, j, pair]
-        x = tl.reshape(x, [M, 4, 2 * J])           # [row, c, 2j + pair]
-        part = _column(x, 0, LOG2_N) + _column(x, 1, LOG2_N)
-        for t in tl.static_range(2, 2 * J):
-            part = part + _column(x, t, LOG2_N)    # [row, c]
-        # (c0 + c2) + (c1 + c3): each of the two inner sums adds one pair and zeros,
-        # which is that one addition whatever order the reduction takes.
-        c = tl.arange(0, 4)[None, :]
-        even = tl.sum(tl.where(c % 2 == 0, part, 0.0), 1)
-        odd = tl.sum(tl.where(c % 2 == 1, part, 0.0), 1)
-        return even + odd
-
-
-@triton.jit
-def block_update_keys_major(m, l, acc_t, x_t, v, scale, P_DTYPE: tl.constexpr):
-    """:func:`block_update` on transposed tiles: scores ``x_t`` [N, M] and the
-    state's ``acc_t`` [D, M] (keys and head dim along the MMA's M, query rows along
-    its N).  Every element gets the arithmetic of :func:`block_update` (the same
-    expressions; the P @ V product is V^T @ P^T on the tensor cores, adding the
-    same products in the same 16-key steps), and the row sum of the weights is
-    added in the dense kernel's order (:func:`key_sum_dense_order`).  For a few
-    query rows (a decode step) this spends 64/M times fewer tensor-core and
-    exponential operations than padding the rows to a 64-row tile.  GPU only.
-    """
-    m_new = tl.maximum(m, tl.max(x_t, 0) * scale)
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m - m_ref)
-    p = tl.math.exp2(x_t * scale - m_ref[None, :])
-    l = l * alpha + key_sum_dense_order(p, False)
-    acc_t = acc_t * alpha[None, :]
-    acc_t = tile_dot(tl.trans(v), p.to(P_DTYPE), acc_t, False)
-    return m_new, l, acc_t
-
-
-@triton.jit
-def _contiguous(x):
-    """A C-contiguous copy of x [A, B] under the interpreter (a view stays a view
-    through elementwise numpy operations; flattening copies)."""
-    return tl.reshape(tl.reshape(x, [x.shape[0] * x.shape[1]]), [x.shape[0], x.shape[1]])
-
-
-@triton.jit
-def fold_block_keys_major(m, l, acc_t, q, k, v, pos_q, pos_k, seqlen_k,
-                          qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                          MASKED: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
-                          HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """:func:`fold_block` with the state's accumulator transposed (``acc_t`` [D, M]):
-    scores K @ Q^T [N, M], masks, :func:`block_update_keys_major`.  Same bits as
-    :func:`fold_block` for every row (checked on the device against the dense kernel).
-    ``alibi_slope_log2`` is [1, M].
-
-    Under the interpreter (``ROWWISE``) numpy's sums depend on memory order, so there
-    the row-major :func:`fold_block` runs on contiguous transposed copies: that checks
-    this path's indexing against the dense kernel, and the GPU tests its arithmetic.
-    """
-    if ROWWISE:
-        slope = alibi_slope_log2
-        if HAS_ALIBI:
-            slope = tl.trans(alibi_slope_log2)
-        m, l, acc = fold_block(m, l, _contiguous(tl.trans(acc_t)), q, k, v, pos_q, pos_k, seqlen_k,
-                               qk_scale, softcap_scaled, slope, window_left,
-                               window_right, MASKED, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
-                               HAS_LEFT, HAS_RIGHT)
-        return m, l, _contiguous(tl.trans(acc))
-    else:
-        k = k.to(COMPUTE_DTYPE)
-        v = v.to(COMPUTE_DTYPE)
-        s_t = tile_dot(k, tl.trans(q), tl.zeros([k.shape[0], q.shape[0]], tl.float32), False)
-        x_t, scale = score_transform(s_t, pos_q, pos_k, qk_scale, softcap_scaled, alibi_slope_log2,
-                                     HAS_SOFTCAP, HAS_ALIBI, True)
-        if MASKED:
-            vis = visibility_mask(pos_q, pos_k, seqlen_k, window_left, window_right,
-                                  HAS_LEFT, HAS_RIGHT, True)
-            x_t = tl.where(vis, x_t, float("-inf"))
-        return block_update_keys_major(m, l, acc_t, x_t, v, scale, COMPUTE_DTYPE)
 
 
 @triton.jit

@@ -24,8 +24,7 @@ query heads of a GQA group into one tile (they share K/V tile loads).
 import triton
 import triton.language as tl
 
-from .attention_core import (empty_state, finalize, fold_block, fold_block_keys_major, merge_states,
-                             tile_key_range)
+from .attention_core import empty_state, finalize, fold_block, merge_states, tile_key_range
 
 
 @triton.jit
@@ -84,10 +83,9 @@ def _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores,
                       MASKED: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                       ROWWISE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                       HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PAGED: tl.constexpr,
-                      EVEN_D: tl.constexpr, KEYS_MAJOR: tl.constexpr, USE_TMA: tl.constexpr = False):
+                      EVEN_D: tl.constexpr, USE_TMA: tl.constexpr = False):
     """Load cached key block ``j`` and fold it into the split state with
-    :func:`fold_block` (:func:`fold_block_keys_major` if ``KEYS_MAJOR``: ``acc_s`` is
-    [D, M]); ``MASKED`` as in the dense kernel (False only for a block
+    :func:`fold_block`; ``MASKED`` as in the dense kernel (False only for a block
     every row of the tile sees whole).  ``cache`` = (k_base, v_base, b, b_cache,
     seqlen_k, BLOCK_TABLE, stride_bt_b, page_size, stride_kp, stride_kn, stride_vp,
     stride_vn, k_desc, v_desc, h_kv), ``where`` = (offs_n, offs_d, d_ok, pos_q),
@@ -107,16 +105,10 @@ def _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores,
                               stride_kp, stride_kn, offs_n, offs_d, d_ok, MASKED, BLOCK_N, PAGED, EVEN_D)
         v = _load_cache_block(v_base, j, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size,
                               stride_vp, stride_vn, offs_n, offs_d, d_ok, MASKED, BLOCK_N, PAGED, EVEN_D)
-    if KEYS_MAJOR:
-        return fold_block_keys_major(m_s, l_s, acc_s, q, k, v, pos_q, j * BLOCK_N + offs_n, seqlen_k,
-                                     qk_scale, softcap_scaled, alibi_slope_log2, window_left,
-                                     window_right, MASKED, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP,
-                                     HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
-    else:
-        return fold_block(m_s, l_s, acc_s, q, k, v, pos_q, j * BLOCK_N + offs_n, seqlen_k,
-                          qk_scale, softcap_scaled, alibi_slope_log2, window_left,
-                          window_right, MASKED, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP,
-                          HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
+    return fold_block(m_s, l_s, acc_s, q, k, v, pos_q, j * BLOCK_N + offs_n, seqlen_k,
+                      qk_scale, softcap_scaled, alibi_slope_log2, window_left,
+                      window_right, MASKED, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP,
+                      HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
 
 
 @triton.jit
@@ -133,7 +125,7 @@ def attention_split_partial_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, EVEN_D: tl.constexpr,
-    KEYS_MAJOR: tl.constexpr, USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """Grid: (num_splits * num_m_tiles, B * Hkv).  One split of one tile of packed rows.
 
@@ -142,11 +134,6 @@ def attention_split_partial_kernel(
     share each K/V tile load, and a decode step (one token) fills ``group_size``
     rows instead of one.  A row's bits do not depend on which rows share its
     tile (the same fold as the dense kernel, row by row).
-
-    ``KEYS_MAJOR``: the tiles are transposed (scores [BLOCK_N, BLOCK_M], accumulator
-    [HEAD_DIM, BLOCK_M]), so that a few rows (a decode step: ``group_size`` rows)
-    fill the MMA's narrow side instead of being padded to a 64-row tile; same bits
-    (:func:`fold_block_keys_major`).
 
     ``USE_TMA``: ``K_DESC``/``V_DESC`` are 4-d tensor descriptors over the caches and
     the blocks every row sees whole load through the copy engine (bulk copies keep
@@ -180,10 +167,7 @@ def attention_split_partial_kernel(
     alibi_slope_log2 = 0.0
     if HAS_ALIBI:
         slope = tl.load(ALIBI + b * stride_alibi_b + h, mask=row_ok, other=0.0).to(tl.float32)
-        if KEYS_MAJOR:
-            alibi_slope_log2 = (slope * 1.4426950408889634)[None, :]
-        else:
-            alibi_slope_log2 = (slope * 1.4426950408889634)[:, None]
+        alibi_slope_log2 = (slope * 1.4426950408889634)[:, None]
 
     # The tile's visible keys (as in the dense kernel), cut to this split's blocks.
     p_lo = (pid_m * BLOCK_M) // group_size + (seqlen_k - seqlen_q)
@@ -207,28 +191,23 @@ def attention_split_partial_kernel(
     where = (offs_n, offs_d, d_ok, pos_q)
     scores = (qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right)
     m_s, l_s, acc_s = empty_state(BLOCK_M, HEAD_DIM)
-    if KEYS_MAJOR:
-        acc_s = tl.zeros([HEAD_DIM, BLOCK_M], tl.float32)
     for j in range(lo, mid_lo):      # masked: left window edge
         m_s, l_s, acc_s = _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, True, BLOCK_N,
                                             COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT,
-                                            HAS_RIGHT, PAGED, EVEN_D, KEYS_MAJOR)
+                                            HAS_RIGHT, PAGED, EVEN_D)
     for j in range(mid_lo, mid_hi):  # seen whole by every row
         m_s, l_s, acc_s = _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, False, BLOCK_N,
                                             COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT,
-                                            HAS_RIGHT, PAGED, EVEN_D, KEYS_MAJOR, USE_TMA)
+                                            HAS_RIGHT, PAGED, EVEN_D, USE_TMA)
     for j in range(tl.maximum(mid_hi, lo), hi):   # masked: causal / right edge, last keys
         m_s, l_s, acc_s = _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, True, BLOCK_N,
                                             COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT,
-                                            HAS_RIGHT, PAGED, EVEN_D, KEYS_MAJOR)
+                                            HAS_RIGHT, PAGED, EVEN_D)
 
     # Splits past this sequence's keys are never read by the combine: nothing to write.
     live = row_ok & (split * SPLIT_BLOCKS * BLOCK_N < seqlen_k)
     row = ((split * batch + b) * num_heads_q + h).to(tl.int64) * seqlen_q + t
-    if KEYS_MAJOR:
-        tl.store(WS_ACC + row[None, :] * HEAD_DIM + offs_d[:, None], acc_s, mask=live[None, :])
-    else:
-        tl.store(WS_ACC + row[:, None] * HEAD_DIM + offs_d[None, :], acc_s, mask=live[:, None])
+    tl.store(WS_ACC + row[:, None] * HEAD_DIM + offs_d[None, :], acc_s, mask=live[:, None])
     tl.store(WS_ML + row * 2, m_s, mask=live)
     tl.store(WS_ML + row * 2 + 1, l_s, mask=live)
 
@@ -284,30 +263,25 @@ def attention_split_combine_kernel(
     WS_ACC, WS_ML, O, LSE, SEQLEN_K,
     stride_ob, stride_om, stride_oh,
     num_heads_q, batch, seqlen_q, head_dim, split_size,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Grid: (cdiv(Lq, BLOCK_M) * HEAD_DIM // BLOCK_D, B * Hq).  Merge the splits that
-    hold keys of this sequence (``cdiv(SEQLEN_K[b], split_size)``) in ascending order
-    and finalise, for BLOCK_M rows and BLOCK_D of the head dim's columns.
+    """Grid: (cdiv(Lq, BLOCK_M), B * Hq).  Merge the splits that hold keys of this
+    sequence (``cdiv(SEQLEN_K[b], split_size)``) in ascending order and finalise.
 
     The merges are a serial chain, the loads need not be: each step reads sixteen
     splits at once and then merges them in order, so a long cache costs one load
     latency per sixteen splits instead of one per split.  The merge order and
-    arithmetic are the dense kernel's; rows are independent and every column of a row
-    merges with the same (m, l) arithmetic, so BLOCK_M and BLOCK_D change no bits
-    (columns in more programs: more loads in flight for a decode step's few rows).
+    arithmetic are the dense kernel's; rows are independent, so BLOCK_M changes no bits.
     """
-    num_d_tiles: tl.constexpr = HEAD_DIM // BLOCK_D
-    pid_m = tl.program_id(0) // num_d_tiles
-    pid_d = tl.program_id(0) % num_d_tiles
+    pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads_q
     h = pid_bh % num_heads_q
     num_splits = tl.cdiv(tl.load(SEQLEN_K + b), split_size)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seqlen_q
-    m_t, l_t, acc_t = empty_state(BLOCK_M, BLOCK_D)
+    m_t, l_t, acc_t = empty_state(BLOCK_M, HEAD_DIM)
     for s0 in range(0, num_splits, 16):
         f0 = _load_four(WS_ACC, WS_ML, s0, num_splits, b, h, batch, num_heads_q, seqlen_q,
                         offs_m, offs_d, row_ok, HEAD_DIM)
@@ -325,4 +299,4 @@ def attention_split_combine_kernel(
     tl.store(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
              + offs_m[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d < head_dim)[None, :])
-    tl.store(LSE + pid_bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_ok & (pid_d == 0))
+    tl.store(LSE + pid_bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=row_ok)
