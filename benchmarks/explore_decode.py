@@ -7,7 +7,7 @@ profiler.  Pipeline depth and the load path (``even_d``: 16-byte asynchronous lo
 vs. masked scalar loads, copy engine or not) are launch-only (same bits, checked here); the split size is
 part of the reduction order (DESIGN.md), shown only to size its cost.
 
-    PYTHONPATH=src python benchmarks/explore_decode.py
+    PYTHONPATH=src python benchmarks/explore_decode.py [tma]
 """
 import importlib
 import sys
@@ -113,5 +113,45 @@ def l2_probe():
         print(f"| {L} | {t_hbm:.1f} | {t_l2:.1f} | {t_l2 / t_hbm:.2f} |", flush=True)
 
 
+def tma_probe():
+    """Copy-engine loads or per-thread copies, contiguous and paged caches (page sizes
+    256 and 2048), batch 1 and 8, each timed three times in turn."""
+    print("| B | KV len | page | tma | us (3 runs) | SDPA-flash us |")
+    print("|---|---|---|---|---|---|")
+    for B, L in ((1, 4096), (1, 16384), (8, 4096), (8, 16384)):
+        q = torch.randn(B, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
+        kc = torch.randn(B, L, 8, 128, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn(B, L, 8, 128, device="cuda", dtype=torch.bfloat16)
+        lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+        qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
+
+        def flash():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+        fl = triton.testing.do_bench_cudagraph(flash, return_mode="median") * 1e3
+        for page in (None, 256, 2048):
+            if page is None:
+                args, table = (kc, vc), None
+            else:
+                n = B * L // page
+                perm = torch.randperm(n, device="cuda")
+                args = (kc.reshape(n, page, 8, 128)[perm.argsort()], vc.reshape(n, page, 8, 128)[perm.argsort()])
+                table = perm.to(torch.int32).reshape(B, L // page)
+            for tma in (True, False):
+                kv_mod._DECODE_LAUNCH_OVERRIDE = {"tma": tma}
+
+                def ours():
+                    return bitstable.flash_attn_with_kvcache(q, *args, cache_seqlens=lens, block_table=table,
+                                                             causal=True)
+                try:
+                    ts = [triton.testing.do_bench_cudagraph(ours, return_mode="median") * 1e3 for _ in range(3)]
+                finally:
+                    kv_mod._DECODE_LAUNCH_OVERRIDE = {}
+                print(f"| {B} | {L} | {page or 'contiguous'} | {tma} | {' / '.join(f'{t:.1f}' for t in ts)} "
+                      f"| {fl:.1f} |", flush=True)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["tma"]:
+        sys.exit(tma_probe())
     sys.exit(main())

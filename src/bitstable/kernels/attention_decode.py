@@ -63,15 +63,15 @@ def _load_cache_block(base, j, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, p
 
 
 @triton.jit
-def _load_cache_block_tma(desc, j, b, b_cache, h_kv, BLOCK_TABLE, stride_bt_b, page_size,
+def _load_cache_block_tma(desc, j, b_cache, h_kv, page, page_size,
                           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PAGED: tl.constexpr):
     """The [BLOCK_N, HEAD_DIM] tile of cached rows ``j * BLOCK_N ...`` through the copy
     engine (TMA): one bulk copy per tile from a host-made 4-d descriptor over the cache
     ([B_cache, L_cache, Hkv, D], or [pages, page_size, Hkv, D] with page_size a multiple
-    of BLOCK_N).  For blocks wholly inside the sequence only (rows past it would hold
-    stale cache entries, not zeros); the same values as the pointer loads."""
+    of BLOCK_N and ``page`` the block's page, read from the block table one block ahead).
+    For blocks wholly inside the sequence only (rows past it would hold stale cache
+    entries, not zeros); the same values as the pointer loads."""
     if PAGED:
-        page = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_bt_b + (j * BLOCK_N) // page_size)
         tile = desc.load([page, (j * BLOCK_N) % page_size, h_kv, 0])
     else:
         tile = desc.load([b_cache, j * BLOCK_N, h_kv, 0])
@@ -79,7 +79,13 @@ def _load_cache_block_tma(desc, j, b, b_cache, h_kv, BLOCK_TABLE, stride_bt_b, p
 
 
 @triton.jit
-def _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores,
+def _block_page(BLOCK_TABLE, b, stride_bt_b, j, page_size, ok, BLOCK_N: tl.constexpr):
+    """The page holding key block ``j`` of sequence ``b`` (0 where not ``ok``)."""
+    return tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_bt_b + (j * BLOCK_N) // page_size, mask=ok, other=0)
+
+
+@triton.jit
+def _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, page,
                       MASKED: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
                       ROWWISE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                       HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PAGED: tl.constexpr,
@@ -90,16 +96,15 @@ def _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores,
     seqlen_k, BLOCK_TABLE, stride_bt_b, page_size, stride_kp, stride_kn, stride_vp,
     stride_vn, k_desc, v_desc, h_kv), ``where`` = (offs_n, offs_d, d_ok, pos_q),
     ``scores`` = (qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right).
-    ``USE_TMA`` (whole blocks only): the tiles come through the copy engine."""
+    ``USE_TMA`` (whole blocks only): the tiles come through the copy engine, from
+    ``page`` when ``PAGED``."""
     k_base, v_base, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size, \
         stride_kp, stride_kn, stride_vp, stride_vn, k_desc, v_desc, h_kv = cache
     offs_n, offs_d, d_ok, pos_q = where
     qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right = scores
     if USE_TMA:
-        k = _load_cache_block_tma(k_desc, j, b, b_cache, h_kv, BLOCK_TABLE, stride_bt_b, page_size,
-                                  BLOCK_N, offs_d.shape[0], PAGED)
-        v = _load_cache_block_tma(v_desc, j, b, b_cache, h_kv, BLOCK_TABLE, stride_bt_b, page_size,
-                                  BLOCK_N, offs_d.shape[0], PAGED)
+        k = _load_cache_block_tma(k_desc, j, b_cache, h_kv, page, page_size, BLOCK_N, offs_d.shape[0], PAGED)
+        v = _load_cache_block_tma(v_desc, j, b_cache, h_kv, page, page_size, BLOCK_N, offs_d.shape[0], PAGED)
     else:
         k = _load_cache_block(k_base, j, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size,
                               stride_kp, stride_kn, offs_n, offs_d, d_ok, MASKED, BLOCK_N, PAGED, EVEN_D)
@@ -192,15 +197,23 @@ def attention_split_partial_kernel(
     scores = (qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right)
     m_s, l_s, acc_s = empty_state(BLOCK_M, HEAD_DIM)
     for j in range(lo, mid_lo):      # masked: left window edge
-        m_s, l_s, acc_s = _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, True, BLOCK_N,
+        m_s, l_s, acc_s = _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, 0, True, BLOCK_N,
                                             COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT,
                                             HAS_RIGHT, PAGED, EVEN_D)
+    # A paged copy-engine load needs its page first: read the block table one block ahead.
+    page = 0
+    if USE_TMA and PAGED:
+        page = _block_page(BLOCK_TABLE, b, stride_bt_b, mid_lo, page_size, mid_lo < mid_hi, BLOCK_N)
     for j in range(mid_lo, mid_hi):  # seen whole by every row
-        m_s, l_s, acc_s = _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, False, BLOCK_N,
+        page_next = page
+        if USE_TMA and PAGED:
+            page_next = _block_page(BLOCK_TABLE, b, stride_bt_b, j + 1, page_size, j + 1 < mid_hi, BLOCK_N)
+        m_s, l_s, acc_s = _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, page, False, BLOCK_N,
                                             COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT,
                                             HAS_RIGHT, PAGED, EVEN_D, USE_TMA)
+        page = page_next
     for j in range(tl.maximum(mid_hi, lo), hi):   # masked: causal / right edge, last keys
-        m_s, l_s, acc_s = _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, True, BLOCK_N,
+        m_s, l_s, acc_s = _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, 0, True, BLOCK_N,
                                             COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT,
                                             HAS_RIGHT, PAGED, EVEN_D)
 
