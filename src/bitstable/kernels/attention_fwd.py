@@ -22,9 +22,7 @@ from .attention_core import empty_state, finalize, fold_block, merge_states, til
 
 
 @triton.jit
-def _process_block(j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, kv_b, kv_h, stride_kn, stride_vn,
-                   offs_n, offs_d, pos_q, seqlen_k, head_dim,
-                   qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
+def _process_block(j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores,
                    MASKED: tl.constexpr, MERGE_AT_SPLIT_END: tl.constexpr, EVEN_D: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                    SPLIT_BLOCKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
@@ -32,12 +30,19 @@ def _process_block(j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, kv_b, k
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, USE_TMA: tl.constexpr):
     """Fold key block ``j`` into the split state; merge into the total at a split end.
 
+    ``kv`` = (k_src, v_src, kv_b, kv_h, stride_kn, stride_vn), ``where`` = (offs_n,
+    offs_d, pos_q, seqlen_k, head_dim), ``scores`` = (qk_scale, softcap_scaled,
+    alibi_slope_log2, window_left, window_right).
+
     ``k_src``/``v_src`` are host-made 4-d tensor descriptors over k/v
     [B, Lk, Hkv, D] (``USE_TMA``: the copy engine zero-fills rows past this
     sequence's last key and columns past head_dim, and needs no scratch
     memory) or the (batch, head) base pointers (masked loads).  Both load the
     same values.
     """
+    k_src, v_src, kv_b, kv_h, stride_kn, stride_vn = kv
+    offs_n, offs_d, pos_q, seqlen_k, head_dim = where
+    qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right = scores
     pos_k = j * BLOCK_N + offs_n
     if USE_TMA:
         k = k_src.load([kv_b, j * BLOCK_N, kv_h, 0]).reshape(BLOCK_N, HEAD_DIM)
@@ -160,8 +165,12 @@ def attention_fwd_kernel(
 
     m_t, l_t, acc_t = empty_state(BLOCK_M, HEAD_DIM)
     m_s, l_s, acc_s = empty_state(BLOCK_M, HEAD_DIM)
+    kv = (k_src, v_src, b, h_kv, stride_kn, stride_vn)
+    where = (offs_n, offs_d, pos_q, seqlen_k, head_dim)
+    scores = (qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right)
     if LOOP == 1:
-        # Outer loop over splits, inner loops over the split's blocks; merge after each split.
+        # Outer loop over splits, inner loops over the split's blocks (masked edge, whole
+        # blocks, masked edge); merge after each split.
         for sp in range(blk_lo // SPLIT_BLOCKS, tl.cdiv(blk_hi, SPLIT_BLOCKS)):
             lo = tl.maximum(blk_lo, sp * SPLIT_BLOCKS)
             hi = tl.minimum(blk_hi, sp * SPLIT_BLOCKS + SPLIT_BLOCKS)
@@ -169,52 +178,41 @@ def attention_fwd_kernel(
             bb = tl.minimum(tl.maximum(mid_hi, a), hi)
             for j in range(lo, a):
                 m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, b, h_kv, stride_kn, stride_vn,
-                    offs_n, offs_d, pos_q, seqlen_k, head_dim,
-                    qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                    True, False, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
-                    HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, USE_TMA)
+                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, True, False,
+                    EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
+                    HAS_LEFT, HAS_RIGHT, USE_TMA)
             for j in range(a, bb):
                 m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, b, h_kv, stride_kn, stride_vn,
-                    offs_n, offs_d, pos_q, seqlen_k, head_dim,
-                    qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                    False, False, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
-                    HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, USE_TMA)
+                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, False, False,
+                    EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
+                    HAS_LEFT, HAS_RIGHT, USE_TMA)
             for j in range(bb, hi):
                 m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, b, h_kv, stride_kn, stride_vn,
-                    offs_n, offs_d, pos_q, seqlen_k, head_dim,
-                    qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                    True, False, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
-                    HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, USE_TMA)
+                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, True, False,
+                    EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
+                    HAS_LEFT, HAS_RIGHT, USE_TMA)
             m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
             m_s = tl.zeros_like(m_s) + float("-inf")
             l_s = tl.zeros_like(l_s)
             acc_s = tl.zeros_like(acc_s)
     else:
-        # Flat loops; the split merge is a branch taken at each split's last block.
+        # Flat loops (masked edge, whole blocks, masked edge); the split merge is a branch
+        # taken at each split's last block.
         for j in range(blk_lo, mid_lo):
             m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, b, h_kv, stride_kn, stride_vn,
-                offs_n, offs_d, pos_q, seqlen_k, head_dim,
-                qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                True, True, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
-                HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, USE_TMA)
+                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, True, True,
+                EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
+                HAS_LEFT, HAS_RIGHT, USE_TMA)
         for j in range(mid_lo, mid_hi):
             m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, b, h_kv, stride_kn, stride_vn,
-                offs_n, offs_d, pos_q, seqlen_k, head_dim,
-                qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                False, True, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
-                HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, USE_TMA)
+                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, False, True,
+                EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
+                HAS_LEFT, HAS_RIGHT, USE_TMA)
         for j in range(mid_hi, blk_hi):
             m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, k_src, v_src, b, h_kv, stride_kn, stride_vn,
-                offs_n, offs_d, pos_q, seqlen_k, head_dim,
-                qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                True, True, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
-                HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, USE_TMA)
+                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, True, True,
+                EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
+                HAS_LEFT, HAS_RIGHT, USE_TMA)
         # The last, possibly partial, split.  Merging an empty split is the identity.
         m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
 
