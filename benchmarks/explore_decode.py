@@ -20,9 +20,10 @@ import bitstable
 from bitstable.bench import copy_bandwidth_gbs
 
 kv_mod = importlib.import_module("bitstable.attention.kvcache")
-CASES = [(1, 4096), (1, 16384), (1, 65536), (1, 131072), (8, 4096), (8, 16384), (64, 4096)]
+CASES = [(1, 4096), (1, 16384), (1, 65536), (1, 131072), (8, 4096), (8, 16384), (64, 4096), (64, 16384)]
 # (split, launch options forced over the table's)
-VARIANTS = [(2048, {}), (2048, {"tma": False}), (2048, {"stages": 2}), (1024, {}), (512, {})]
+VARIANTS = [(2048, {}), (2048, {"stages": 4}), (2048, {"stages": 5}), (2048, {"stages": 6}), (2048, {"tma": False}),
+            (1024, {}), (512, {})]
 
 
 def kernel_times(fn):
@@ -69,7 +70,7 @@ def main():
             try:
                 out = ours()
                 ms = triton.testing.do_bench_cudagraph(ours, return_mode="median")
-                kt_us = kernel_times(ours) if (B == 1 and "stages" not in force) else {}
+                kt_us = kernel_times(ours) if B == 1 else {}
             except Exception as e:  # noqa: BLE001
                 print(f"| {B} | {L} | {split} | {force} | failed: {type(e).__name__}: {str(e)[:80]} |")
                 continue
