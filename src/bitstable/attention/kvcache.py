@@ -18,7 +18,7 @@ from .._backend import interpreting
 from ..configs import DECODE_COMBINE_TILE, arch_key, attention_config, padded_head_dim
 from ..kernels.attention_decode import attention_split_combine_kernel, attention_split_partial_kernel
 from ..mode import get_deterministic_mode
-from .launch import TensorDescriptor, alibi_args, compute_dtype, resolve_split_size, score_scales, tma_eligible
+from .launch import alibi_args, compute_dtype, kv_descriptors, resolve_split_size, score_scales
 from .validation import check_options, check_qkv, last_dim_contiguous, normalize_window
 
 
@@ -298,13 +298,9 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     bidx = cache_batch_idx if cache_batch_idx is not None else seqlens_k
     # Whole key blocks through the copy engine where the layout allows it (16-byte
     # aligned strides, pages holding whole blocks).
-    use_tma = (force.get("tma", cfg.tma) and even_d and TensorDescriptor is not None and not interpreting()
-               and (block_table is None or page_size % cfg.block_n == 0) and tma_eligible(k_cache_c, v_cache_c))
-    k_desc, v_desc = k_cache_c, v_cache_c
-    if use_tma:
-        box = [1, cfg.block_n, 1, HD]
-        k_desc = TensorDescriptor(k_cache_c, list(k_cache_c.shape), list(k_cache_c.stride()), box)
-        v_desc = TensorDescriptor(v_cache_c, list(v_cache_c.shape), list(v_cache_c.stride()), box)
+    k_desc, v_desc, use_tma = kv_descriptors(
+        k_cache_c, v_cache_c, cfg.block_n, HD,
+        force.get("tma", cfg.tma) and even_d and (block_table is None or page_size % cfg.block_n == 0))
     attention_split_partial_kernel[(num_splits * num_m_tiles, B * Hk)](
         q, k_cache_c, v_cache_c, k_desc, v_desc, ws_acc, ws_ml, seqlens_k, bidx, bt, alibi,
         q.stride(0), q.stride(1), q.stride(2),

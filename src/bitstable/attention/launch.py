@@ -44,6 +44,18 @@ def tma_eligible(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, head_dim_tile: int, wanted: bool):
+    """``(k_arg, v_arg, used)``: host-made 4-d TMA descriptors over k/v (boxes of
+    ``[1, block_n, 1, head_dim_tile]``) when ``wanted`` and the copy engine can take
+    these tensors (a GPU, triton's host descriptors, 16-byte aligned strides), else the
+    tensors themselves for pointer loads.  Launch-only: the kernels load the same values."""
+    if not (wanted and TensorDescriptor is not None and not interpreting() and tma_eligible(k, v)):
+        return k, v, False
+    box = [1, block_n, 1, head_dim_tile]
+    return (TensorDescriptor(k, list(k.shape), list(k.stride()), box),
+            TensorDescriptor(v, list(v.shape), list(v.stride()), box), True)
+
+
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
@@ -140,13 +152,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     causal_like = window_right >= 0
     loop = _LOOP_OVERRIDE or (cfg.loop_causal if causal_like else cfg.loop)
     use_tma = cfg.tma if _TMA_OVERRIDE is None else _TMA_OVERRIDE
-    use_tma = (use_tma and not varlen and TensorDescriptor is not None and not interpreting()
-               and tma_eligible(k, v))
-    k_arg, v_arg = k, v
-    if use_tma:
-        block = [1, cfg.block_n, 1, padded_head_dim(D)]
-        k_arg = TensorDescriptor(k, list(k.shape), list(k.stride()), block)
-        v_arg = TensorDescriptor(v, list(v.shape), list(v.stride()), block)
+    k_arg, v_arg, use_tma = kv_descriptors(k, v, cfg.block_n, padded_head_dim(D), use_tma and not varlen)
     grid = (triton.cdiv(Lq, cfg.block_m), B * Hq)
     attention_fwd_kernel[grid](
         q, k_arg, v_arg, out, lse, alibi,

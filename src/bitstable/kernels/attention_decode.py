@@ -141,10 +141,10 @@ def attention_split_partial_kernel(
     tile (the same fold as the dense kernel, row by row).
 
     ``USE_TMA``: ``K_DESC``/``V_DESC`` are 4-d tensor descriptors over the caches and
-    the blocks every row sees whole load through the copy engine (bulk copies keep
-    more bytes in flight per SM than per-thread copies, which bounds a decode step
-    with few programs); the partial blocks at the edges load through pointers.
-    Launch-only: the same values reach the same arithmetic.
+    the blocks every row sees whole load through the copy engine, which takes the
+    per-thread copy instructions out of each step of the serial fold (a decode step with
+    few programs is bound by that fold, not by memory); the partial blocks at the edges
+    load through pointers.  Launch-only: the same values reach the same arithmetic.
     """
     split = tl.program_id(0) // num_m_tiles
     pid_m = tl.program_id(0) % num_m_tiles
