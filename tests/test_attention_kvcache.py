@@ -115,8 +115,7 @@ DECODE_CASES = [pytest.param(dict(L=72, split=64, cases=((32, 4, torch.float16),
 def test_decode_steps_equal_the_full_forward_per_head_dim(sz, feature, device):
     """A prefill chunk then decode steps of one and two tokens, for several head dims
     (80 and 24: padded) and GQA groups: the steps' outputs equal the full forward's,
-    with whole key blocks loaded through the copy engine (where the GPU has one) or not,
-    and folded with the next block's scores issued early or not."""
+    with whole key blocks loaded through the copy engine (where the GPU has one) or not."""
     import importlib
 
     kv_mod = importlib.import_module("bitstable.attention.kvcache")
@@ -128,7 +127,7 @@ def test_decode_steps_equal_the_full_forward_per_head_dim(sz, feature, device):
         steps = [L - 8, 1, 2, 1, 2, 1, 1]
         with bitstable.set_deterministic_mode(True, split_size=_split(size, dtype, device)):
             full = flash_attn_func(q, k, v, **kw)
-            for force in ({}, {"tma": False}, {"pipeline": False}):
+            for force in ({}, {"tma": False}):
                 kv_mod._DECODE_LAUNCH_OVERRIDE = force
                 try:
                     shape = (1, L + 3, 2, D)
@@ -267,8 +266,7 @@ def test_decode_step_captures_in_a_cuda_graph_and_host_lengths_need_no_sync(devi
 @pytest.mark.parametrize("sz", SIZES)
 def test_decode_launch_options_change_no_bits(sz, device):
     """The launch-only options of the decode kernels (16-byte or masked-d loads, pipeline
-    depth, the combine kernel's tile, copy-engine loads or not, the whole-block fold
-    pipelined or not) give the same bits."""
+    depth, the combine kernel's tile, copy-engine loads or not) give the same bits."""
     import importlib
 
     kv_mod = importlib.import_module("bitstable.attention.kvcache")
@@ -281,8 +279,7 @@ def test_decode_launch_options_change_no_bits(sz, device):
     results = []
     with bitstable.set_deterministic_mode(True, split_size=_split(sz, dtype, device)):
         for force in ({}, {"even_d": False}, {"stages": 2}, {"combine": (1, 1)}, {"combine": (1, 4)},
-                      {"combine": (16, 4)}, {"tma": False}, {"pipeline": False},
-                      {"pipeline": False, "tma": False}):
+                      {"combine": (16, 4)}, {"tma": False}):
             kv_mod._DECODE_LAUNCH_OVERRIDE = force
             try:
                 cache = (torch.zeros(shape, dtype=dtype, device=device),

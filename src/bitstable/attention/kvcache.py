@@ -26,8 +26,7 @@ from .validation import check_options, check_qkv, last_dim_contiguous, normalize
 #: partial kernel forced over the table's: ``stages``, ``tile`` (block_m, num_warps),
 #: ``even_d`` (False: masked-d scalar loads), and the combine kernel's
 #: ``combine`` (block_m, num_warps), ``tma`` (False: whole blocks through per-thread
-#: copies too), ``pipeline`` (False: whole blocks folded one after the other, without
-#: issuing the next block's scores before the softmax).
+#: copies too).
 #: All launch-only (same bits).
 _DECODE_LAUNCH_OVERRIDE: dict = {}
 
@@ -315,7 +314,7 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
         PAGED=block_table is not None, HAS_BATCH_IDX=cache_batch_idx is not None,
-        EVEN_D=even_d, USE_TMA=use_tma, PIPELINE_QK=force.get("pipeline", True),
+        EVEN_D=even_d, USE_TMA=use_tma,
         num_warps=dec_w, num_stages=force.get("stages") or cfg.decode_stages)
     comb_m, comb_w = force.get("combine") or DECODE_COMBINE_TILE[arch_key(q.device)]
     attention_split_combine_kernel[(triton.cdiv(max(Lq, 1), comb_m), B * Hq)](

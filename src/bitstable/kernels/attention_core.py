@@ -135,30 +135,8 @@ def empty_state(BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def softmax_step(m, l, x, scale):
-    """The softmax half of :func:`block_update`: new row max ``m``, rescaled row sum
-    ``l`` plus this block's weights, the weights ``p`` [M, N] fp32 and the factor
-    ``alpha`` [M] that rescales the accumulator."""
-    m_new = tl.maximum(m, tl.max(x, 1) * scale)
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m - m_ref)
-    p = tl.math.exp2(x * scale - m_ref[:, None])
-    l = l * alpha + tl.sum(p, 1)
-    return m_new, l, p, alpha
-
-
-@triton.jit
-def accumulate(acc, alpha, p, v, P_DTYPE: tl.constexpr, ROWWISE: tl.constexpr):
-    """The value half of :func:`block_update`: ``acc * alpha + p @ v`` (p rounded to
-    ``P_DTYPE`` first)."""
-    acc = acc * alpha[:, None]
-    return tile_dot(p.to(P_DTYPE), v, acc, ROWWISE)
-
-
-@triton.jit
 def block_update(m, l, acc, x, v, scale, P_DTYPE: tl.constexpr, ROWWISE: tl.constexpr):
-    """Fold one key block into a split state (online softmax, base 2):
-    :func:`softmax_step` then :func:`accumulate`.
+    """Fold one key block into a split state (online softmax, base 2).
 
     ``x`` [M, N] fp32 scores, -inf where masked, whose base-2 logits are
     ``x * scale`` (``scale`` > 0, so the row max is ``max(x) * scale``
@@ -167,45 +145,14 @@ def block_update(m, l, acc, x, v, scale, P_DTYPE: tl.constexpr, ROWWISE: tl.cons
     float32 for float32 inputs); ``ROWWISE`` selects the interpreter's
     product (see :func:`tile_dot`).
     """
-    m_new, l, p, alpha = softmax_step(m, l, x, scale)
-    acc = accumulate(acc, alpha, p, v, P_DTYPE, ROWWISE)
+    m_new = tl.maximum(m, tl.max(x, 1) * scale)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m - m_ref)
+    p = tl.math.exp2(x * scale - m_ref[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tile_dot(p.to(P_DTYPE), v, acc, ROWWISE)
     return m_new, l, acc
-
-
-@triton.jit
-def qk_scores(q, k, ROWWISE: tl.constexpr):
-    """Raw scores ``q @ k^T`` [M, N] fp32 of q [M, D] against the key block k [N, D]
-    (both in the compute dtype)."""
-    return tile_dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], tl.float32), ROWWISE)
-
-
-@triton.jit
-def masked_scores(s, pos_q, pos_k, seqlen_k, qk_scale, softcap_scaled, alibi_slope_log2,
-                  window_left, window_right, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                  HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """Raw scores ``s`` [M, N] -> (``x``, ``scale``) of :func:`block_update`: the score
-    transform, then -inf where a key is not visible (``MASKED``)."""
-    x, scale = score_transform(s, pos_q, pos_k, qk_scale, softcap_scaled, alibi_slope_log2,
-                               HAS_SOFTCAP, HAS_ALIBI)
-    if MASKED:
-        vis = visibility_mask(pos_q, pos_k, seqlen_k, window_left, window_right,
-                              HAS_LEFT, HAS_RIGHT)
-        x = tl.where(vis, x, float("-inf"))
-    return x, scale
-
-
-@triton.jit
-def fold_scores(m, l, acc, s, v, pos_q, pos_k, seqlen_k,
-                qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                MASKED: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """Fold a key block whose raw scores ``s`` (from :func:`qk_scores`) are known:
-    :func:`masked_scores` and :func:`block_update` with the values v [N, D] (in the
-    compute dtype)."""
-    x, scale = masked_scores(s, pos_q, pos_k, seqlen_k, qk_scale, softcap_scaled, alibi_slope_log2,
-                             window_left, window_right, MASKED, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
-    return block_update(m, l, acc, x, v, scale, COMPUTE_DTYPE, ROWWISE)
 
 
 @triton.jit
@@ -214,20 +161,23 @@ def fold_block(m, l, acc, q, k, v, pos_q, pos_k, seqlen_k,
                MASKED: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """The inner-loop step every attention kernel shares: :func:`qk_scores` of q [M, D]
-    against the key block k [N, D] at positions ``pos_k``, then :func:`fold_scores` with
-    the values v [N, D].
+    """The inner-loop step every attention kernel shares: scores of q [M, D]
+    against the key block k [N, D] at positions ``pos_k``, masks (``MASKED``),
+    and :func:`block_update` with the values v [N, D].
 
     The dense forward (prefill) and the split-KV decode kernels both fold their
-    key blocks through these functions, whatever loaded the tiles (the decode kernel
-    may take a block's scores one block early; the arithmetic is the same).
+    key blocks through this one function, whatever loaded the tiles.
     """
     k = k.to(COMPUTE_DTYPE)
     v = v.to(COMPUTE_DTYPE)
-    s = qk_scores(q, k, ROWWISE)
-    return fold_scores(m, l, acc, s, v, pos_q, pos_k, seqlen_k,
-                       qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                       MASKED, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT)
+    s = tile_dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], tl.float32), ROWWISE)
+    x, scale = score_transform(s, pos_q, pos_k, qk_scale, softcap_scaled, alibi_slope_log2,
+                               HAS_SOFTCAP, HAS_ALIBI)
+    if MASKED:
+        vis = visibility_mask(pos_q, pos_k, seqlen_k, window_left, window_right,
+                              HAS_LEFT, HAS_RIGHT)
+        x = tl.where(vis, x, float("-inf"))
+    return block_update(m, l, acc, x, v, scale, COMPUTE_DTYPE, ROWWISE)
 
 
 @triton.jit

@@ -24,8 +24,7 @@ query heads of a GQA group into one tile (they share K/V tile loads).
 import triton
 import triton.language as tl
 
-from .attention_core import (accumulate, empty_state, finalize, fold_block, masked_scores, merge_states,
-                             qk_scores, softmax_step, tile_key_range)
+from .attention_core import empty_state, finalize, fold_block, merge_states, tile_key_range
 
 
 @triton.jit
@@ -118,115 +117,6 @@ def _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, page,
 
 
 @triton.jit
-def _register_copy(x, ROWWISE: tl.constexpr):
-    """``x`` bit for bit, in new registers (a ``mov`` the compiler cannot see through).
-
-    The pipelined fold reads block ``j``'s scores while the product of block ``j+1``
-    is in flight; copying them out first ends the old scores' life before that product
-    is issued, so the compiler can give both the same registers.  Otherwise it copies
-    the new product's registers into the old ones at the end of each step, before they
-    are complete, and ptxas then serialises every product (C7514)."""
-    if ROWWISE:
-        return x
-    else:
-        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-
-
-@triton.jit
-def _whole_block(j, hi, page, cache, where, IS_V: tl.constexpr, BLOCK_N: tl.constexpr,
-                 COMPUTE_DTYPE: tl.constexpr, PAGED: tl.constexpr, EVEN_D: tl.constexpr,
-                 USE_TMA: tl.constexpr):
-    """Cached key (``IS_V`` False) or value block ``j`` of the pipelined fold, in the
-    compute dtype.  Blocks ``j < hi`` hold the same values as :func:`_fold_cache_block`'s
-    unmasked loads; block ``hi`` is loaded ahead but never used, so it only has to be
-    safe to read: zeros through pointers, any tile through the copy engine (zeros past
-    the cache, or page 0, which ``page`` names for ``j >= hi``)."""
-    k_base, v_base, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size, \
-        stride_kp, stride_kn, stride_vp, stride_vn, k_desc, v_desc, h_kv = cache
-    offs_n, offs_d, d_ok, pos_q = where
-    if USE_TMA:
-        desc = v_desc if IS_V else k_desc
-        tile = _load_cache_block_tma(desc, j, b_cache, h_kv, page, page_size, BLOCK_N, offs_d.shape[0], PAGED)
-    else:
-        base = v_base if IS_V else k_base
-        stride_p = stride_vp if IS_V else stride_kp
-        stride_row = stride_vn if IS_V else stride_kn
-        rows = _cache_rows(base, b_cache, j * BLOCK_N + offs_n, seqlen_k, BLOCK_TABLE, stride_bt_b, b,
-                           page_size, stride_p, stride_row, PAGED)
-        ok = (j < hi) & (offs_n < BLOCK_N)
-        if EVEN_D:
-            tile = tl.load(rows[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0)
-        else:
-            tile = tl.load(rows[:, None] + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
-    return tile.to(COMPUTE_DTYPE)
-
-
-@triton.jit
-def _fold_whole_blocks_pipelined(lo, hi, m_s, l_s, acc_s, q, cache, where, scores,
-                                 BLOCK_N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-                                 ROWWISE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PAGED: tl.constexpr,
-                                 EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
-    """Fold the key blocks ``lo .. hi-1`` (every row sees them whole; ``lo < hi``) with
-    the tensor-core products overlapped with the softmax.
-
-    :func:`fold_block`'s arithmetic in its three parts (:func:`qk_scores`,
-    :func:`softmax_step`, :func:`accumulate`), block by block in the same order; only
-    when each product is issued moves.  Step ``j`` first finishes block ``j-1``
-    (``acc * alpha + p @ V[j-1]``, waited for), then issues ``q @ K[j+1]^T``, which the
-    tensor cores compute while the softmax of block ``j`` (its scores issued one step
-    earlier) runs on the other units.  A decode step with few programs is bound by this
-    serial chain, not by memory; done in sequence, the softmax waits for both products
-    of its block and the tensor cores wait for the softmax.  The last step issues the
-    scores of block ``hi``, which are not used.  Paged copy-engine loads read the block
-    table one step ahead of the loads.
-    """
-    k_base, v_base, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size, \
-        stride_kp, stride_kn, stride_vp, stride_vn, k_desc, v_desc, h_kv = cache
-    offs_n, offs_d, d_ok, pos_q = where
-    qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right = scores
-    # Pages (copy-engine loads only) are read from the block table one step before the
-    # loads that use them: step j loads keys j+1 (page pk) and values j-1 (page pv).
-    pk = 0
-    pv = 0
-    if USE_TMA and PAGED:
-        pv = _block_page(BLOCK_TABLE, b, stride_bt_b, lo, page_size, True, BLOCK_N)
-        pk = _block_page(BLOCK_TABLE, b, stride_bt_b, lo + 1, page_size, lo + 1 < hi, BLOCK_N)
-    s = qk_scores(q, _whole_block(lo, hi, pv, cache, where, False, BLOCK_N, COMPUTE_DTYPE, PAGED, EVEN_D,
-                                  USE_TMA), ROWWISE)
-    x, scale = masked_scores(s, pos_q, lo * BLOCK_N + offs_n, seqlen_k, qk_scale, softcap_scaled,
-                             alibi_slope_log2, window_left, window_right, False, HAS_SOFTCAP, HAS_ALIBI,
-                             HAS_LEFT, HAS_RIGHT)
-    m_s, l_s, p, alpha = softmax_step(m_s, l_s, x, scale)
-    s = qk_scores(q, _whole_block(lo + 1, hi, pk, cache, where, False, BLOCK_N, COMPUTE_DTYPE, PAGED,
-                                  EVEN_D, USE_TMA), ROWWISE)
-    if USE_TMA and PAGED:
-        pk = _block_page(BLOCK_TABLE, b, stride_bt_b, lo + 2, page_size, lo + 2 < hi, BLOCK_N)
-    for j in range(lo + 1, hi):
-        pk_next = 0
-        pv_next = 0
-        if USE_TMA and PAGED:
-            pk_next = _block_page(BLOCK_TABLE, b, stride_bt_b, j + 2, page_size, j + 2 < hi, BLOCK_N)
-            pv_next = _block_page(BLOCK_TABLE, b, stride_bt_b, j, page_size, True, BLOCK_N)
-        v = _whole_block(j - 1, hi, pv, cache, where, True, BLOCK_N, COMPUTE_DTYPE, PAGED, EVEN_D, USE_TMA)
-        acc_s = accumulate(acc_s, alpha, p, v, COMPUTE_DTYPE, ROWWISE)
-        s = _register_copy(s, ROWWISE)
-        s_next = qk_scores(q, _whole_block(j + 1, hi, pk, cache, where, False, BLOCK_N, COMPUTE_DTYPE,
-                                           PAGED, EVEN_D, USE_TMA), ROWWISE)
-        x, scale = masked_scores(s, pos_q, j * BLOCK_N + offs_n, seqlen_k, qk_scale, softcap_scaled,
-                                 alibi_slope_log2, window_left, window_right, False, HAS_SOFTCAP, HAS_ALIBI,
-                                 HAS_LEFT, HAS_RIGHT)
-        m_s, l_s, p, alpha = softmax_step(m_s, l_s, x, scale)
-        s = s_next
-        pk = pk_next
-        pv = pv_next
-    v = _whole_block(hi - 1, hi, pv, cache, where, True, BLOCK_N, COMPUTE_DTYPE, PAGED, EVEN_D, USE_TMA)
-    acc_s = accumulate(acc_s, alpha, p, v, COMPUTE_DTYPE, ROWWISE)
-    return m_s, l_s, acc_s
-
-
-@triton.jit
 def attention_split_partial_kernel(
     Q, K, V, K_DESC, V_DESC, WS_ACC, WS_ML, SEQLEN_K, BATCH_IDX, BLOCK_TABLE, ALIBI,
     stride_qb, stride_qm, stride_qh,
@@ -240,7 +130,7 @@ def attention_split_partial_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, EVEN_D: tl.constexpr,
-    USE_TMA: tl.constexpr, PIPELINE_QK: tl.constexpr = True,
+    USE_TMA: tl.constexpr,
 ):
     """Grid: (num_splits * num_m_tiles, B * Hkv).  One split of one tile of packed rows.
 
@@ -310,24 +200,18 @@ def attention_split_partial_kernel(
         m_s, l_s, acc_s = _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, 0, True, BLOCK_N,
                                             COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT,
                                             HAS_RIGHT, PAGED, EVEN_D)
-    if PIPELINE_QK:
-        if mid_lo < mid_hi:
-            m_s, l_s, acc_s = _fold_whole_blocks_pipelined(mid_lo, mid_hi, m_s, l_s, acc_s, q, cache, where,
-                                                           scores, BLOCK_N, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP,
-                                                           HAS_ALIBI, HAS_LEFT, HAS_RIGHT, PAGED, EVEN_D, USE_TMA)
-    else:
-        # A paged copy-engine load needs its page first: read the block table one block ahead.
-        page = 0
+    # A paged copy-engine load needs its page first: read the block table one block ahead.
+    page = 0
+    if USE_TMA and PAGED:
+        page = _block_page(BLOCK_TABLE, b, stride_bt_b, mid_lo, page_size, mid_lo < mid_hi, BLOCK_N)
+    for j in range(mid_lo, mid_hi):  # seen whole by every row
+        page_next = page
         if USE_TMA and PAGED:
-            page = _block_page(BLOCK_TABLE, b, stride_bt_b, mid_lo, page_size, mid_lo < mid_hi, BLOCK_N)
-        for j in range(mid_lo, mid_hi):  # seen whole by every row
-            page_next = page
-            if USE_TMA and PAGED:
-                page_next = _block_page(BLOCK_TABLE, b, stride_bt_b, j + 1, page_size, j + 1 < mid_hi, BLOCK_N)
-            m_s, l_s, acc_s = _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, page, False,
-                                                BLOCK_N, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
-                                                HAS_LEFT, HAS_RIGHT, PAGED, EVEN_D, USE_TMA)
-            page = page_next
+            page_next = _block_page(BLOCK_TABLE, b, stride_bt_b, j + 1, page_size, j + 1 < mid_hi, BLOCK_N)
+        m_s, l_s, acc_s = _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, page, False, BLOCK_N,
+                                            COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT,
+                                            HAS_RIGHT, PAGED, EVEN_D, USE_TMA)
+        page = page_next
     for j in range(tl.maximum(mid_hi, lo), hi):   # masked: causal / right edge, last keys
         m_s, l_s, acc_s = _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, 0, True, BLOCK_N,
                                             COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT,
