@@ -140,6 +140,33 @@ def test_decode_steps_equal_the_full_forward_per_head_dim(sz, feature, device):
                     f"D={D} group={group} {dtype} {force}: decode steps differ from the full forward"
 
 
+@pytest.mark.parametrize("L,split", [pytest.param(16 * 37 + 5, 16, id="cpu-size"),
+                                     pytest.param(64 * 41 * 8 + 21, 512, id="gpu-size", marks=pytest.mark.gpu)])
+def test_decode_over_many_splits_equals_the_full_forward(L, split, device):
+    """Decode steps against caches of 38 and 42 splits (the combine kernel merges them
+    sixteen at a time, the next sixteen loading meanwhile; the last group is partial):
+    the last queries' outputs and LSE equal the full forward's, bitwise."""
+    dtype = torch.float16 if device == "cpu" else torch.bfloat16
+    sz = dict(L=L, Hq=4, Hk=2, D=32 if device == "cpu" else 128, split=split)
+    q, k, v = _seq(sz, dtype, device, seed=11)
+    with bitstable.set_deterministic_mode(True, split_size=_split(sz, dtype, device)):
+        full, lse_full, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+        n_split = -(-L // _split(sz, dtype, device))
+        assert n_split > 32, n_split
+        for n_new in (1, 2):
+            before = L - n_new
+            shape = (1, L + 3, sz["Hk"], sz["D"])
+            kc = torch.zeros(shape, dtype=dtype, device=device)
+            vc = torch.zeros(shape, dtype=dtype, device=device)
+            kc[:, :before], vc[:, :before] = k[:, :before], v[:, :before]
+            out, lse = flash_attn_with_kvcache(q[:, before:], kc, vc, k=k[:, before:], v=v[:, before:],
+                                               cache_seqlens=torch.tensor([before], dtype=torch.int32,
+                                                                          device=device),
+                                               causal=True, return_softmax_lse=True)
+            assert torch.equal(out, full[:, before:]), f"{n_new} new tokens: outputs differ"
+            assert torch.equal(lse, lse_full[:, :, before:]), f"{n_new} new tokens: LSE differs"
+
+
 @pytest.mark.parametrize("sz,batches", [pytest.param(CPU, (2, 3, 8), id="cpu-size"),
                                         pytest.param(GPU, (2, 8, 64), id="gpu-size", marks=pytest.mark.gpu)])
 def test_decode_is_batch_invariant(sz, batches, device):

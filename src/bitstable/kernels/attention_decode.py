@@ -253,6 +253,20 @@ def _load_four(WS_ACC, WS_ML, s0, num_splits, b, h, batch, num_heads_q, seqlen_q
 
 
 @triton.jit
+def _load_sixteen(WS_ACC, WS_ML, s0, num_splits, b, h, batch, num_heads_q, seqlen_q,
+                  offs_m, offs_d, row_ok, HEAD_DIM: tl.constexpr):
+    """The states of splits s0 .. s0+15, as four :func:`_load_four` tuples."""
+    return (_load_four(WS_ACC, WS_ML, s0, num_splits, b, h, batch, num_heads_q, seqlen_q,
+                       offs_m, offs_d, row_ok, HEAD_DIM),
+            _load_four(WS_ACC, WS_ML, s0 + 4, num_splits, b, h, batch, num_heads_q, seqlen_q,
+                       offs_m, offs_d, row_ok, HEAD_DIM),
+            _load_four(WS_ACC, WS_ML, s0 + 8, num_splits, b, h, batch, num_heads_q, seqlen_q,
+                       offs_m, offs_d, row_ok, HEAD_DIM),
+            _load_four(WS_ACC, WS_ML, s0 + 12, num_splits, b, h, batch, num_heads_q, seqlen_q,
+                       offs_m, offs_d, row_ok, HEAD_DIM))
+
+
+@triton.jit
 def _merge_live(m_t, l_t, acc_t, st, live):
     """:func:`merge_states` of split state ``st`` = (m, l, acc) into the total if ``live``
     (a scalar), else the total unchanged (bit for bit, not through an empty merge)."""
@@ -281,9 +295,9 @@ def attention_split_combine_kernel(
     """Grid: (cdiv(Lq, BLOCK_M), B * Hq).  Merge the splits that hold keys of this
     sequence (``cdiv(SEQLEN_K[b], split_size)``) in ascending order and finalise.
 
-    The merges are a serial chain, the loads need not be: each step reads sixteen
-    splits at once and then merges them in order, so a long cache costs one load
-    latency per sixteen splits instead of one per split.  The merge order and
+    The merges are a serial chain, the loads need not be: each step merges sixteen
+    splits in order while the next sixteen load, so a long cache costs one load latency
+    in all instead of one per split (or per sixteen).  The merge order and
     arithmetic are the dense kernel's; rows are independent, so BLOCK_M changes no bits.
     """
     pid_m = tl.program_id(0)
@@ -295,19 +309,17 @@ def attention_split_combine_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seqlen_q
     m_t, l_t, acc_t = empty_state(BLOCK_M, HEAD_DIM)
+    nxt = _load_sixteen(WS_ACC, WS_ML, 0, num_splits, b, h, batch, num_heads_q, seqlen_q,
+                        offs_m, offs_d, row_ok, HEAD_DIM)
     for s0 in range(0, num_splits, 16):
-        f0 = _load_four(WS_ACC, WS_ML, s0, num_splits, b, h, batch, num_heads_q, seqlen_q,
-                        offs_m, offs_d, row_ok, HEAD_DIM)
-        f1 = _load_four(WS_ACC, WS_ML, s0 + 4, num_splits, b, h, batch, num_heads_q, seqlen_q,
-                        offs_m, offs_d, row_ok, HEAD_DIM)
-        f2 = _load_four(WS_ACC, WS_ML, s0 + 8, num_splits, b, h, batch, num_heads_q, seqlen_q,
-                        offs_m, offs_d, row_ok, HEAD_DIM)
-        f3 = _load_four(WS_ACC, WS_ML, s0 + 12, num_splits, b, h, batch, num_heads_q, seqlen_q,
-                        offs_m, offs_d, row_ok, HEAD_DIM)
-        m_t, l_t, acc_t = _merge_four(m_t, l_t, acc_t, f0, s0, num_splits)
-        m_t, l_t, acc_t = _merge_four(m_t, l_t, acc_t, f1, s0 + 4, num_splits)
-        m_t, l_t, acc_t = _merge_four(m_t, l_t, acc_t, f2, s0 + 8, num_splits)
-        m_t, l_t, acc_t = _merge_four(m_t, l_t, acc_t, f3, s0 + 12, num_splits)
+        cur = nxt
+        # The next sixteen states load while these sixteen merge.
+        nxt = _load_sixteen(WS_ACC, WS_ML, s0 + 16, num_splits, b, h, batch, num_heads_q, seqlen_q,
+                            offs_m, offs_d, row_ok, HEAD_DIM)
+        m_t, l_t, acc_t = _merge_four(m_t, l_t, acc_t, cur[0], s0, num_splits)
+        m_t, l_t, acc_t = _merge_four(m_t, l_t, acc_t, cur[1], s0 + 4, num_splits)
+        m_t, l_t, acc_t = _merge_four(m_t, l_t, acc_t, cur[2], s0 + 8, num_splits)
+        m_t, l_t, acc_t = _merge_four(m_t, l_t, acc_t, cur[3], s0 + 12, num_splits)
     out, lse = finalize(m_t, l_t, acc_t)
     tl.store(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
              + offs_m[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty),
