@@ -4,7 +4,8 @@ One query token, 32 query heads, 8 KV heads, head dim 128, bf16; CUDA-graph repl
 times of the whole call (partial + combine kernels) for each variant, next to
 SDPA-flash and the device copy bandwidth, and the two kernels' own times from the
 profiler.  Pipeline depth and the load path (``even_d``: 16-byte asynchronous loads
-vs. masked scalar loads, copy engine or not) are launch-only (same bits, checked here); the split size is
+vs. masked scalar loads, copy engine or not, the combine as a programmatic dependent launch or
+not) are launch-only (same bits, checked here); the split size is
 part of the reduction order (DESIGN.md), shown only to size its cost.
 
     PYTHONPATH=src python benchmarks/explore_decode.py [tma]
@@ -22,7 +23,7 @@ from bitstable.bench import copy_bandwidth_gbs
 kv_mod = importlib.import_module("bitstable.attention.kvcache")
 CASES = [(1, 4096), (1, 16384), (1, 65536), (1, 131072), (8, 4096), (8, 16384), (64, 4096), (64, 16384)]
 # (split, launch options forced over the table's)
-VARIANTS = [(2048, {}), (1024, {}), (512, {})]
+VARIANTS = [(2048, {}), (2048, {"pdl": False}), (1024, {}), (512, {})]
 
 
 def kernel_times(fn):

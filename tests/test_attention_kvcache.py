@@ -293,7 +293,8 @@ def test_decode_step_captures_in_a_cuda_graph_and_host_lengths_need_no_sync(devi
 @pytest.mark.parametrize("sz", SIZES)
 def test_decode_launch_options_change_no_bits(sz, device):
     """The launch-only options of the decode kernels (16-byte or masked-d loads, pipeline
-    depth, the combine kernel's tile, copy-engine loads or not) give the same bits."""
+    depth, the combine kernel's tile, copy-engine loads or not, the combine launched as
+    the partial kernel's programmatic dependent or after it) give the same bits."""
     import importlib
 
     kv_mod = importlib.import_module("bitstable.attention.kvcache")
@@ -306,7 +307,7 @@ def test_decode_launch_options_change_no_bits(sz, device):
     results = []
     with bitstable.set_deterministic_mode(True, split_size=_split(sz, dtype, device)):
         for force in ({}, {"even_d": False}, {"stages": 2}, {"combine": (1, 1)}, {"combine": (1, 4)},
-                      {"combine": (16, 4)}, {"tma": False}):
+                      {"combine": (16, 4)}, {"tma": False}, {"pdl": False}):
             kv_mod._DECODE_LAUNCH_OVERRIDE = force
             try:
                 cache = (torch.zeros(shape, dtype=dtype, device=device),

@@ -72,14 +72,14 @@ def main() -> int:
                                    (True, True, False)):
             desc = {k: "tensordesc<bf16[1,64,1,128]>" for k in ("K_DESC", "V_DESC")} if tma else None
             build(attention_split_partial_kernel, dict(base, SPLIT_BLOCKS=32, PAGED=paged, HAS_BATCH_IDX=not paged,
-                                                       EVEN_D=even_d, USE_TMA=tma),
+                                                       EVEN_D=even_d, USE_TMA=tma, USE_PDL=tma),
                   ("Q", "K", "V", "K_DESC", "V_DESC"), ("WS_ACC", "WS_ML", "ALIBI"),
-                  ("SEQLEN_K", "BATCH_IDX", "BLOCK_TABLE"), ("qk_scale", "softcap_scaled"), desc,
+                  ("CACHE_SEQLENS", "BATCH_IDX", "BLOCK_TABLE"), ("qk_scale", "softcap_scaled"), desc,
                   num_warps=4, num_stages=3)
             n += 1
-    for block_m, warps in ((1, 4), (16, 4)):
-        build(attention_split_combine_kernel, dict(HEAD_DIM=128, BLOCK_M=block_m), ("O",), ("WS_ACC", "WS_ML", "LSE"),
-              ("SEQLEN_K",), num_warps=warps)
+    for block_m, warps, pdl in ((1, 4, True), (16, 4, False)):
+        build(attention_split_combine_kernel, dict(HEAD_DIM=128, BLOCK_M=block_m, USE_PDL=pdl), ("O",),
+              ("WS_ACC", "WS_ML", "LSE"), ("CACHE_SEQLENS",), num_warps=warps, launch_pdl=pdl)
     build(attention_bwd_preprocess_kernel, dict(HEAD_DIM=128, BLOCK_M=64, HAS_DLSE=True), ("O", "DO"), ("DLSE", "DELTA"),
           num_warps=4)
     # float32 backward: per-head dk/dv sums (PER_HEAD_SUMS), IEEE fp32 dots

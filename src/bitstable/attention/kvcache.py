@@ -26,7 +26,8 @@ from .validation import check_options, check_qkv, last_dim_contiguous, normalize
 #: partial kernel forced over the table's: ``stages``, ``tile`` (block_m, num_warps),
 #: ``even_d`` (False: masked-d scalar loads), and the combine kernel's
 #: ``combine`` (block_m, num_warps), ``tma`` (False: whole blocks through per-thread
-#: copies too).
+#: copies too), ``pdl`` (False: the combine kernel launches after the partial kernel
+#: ends instead of as its programmatic dependent).
 #: All launch-only (same bits).
 _DECODE_LAUNCH_OVERRIDE: dict = {}
 
@@ -258,7 +259,6 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if k is not None and n_new > 0:
         _append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, page_size)
     left, right = normalize_window(causal, left, right, max(capacity, 1))
-    seqlens_k = cache_seqlens + n_new
 
     if not get_deterministic_mode().enabled:
         if before is None:
@@ -294,30 +294,37 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return (out, lse) if return_softmax_lse else out
     qk_scale, softcap_scaled = score_scales(softmax_scale, softcap)
     alibi, stride_alibi_b = alibi_args(alibi_slopes, lse)
-    bt = block_table if block_table is not None else seqlens_k
-    bidx = cache_batch_idx if cache_batch_idx is not None else seqlens_k
+    cache_seqlens = cache_seqlens.contiguous()
+    if cache_batch_idx is not None:
+        cache_batch_idx = cache_batch_idx.contiguous()
+    bt = block_table if block_table is not None else cache_seqlens
+    bidx = cache_batch_idx if cache_batch_idx is not None else cache_seqlens
     # Whole key blocks through the copy engine where the layout allows it (16-byte
     # aligned strides, pages holding whole blocks).
+    # The combine kernel launches as the partial kernel's programmatic dependent on Hopper
+    # (its launch overlaps the partial kernel's tail); launch-only.
+    pdl = force.get("pdl", True) and arch_key(q.device) == "sm90"
     k_desc, v_desc, use_tma = kv_descriptors(
         k_cache_c, v_cache_c, cfg.block_n, HD,
         force.get("tma", cfg.tma) and even_d and (block_table is None or page_size % cfg.block_n == 0))
     attention_split_partial_kernel[(num_splits * num_m_tiles, B * Hk)](
-        q, k_cache_c, v_cache_c, k_desc, v_desc, ws_acc, ws_ml, seqlens_k, bidx, bt, alibi,
+        q, k_cache_c, v_cache_c, k_desc, v_desc, ws_acc, ws_ml, cache_seqlens, bidx, bt, alibi,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache_c.stride(0), k_cache_c.stride(1), k_cache_c.stride(2),
         v_cache_c.stride(0), v_cache_c.stride(1), v_cache_c.stride(2),
         bt.stride(0) if block_table is not None else 0, max(page_size, 1), stride_alibi_b,
-        Hq, Hq // Hk, B, Lq, D, num_m_tiles,
+        Hq, Hq // Hk, B, Lq, D, num_m_tiles, n_new,
         qk_scale, softcap_scaled, max(left, 0), max(right, 0),
         HEAD_DIM=HD, BLOCK_M=dec_m, BLOCK_N=cfg.block_n, SPLIT_BLOCKS=split // cfg.block_n,
         COMPUTE_DTYPE=compute_dtype(q.dtype), ROWWISE=interpreting(),
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
         PAGED=block_table is not None, HAS_BATCH_IDX=cache_batch_idx is not None,
-        EVEN_D=even_d, USE_TMA=use_tma,
+        EVEN_D=even_d, USE_TMA=use_tma, USE_PDL=pdl,
         num_warps=dec_w, num_stages=force.get("stages") or cfg.decode_stages)
     comb_m, comb_w = force.get("combine") or DECODE_COMBINE_TILE[arch_key(q.device)]
     attention_split_combine_kernel[(triton.cdiv(max(Lq, 1), comb_m), B * Hq)](
-        ws_acc, ws_ml, out, lse, seqlens_k, out.stride(0), out.stride(1), out.stride(2),
-        Hq, B, Lq, D, split, HEAD_DIM=HD, BLOCK_M=comb_m, num_warps=comb_w)
+        ws_acc, ws_ml, out, lse, cache_seqlens, out.stride(0), out.stride(1), out.stride(2),
+        Hq, B, Lq, D, split, n_new, HEAD_DIM=HD, BLOCK_M=comb_m, USE_PDL=pdl, num_warps=comb_w,
+        **({"launch_pdl": True} if pdl else {}))
     return (out, lse) if return_softmax_lse else out

@@ -118,19 +118,19 @@ def _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, page,
 
 @triton.jit
 def attention_split_partial_kernel(
-    Q, K, V, K_DESC, V_DESC, WS_ACC, WS_ML, SEQLEN_K, BATCH_IDX, BLOCK_TABLE, ALIBI,
+    Q, K, V, K_DESC, V_DESC, WS_ACC, WS_ML, CACHE_SEQLENS, BATCH_IDX, BLOCK_TABLE, ALIBI,
     stride_qb, stride_qm, stride_qh,
     stride_kp, stride_kn, stride_kh,
     stride_vp, stride_vn, stride_vh,
     stride_bt_b, page_size, stride_alibi_b,
-    num_heads_q, group_size, batch, seqlen_q, head_dim, num_m_tiles,
+    num_heads_q, group_size, batch, seqlen_q, head_dim, num_m_tiles, n_new,
     qk_scale, softcap_scaled, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_BLOCKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, EVEN_D: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Grid: (num_splits * num_m_tiles, B * Hkv).  One split of one tile of packed rows.
 
@@ -145,14 +145,21 @@ def attention_split_partial_kernel(
     per-thread copy instructions out of each step of the serial fold (a decode step with
     few programs is bound by that fold, not by memory); the partial blocks at the edges
     load through pointers.  Launch-only: the same values reach the same arithmetic.
+
+    Sequence ``b`` holds ``CACHE_SEQLENS[b] + n_new`` keys (the cached ones and the
+    ``n_new`` just appended).  ``USE_PDL``: the combine kernel is launched as this
+    kernel's programmatic dependent and may start (and wait) as soon as every program
+    here has begun.
     """
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     split = tl.program_id(0) // num_m_tiles
     pid_m = tl.program_id(0) % num_m_tiles
     pid_bh = tl.program_id(1)
     num_heads_kv = num_heads_q // group_size
     b = pid_bh // num_heads_kv
     h_kv = pid_bh % num_heads_kv
-    seqlen_k = tl.load(SEQLEN_K + b)
+    seqlen_k = tl.load(CACHE_SEQLENS + b) + n_new
     b_cache = b
     if HAS_BATCH_IDX:
         b_cache = tl.load(BATCH_IDX + b)
@@ -287,13 +294,16 @@ def _merge_four(m_t, l_t, acc_t, four, s0, num_splits):
 
 @triton.jit
 def attention_split_combine_kernel(
-    WS_ACC, WS_ML, O, LSE, SEQLEN_K,
+    WS_ACC, WS_ML, O, LSE, CACHE_SEQLENS,
     stride_ob, stride_om, stride_oh,
-    num_heads_q, batch, seqlen_q, head_dim, split_size,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    num_heads_q, batch, seqlen_q, head_dim, split_size, n_new,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Grid: (cdiv(Lq, BLOCK_M), B * Hq).  Merge the splits that hold keys of this
-    sequence (``cdiv(SEQLEN_K[b], split_size)``) in ascending order and finalise.
+    sequence (``cdiv(CACHE_SEQLENS[b] + n_new, split_size)``) in ascending order and
+    finalise.  ``USE_PDL``: launched as the partial kernel's programmatic dependent, it
+    waits for that kernel's writes (``griddepcontrol.wait``) before reading the
+    workspace; its launch and set-up overlap the partial kernel's last programs.
 
     The merges are a serial chain, the loads need not be: each step merges sixteen
     splits in order while the next sixteen load, so a long cache costs one load latency
@@ -304,10 +314,12 @@ def attention_split_combine_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads_q
     h = pid_bh % num_heads_q
-    num_splits = tl.cdiv(tl.load(SEQLEN_K + b), split_size)
+    num_splits = tl.cdiv(tl.load(CACHE_SEQLENS + b) + n_new, split_size)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seqlen_q
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
     m_t, l_t, acc_t = empty_state(BLOCK_M, HEAD_DIM)
     nxt = _load_sixteen(WS_ACC, WS_ML, 0, num_splits, b, h, batch, num_heads_q, seqlen_q,
                         offs_m, offs_d, row_ok, HEAD_DIM)
