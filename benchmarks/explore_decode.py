@@ -8,7 +8,9 @@ vs. masked scalar loads, copy engine or not, the combine as a programmatic depen
 not) are launch-only (same bits, checked here); the split size is
 part of the reduction order (DESIGN.md), shown only to size its cost.
 
-    PYTHONPATH=src python benchmarks/explore_decode.py [tma]
+    PYTHONPATH=src python benchmarks/explore_decode.py [tma | splits]
+
+``splits``: what the split size costs the prefill forward instead.
 """
 import importlib
 import sys
@@ -152,7 +154,32 @@ def tma_probe():
                       f"| {fl:.1f} |", flush=True)
 
 
+def forward_split_cost():
+    """What the split size costs the prefill: the forward (bf16) on the benchmark's shapes
+    at split sizes 2048, 1024 and 512, next to SDPA-cudnn, all in one process."""
+    from bitstable.bench import DEFAULT_SHAPES, attention_flops
+    print("| B | H | L | D | causal | split | ms | TFLOP/s | vs cudnn |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for B, H, L, D in DEFAULT_SHAPES:
+        q, k, v = (torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        for causal in (False, True):
+            flops = attention_flops(B, H, L, D, causal)
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                cud = triton.testing.do_bench(
+                    lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal),
+                    return_mode="median")
+            for split in (2048, 1024, 512):
+                with bitstable.set_deterministic_mode(True, split_size=split):
+                    ms = triton.testing.do_bench(lambda: bitstable.flash_attn_func(q, k, v, causal=causal),
+                                                 return_mode="median")
+                print(f"| {B} | {H} | {L} | {D} | {causal} | {split} | {ms:.3f} | {flops / ms / 1e9:.0f} "
+                      f"| {cud / ms:.2f}x |", flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["tma"]:
         sys.exit(tma_probe())
+    if sys.argv[1:] == ["splits"]:
+        sys.exit(forward_split_cost())
     sys.exit(main())
