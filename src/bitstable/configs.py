@@ -24,8 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
-#: Default number of keys per split.  A multiple of every ``block_n`` below.
-DEFAULT_SPLIT_SIZE = 2048
+#: Default number of keys per split.  A multiple of every ``block_n`` below.  Chosen on an
+#: H200 (benchmarks/results/2026-11-22-h200-session5/): 1024 keeps the batch-1 decode
+#: step at least as fast as SDPA-flash from 4k keys up (2048 left only 16 programs at 4k:
+#: 0.68x) for ~1.5% of prefill time (forward -4%..+3% across the benchmark's shapes) and
+#: ~3% at batch 8 (more programs than SMs).
+DEFAULT_SPLIT_SIZE = 1024
 
 #: Head dims the attention kernels accept: multiples of 8 up to this.
 MAX_HEAD_DIM = 256

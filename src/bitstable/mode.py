@@ -12,7 +12,7 @@ be a positive multiple of the key block ``block_n`` of every config in use
 Each setter returns a handle that restores the previous mode when used as a
 context manager::
 
-    with bitstable.set_deterministic_mode(True, split_size=2048):
+    with bitstable.set_deterministic_mode(True, split_size=4096):
         out = bitstable.flash_attn_func(q, k, v)
 """
 
