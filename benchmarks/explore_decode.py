@@ -25,7 +25,7 @@ from bitstable.bench import copy_bandwidth_gbs
 kv_mod = importlib.import_module("bitstable.attention.kvcache")
 CASES = [(1, 4096), (1, 16384), (1, 65536), (1, 131072), (8, 4096), (8, 16384), (64, 4096), (64, 16384)]
 # (split, launch options forced over the table's)
-VARIANTS = [(1024, {}), (1024, {"stages": 4}), (1024, {"stages": 5})]
+VARIANTS = [(1024, {}), (1024, {"pdl": False}), (2048, {})]
 
 
 def kernel_times(fn):

@@ -143,8 +143,8 @@ def test_decode_steps_equal_the_full_forward_per_head_dim(sz, feature, device):
 @pytest.mark.parametrize("n_splits,split", [pytest.param(37, 16, id="cpu-size"),
                                              pytest.param(41, 512, id="gpu-size", marks=pytest.mark.gpu)])
 def test_decode_over_many_splits_equals_the_full_forward(n_splits, split, device):
-    """Decode steps against caches of 38 and 42 splits (the combine kernel merges them
-    sixteen at a time, the next sixteen loading meanwhile; the last group is partial):
+    """Decode steps against caches of 38 and 42 splits (the combine kernel loads and
+    merges them sixteen at a time; the last group is partial):
     the last queries' outputs and LSE equal the full forward's, bitwise."""
     dtype = torch.float16 if device == "cpu" else torch.bfloat16
     sz = dict(Hq=4, Hk=2, D=32 if device == "cpu" else 128, split=split)

@@ -299,11 +299,11 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         cache_batch_idx = cache_batch_idx.contiguous()
     bt = block_table if block_table is not None else cache_seqlens
     bidx = cache_batch_idx if cache_batch_idx is not None else cache_seqlens
-    # Whole key blocks through the copy engine where the layout allows it (16-byte
-    # aligned strides, pages holding whole blocks).
     # The combine kernel launches as the partial kernel's programmatic dependent on Hopper
     # (its launch overlaps the partial kernel's tail); launch-only.
     pdl = force.get("pdl", True) and arch_key(q.device) == "sm90"
+    # Whole key blocks through the copy engine where the layout allows it (16-byte
+    # aligned strides, pages holding whole blocks).
     k_desc, v_desc, use_tma = kv_descriptors(
         k_cache_c, v_cache_c, cfg.block_n, HD,
         force.get("tma", cfg.tma) and even_d and (block_table is None or page_size % cfg.block_n == 0))

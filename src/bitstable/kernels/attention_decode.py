@@ -260,20 +260,6 @@ def _load_four(WS_ACC, WS_ML, s0, num_splits, b, h, batch, num_heads_q, seqlen_q
 
 
 @triton.jit
-def _load_sixteen(WS_ACC, WS_ML, s0, num_splits, b, h, batch, num_heads_q, seqlen_q,
-                  offs_m, offs_d, row_ok, HEAD_DIM: tl.constexpr):
-    """The states of splits s0 .. s0+15, as four :func:`_load_four` tuples."""
-    return (_load_four(WS_ACC, WS_ML, s0, num_splits, b, h, batch, num_heads_q, seqlen_q,
-                       offs_m, offs_d, row_ok, HEAD_DIM),
-            _load_four(WS_ACC, WS_ML, s0 + 4, num_splits, b, h, batch, num_heads_q, seqlen_q,
-                       offs_m, offs_d, row_ok, HEAD_DIM),
-            _load_four(WS_ACC, WS_ML, s0 + 8, num_splits, b, h, batch, num_heads_q, seqlen_q,
-                       offs_m, offs_d, row_ok, HEAD_DIM),
-            _load_four(WS_ACC, WS_ML, s0 + 12, num_splits, b, h, batch, num_heads_q, seqlen_q,
-                       offs_m, offs_d, row_ok, HEAD_DIM))
-
-
-@triton.jit
 def _merge_live(m_t, l_t, acc_t, st, live):
     """:func:`merge_states` of split state ``st`` = (m, l, acc) into the total if ``live``
     (a scalar), else the total unchanged (bit for bit, not through an empty merge)."""
@@ -305,10 +291,12 @@ def attention_split_combine_kernel(
     waits for that kernel's writes (``griddepcontrol.wait``) before reading the
     workspace; its launch and set-up overlap the partial kernel's last programs.
 
-    The merges are a serial chain, the loads need not be: each step merges sixteen
-    splits in order while the next sixteen load, so a long cache costs one load latency
-    in all instead of one per split (or per sixteen).  The merge order and
-    arithmetic are the dense kernel's; rows are independent, so BLOCK_M changes no bits.
+    The merges are a serial chain, the loads need not be: each step reads sixteen
+    splits at once and then merges them in order, so a long cache costs one load
+    latency per sixteen splits instead of one per split (loading the next sixteen during
+    the merges was measured to change nothing: the time is the merge chain).  The merge
+    order and arithmetic are the dense kernel's; rows are independent, so BLOCK_M changes
+    no bits.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -321,17 +309,19 @@ def attention_split_combine_kernel(
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     m_t, l_t, acc_t = empty_state(BLOCK_M, HEAD_DIM)
-    nxt = _load_sixteen(WS_ACC, WS_ML, 0, num_splits, b, h, batch, num_heads_q, seqlen_q,
-                        offs_m, offs_d, row_ok, HEAD_DIM)
     for s0 in range(0, num_splits, 16):
-        cur = nxt
-        # The next sixteen states load while these sixteen merge.
-        nxt = _load_sixteen(WS_ACC, WS_ML, s0 + 16, num_splits, b, h, batch, num_heads_q, seqlen_q,
-                            offs_m, offs_d, row_ok, HEAD_DIM)
-        m_t, l_t, acc_t = _merge_four(m_t, l_t, acc_t, cur[0], s0, num_splits)
-        m_t, l_t, acc_t = _merge_four(m_t, l_t, acc_t, cur[1], s0 + 4, num_splits)
-        m_t, l_t, acc_t = _merge_four(m_t, l_t, acc_t, cur[2], s0 + 8, num_splits)
-        m_t, l_t, acc_t = _merge_four(m_t, l_t, acc_t, cur[3], s0 + 12, num_splits)
+        f0 = _load_four(WS_ACC, WS_ML, s0, num_splits, b, h, batch, num_heads_q, seqlen_q,
+                        offs_m, offs_d, row_ok, HEAD_DIM)
+        f1 = _load_four(WS_ACC, WS_ML, s0 + 4, num_splits, b, h, batch, num_heads_q, seqlen_q,
+                        offs_m, offs_d, row_ok, HEAD_DIM)
+        f2 = _load_four(WS_ACC, WS_ML, s0 + 8, num_splits, b, h, batch, num_heads_q, seqlen_q,
+                        offs_m, offs_d, row_ok, HEAD_DIM)
+        f3 = _load_four(WS_ACC, WS_ML, s0 + 12, num_splits, b, h, batch, num_heads_q, seqlen_q,
+                        offs_m, offs_d, row_ok, HEAD_DIM)
+        m_t, l_t, acc_t = _merge_four(m_t, l_t, acc_t, f0, s0, num_splits)
+        m_t, l_t, acc_t = _merge_four(m_t, l_t, acc_t, f1, s0 + 4, num_splits)
+        m_t, l_t, acc_t = _merge_four(m_t, l_t, acc_t, f2, s0 + 8, num_splits)
+        m_t, l_t, acc_t = _merge_four(m_t, l_t, acc_t, f3, s0 + 12, num_splits)
     out, lse = finalize(m_t, l_t, acc_t)
     tl.store(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
              + offs_m[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty),
