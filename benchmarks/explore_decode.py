@@ -8,7 +8,7 @@ vs. masked scalar loads, copy engine or not, the combine as a programmatic depen
 not) are launch-only (same bits, checked here); the split size is
 part of the reduction order (DESIGN.md), shown only to size its cost.
 
-    PYTHONPATH=src python benchmarks/explore_decode.py [tma | splits]
+    PYTHONPATH=src python benchmarks/explore_decode.py [tma | splits | wgmma]
 
 ``splits``: what the split size costs the prefill forward instead.
 """
@@ -45,6 +45,10 @@ def kernel_times(fn):
 
 
 def main():
+    global VARIANTS
+    if sys.argv[1:2] == ["wgmma"]:   # the Gluon one-token kernel against the Triton one
+        VARIANTS = [(1024, {}), (1024, {"wgmma": False}), (1024, {"wgmma": True}),
+                    (1024, {"wgmma": True, "stages": 3})]
     copy = copy_bandwidth_gbs()
     print(f"device copy bandwidth: {copy:.0f} GB/s")
     print("| B | KV len | split | launch | ms | K+V GB/s | of copy | SDPA-flash ms | vs flash | same bits | kernels |")

@@ -115,10 +115,12 @@ DECODE_CASES = [pytest.param(dict(L=72, split=64, cases=((32, 4, torch.float16),
 def test_decode_steps_equal_the_full_forward_per_head_dim(sz, feature, device):
     """A prefill chunk then decode steps of one and two tokens, for several head dims
     (80 and 24: padded) and GQA groups: the steps' outputs equal the full forward's,
-    with whole key blocks loaded through the copy engine (where the GPU has one) or not."""
+    with whole key blocks loaded through the copy engine (where the GPU has one) or not,
+    and one-token steps through the Hopper Gluon kernel (head dims 64/128) or not."""
     import importlib
 
     kv_mod = importlib.import_module("bitstable.attention.kvcache")
+    wgmma_mod = importlib.import_module("bitstable.attention.decode_wgmma")
     L = sz["L"]
     for D, group, dtype in sz["cases"]:
         size = dict(L=L, Hq=2 * group, Hk=2, D=D, split=sz["split"])
@@ -127,8 +129,9 @@ def test_decode_steps_equal_the_full_forward_per_head_dim(sz, feature, device):
         steps = [L - 8, 1, 2, 1, 2, 1, 1]
         with bitstable.set_deterministic_mode(True, split_size=_split(size, dtype, device)):
             full = flash_attn_func(q, k, v, **kw)
-            for force in ({}, {"tma": False}):
+            for force in ({}, {"wgmma": False}, {"tma": False}):
                 kv_mod._DECODE_LAUNCH_OVERRIDE = force
+                launches = wgmma_mod.LAUNCHES[0]
                 try:
                     shape = (1, L + 3, 2, D)
                     cache = (torch.zeros(shape, dtype=dtype, device=device),
@@ -138,6 +141,10 @@ def test_decode_steps_equal_the_full_forward_per_head_dim(sz, feature, device):
                     kv_mod._DECODE_LAUNCH_OVERRIDE = {}
                 assert torch.equal(got[:, L - 8:], full[:, L - 8:]), \
                     f"D={D} group={group} {dtype} {force}: decode steps differ from the full forward"
+                gluon_ran = wgmma_mod.LAUNCHES[0] > launches
+                expected = (not force and device != "cpu" and D in (64, 128) and "softcap" not in kw
+                            and torch.cuda.get_device_capability() == (9, 0))
+                assert gluon_ran == expected, f"D={D} {force}: Gluon kernel ran {gluon_ran}, expected {expected}"
 
 
 @pytest.mark.parametrize("n_splits,split", [pytest.param(37, 16, id="cpu-size"),
@@ -187,6 +194,45 @@ def test_decode_is_batch_invariant(sz, batches, device):
                 alone = flash_attn_with_kvcache(q[pos:pos + 1], kc[pos:pos + 1], vc[pos:pos + 1],
                                                 cache_seqlens=lens[pos:pos + 1].to(device), causal=True)
                 assert torch.equal(together[pos:pos + 1], alone), f"batch {bs} position {pos} differs"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D,dtype", [(128, torch.bfloat16), (64, torch.float16)])
+def test_gluon_decode_kernel_equals_the_triton_kernel(D, dtype, device):
+    """The Hopper Gluon one-token kernel against the Triton partial kernel, bitwise (outputs
+    and LSE): 64 sequences (more programs than SMs, forced onto the Gluon kernel) whose
+    lengths include 1, a block multiple, a split multiple and random ones, a permuted
+    cache_batch_idx and one appended token."""
+    import importlib
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon decode kernel is Hopper-only")
+    kv_mod = importlib.import_module("bitstable.attention.kvcache")
+    wgmma_mod = importlib.import_module("bitstable.attention.decode_wgmma")
+    g = torch.Generator().manual_seed(17)
+    B, Lmax, Hq, Hk = 64, 5000, 16, 4
+    lens = torch.randint(0, Lmax, (B,), generator=g).to(torch.int32)
+    lens[:4] = torch.tensor([0, 63, 1023, 2048], dtype=torch.int32)
+    kc = torch.randn(B + 3, Lmax + 1, Hk, D, generator=g).to(dtype).to(device)
+    vc = torch.randn(B + 3, Lmax + 1, Hk, D, generator=g).to(dtype).to(device)
+    q = torch.randn(B, 1, Hq, D, generator=g).to(dtype).to(device)
+    k_new = torch.randn(B, 1, Hk, D, generator=g).to(dtype).to(device)
+    v_new = torch.randn(B, 1, Hk, D, generator=g).to(dtype).to(device)
+    idx = torch.randperm(B + 3, generator=g)[:B].to(torch.int32).to(device)
+    got = {}
+    with bitstable.set_deterministic_mode(True, split_size=1024):
+        for use in (True, False):
+            kv_mod._DECODE_LAUNCH_OVERRIDE = {"wgmma": use}
+            launches = wgmma_mod.LAUNCHES[0]
+            try:
+                got[use] = flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k=k_new, v=v_new,
+                                                   cache_seqlens=lens.to(device), cache_batch_idx=idx,
+                                                   causal=True, return_softmax_lse=True)
+            finally:
+                kv_mod._DECODE_LAUNCH_OVERRIDE = {}
+            assert (wgmma_mod.LAUNCHES[0] > launches) == use
+    assert torch.equal(got[True][0], got[False][0]), "outputs differ between the two kernels"
+    assert torch.equal(got[True][1], got[False][1]), "LSE differs between the two kernels"
 
 
 def test_cache_batch_idx_and_lse(device):

@@ -22,6 +22,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from kernels.attention_bwd import (attention_bwd_dkdv_kernel, attention_bwd_dq_kernel,  # noqa: E402
                                    attention_bwd_preprocess_kernel)
 from kernels.attention_decode import attention_split_combine_kernel, attention_split_partial_kernel  # noqa: E402
+from kernels.attention_decode_wgmma import HAVE_GLUON  # noqa: E402
 from kernels.attention_fwd import attention_fwd_kernel  # noqa: E402
 from kernels.matmul import matmul_kernel  # noqa: E402
 from kernels.rowwise import layer_norm_kernel, row_sum_kernel, softmax_kernel  # noqa: E402
@@ -45,6 +46,38 @@ def build(fn, const, p16=(), p32=(), pi32=(), floats=(), desc=None, **opts):
         else:
             sig[name] = "i32"
     return triton.compile(ASTSource(fn, sig, cst), target=GPUTarget("cuda", 90, 32), options=opts)
+
+
+def build_gluon_decode() -> int:
+    """The Gluon one-token decode kernel (kernels/attention_decode_wgmma.py), head dims 64
+    and 128, with and without a cache batch index; returns the number of variants."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    from kernels.attention_decode_wgmma import attention_decode_wgmma_kernel as fn
+
+    class _Base:   # what a descriptor's signature needs of its tensor (no GPU here)
+        dtype = "torch.bfloat16"
+
+        def data_ptr(self):
+            return 0
+
+    n = 0
+    for d, batch_idx in ((128, False), (64, True)):
+        layout = gl.NVMMASharedLayout.get_default_for([64, d], gl.bfloat16)
+        desc = mangle_type(TensorDescriptor(_Base(), [4096, 8 * d], [8 * d, 1], [64, d], layout))
+        const = dict(HEAD_DIM=d, BLOCK_M=64, BLOCK_N=64, SPLIT_BLOCKS=16, HAS_BATCH_IDX=batch_idx, STAGES=3 + batch_idx, USE_PDL=not batch_idx)
+        sig = {}
+        for name in fn.arg_names:
+            sig[name] = ("constexpr" if name in const else desc if name in ("K_DESC", "V_DESC")
+                         else "*bf16" if name in ("Q", "K", "V") else "*fp32" if name.startswith("WS_")
+                         else "*i32" if name in ("CACHE_SEQLENS", "BATCH_IDX") else "fp32" if name == "qk_scale"
+                         else "i32")
+        triton.compile(GluonASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+        n += 1
+    return n
 
 
 def main() -> int:
@@ -101,6 +134,8 @@ def main() -> int:
     build(layer_norm_kernel, dict(HAS_W=True, HAS_B=True, RMS=False, BLOCK=1024), ("X", "W", "Bias", "Y"),
           ("MEAN", "RSTD"), floats=("eps",), num_warps=4)
     n += 6
+    if HAVE_GLUON:
+        n += build_gluon_decode()
     print(f"compiled {n} kernel variants for sm_90 with triton {triton.__version__}")
     return 0
 

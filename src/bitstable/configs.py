@@ -58,6 +58,11 @@ class AttentionConfig:
     #: tests/test_attention_kvcache.py (decode = full forward) for every entry.
     decode_block_m: int = 0
     decode_num_warps: int = 0
+    #: > 0: one-token decode steps in scope whose partial grid fits in one wave (no more
+    #: programs than SMs) run the Gluon partial kernel (kernels/attention_decode_wgmma.py)
+    #: with this many pipeline stages instead of the Triton one.  Launch-only (same bits,
+    #: tested); measured faster only there (benchmarks/results/NOTES.md, sixth session).
+    decode_wgmma_stages: int = 0
 
     @property
     def decode_stages(self) -> int:
@@ -184,8 +189,10 @@ _SIXTEEN_BIT = ("bf16", "fp16")
 _SM90_16BIT = {
     16: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True),
     32: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True),
-    64: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True),
-    128: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True),
+    64: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True,
+                         decode_wgmma_stages=4),
+    128: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True,
+                         decode_wgmma_stages=4),
     256: AttentionConfig(64, 64, num_warps=8, num_stages=2, loop="nested", loop_causal="nested", tma=True),
 }
 # float32 is computed in IEEE fp32 (no tensor cores): small tiles, no spills.

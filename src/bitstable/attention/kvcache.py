@@ -18,6 +18,7 @@ from .._backend import interpreting
 from ..configs import DECODE_COMBINE_TILE, arch_key, attention_config, padded_head_dim
 from ..kernels.attention_decode import attention_split_combine_kernel, attention_split_partial_kernel
 from ..mode import get_deterministic_mode
+from .decode_wgmma import launch_partial_wgmma, wgmma_decode_eligible
 from .launch import alibi_args, compute_dtype, kv_descriptors, resolve_split_size, score_scales
 from .validation import check_options, check_qkv, last_dim_contiguous, normalize_window
 
@@ -27,7 +28,8 @@ from .validation import check_options, check_qkv, last_dim_contiguous, normalize
 #: ``even_d`` (False: masked-d scalar loads), and the combine kernel's
 #: ``combine`` (block_m, num_warps), ``tma`` (False: whole blocks through per-thread
 #: copies too), ``pdl`` (False: the combine kernel launches after the partial kernel
-#: ends instead of as its programmatic dependent).
+#: ends instead of as its programmatic dependent), ``wgmma`` (False: never the Gluon
+#: one-token kernel; True: also for grids of more than one wave).
 #: All launch-only (same bits).
 _DECODE_LAUNCH_OVERRIDE: dict = {}
 
@@ -304,9 +306,24 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     pdl = force.get("pdl", True) and arch_key(q.device) == "sm90"
     # Whole key blocks through the copy engine where the layout allows it (16-byte
     # aligned strides, pages holding whole blocks).
+    want_tma = force.get("tma", cfg.tma)
+    # One query token on Hopper, one wave of programs: the Gluon kernel that overlaps the
+    # tensor-core products with the softmax (same bits as the Triton kernel below).
+    wgmma_stages = cfg.decode_wgmma_stages if force.get("wgmma", True) else 0
+    if want_tma and wgmma_stages and wgmma_decode_eligible(
+            q, k_cache_c, v_cache_c, arch=arch_key(q.device), head_dim=D, head_dim_tile=HD, group=Hq // Hk,
+            block_m=dec_m, block_n=cfg.block_n, num_warps=dec_w, paged=block_table is not None,
+            softcap=softcap, has_alibi=alibi_slopes is not None, left=left, right=right,
+            programs=num_splits * B * Hk, any_wave=force.get("wgmma", False)):
+        launch_partial_wgmma(q, k_cache_c, v_cache_c, ws_acc, ws_ml, cache_seqlens, cache_batch_idx,
+                             num_splits=num_splits, split_blocks=split // cfg.block_n, block_m=dec_m,
+                             block_n=cfg.block_n, stages=force.get("stages") or wgmma_stages,
+                             n_new=n_new, qk_scale=qk_scale, pdl=pdl)
+        _launch_combine(ws_acc, ws_ml, out, lse, cache_seqlens, split, n_new, HD, pdl=pdl, force=force)
+        return (out, lse) if return_softmax_lse else out
     k_desc, v_desc, use_tma = kv_descriptors(
         k_cache_c, v_cache_c, cfg.block_n, HD,
-        force.get("tma", cfg.tma) and even_d and (block_table is None or page_size % cfg.block_n == 0))
+        want_tma and even_d and (block_table is None or page_size % cfg.block_n == 0))
     attention_split_partial_kernel[(num_splits * num_m_tiles, B * Hk)](
         q, k_cache_c, v_cache_c, k_desc, v_desc, ws_acc, ws_ml, cache_seqlens, bidx, bt, alibi,
         q.stride(0), q.stride(1), q.stride(2),
@@ -322,9 +339,16 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         PAGED=block_table is not None, HAS_BATCH_IDX=cache_batch_idx is not None,
         EVEN_D=even_d, USE_TMA=use_tma, USE_PDL=pdl,
         num_warps=dec_w, num_stages=force.get("stages") or cfg.decode_stages)
-    comb_m, comb_w = force.get("combine") or DECODE_COMBINE_TILE[arch_key(q.device)]
+    _launch_combine(ws_acc, ws_ml, out, lse, cache_seqlens, split, n_new, HD, pdl=pdl, force=force)
+    return (out, lse) if return_softmax_lse else out
+
+
+def _launch_combine(ws_acc, ws_ml, out, lse, cache_seqlens, split, n_new, head_dim_tile, *, pdl, force):
+    """The combine kernel over the workspace's split states (out [B, Lq, Hq, D], lse
+    [B, Hq, Lq]); ``pdl``: launched as the partial kernel's programmatic dependent."""
+    B, Lq, Hq, D = out.shape
+    comb_m, comb_w = force.get("combine") or DECODE_COMBINE_TILE[arch_key(out.device)]
     attention_split_combine_kernel[(triton.cdiv(max(Lq, 1), comb_m), B * Hq)](
         ws_acc, ws_ml, out, lse, cache_seqlens, out.stride(0), out.stride(1), out.stride(2),
-        Hq, B, Lq, D, split, n_new, HEAD_DIM=HD, BLOCK_M=comb_m, USE_PDL=pdl, num_warps=comb_w,
+        Hq, B, Lq, D, split, n_new, HEAD_DIM=head_dim_tile, BLOCK_M=comb_m, USE_PDL=pdl, num_warps=comb_w,
         **({"launch_pdl": True} if pdl else {}))
-    return (out, lse) if return_softmax_lse else out
