@@ -115,21 +115,25 @@ if HAVE_GLUON:
             mbarrier.init(bars.index(s), count=1)
         fence_async_shared()
 
-        # This split's blocks: whole ones [lo, full_hi) through the copy engine, then at
-        # most one block that the sequence ends inside.
+        # The split's first STAGES blocks are requested before its length is known (the
+        # addresses need only the split and the cache row): every block of the cache's
+        # capacity is readable, and those past the sequence are waited for and dropped.
         lo = split * SPLIT_BLOCKS
-        hi = gl.minimum(gl.cdiv(seqlen_k, BLOCK_N), lo + SPLIT_BLOCKS)
-        full_hi = gl.maximum(gl.minimum(seqlen_k // BLOCK_N, hi), lo)
-        n_full = full_hi - lo
         row0 = b_cache.to(gl.int64) * cache_len + lo * BLOCK_N
         col = h_kv * HEAD_DIM
         for s in gl.static_range(STAGES):
-            ok = s < n_full
+            ok = (lo + s + 1) * BLOCK_N <= cache_len
             mbarrier.expect(bars.index(s), 2 * TILE_BYTES, pred=ok)
             tma.async_copy_global_to_shared(K_DESC, [(row0 + s * BLOCK_N).to(gl.int32), col], bars.index(s),
                                             k_bufs.index(s), pred=ok)
             tma.async_copy_global_to_shared(V_DESC, [(row0 + s * BLOCK_N).to(gl.int32), col], bars.index(s),
                                             v_bufs.index(s), pred=ok)
+
+        # This split's blocks: whole ones [lo, full_hi) through the copy engine, then at
+        # most one block that the sequence ends inside.
+        hi = gl.minimum(gl.cdiv(seqlen_k, BLOCK_N), lo + SPLIT_BLOCKS)
+        full_hi = gl.maximum(gl.minimum(seqlen_k // BLOCK_N, hi), lo)
+        n_full = full_hi - lo
 
         q_smem = gl.allocate_shared_memory(DTYPE, [BLOCK_M, HEAD_DIM], Q_SMEM, q)
         fence_async_shared()
@@ -140,6 +144,7 @@ if HAVE_GLUON:
         acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, O_LAYOUT)
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, S_LAYOUT)
         acc_tok = warpgroup_mma_init(acc)
+        p_prev = gl.zeros([BLOCK_M, BLOCK_N], DTYPE, P_LAYOUT)   # the value product's A operand
         # Scores of the first block.
         mbarrier.wait(bars.index(0), 0, pred=n_full > 0)
         s_tok = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -154,8 +159,11 @@ if HAVE_GLUON:
             # 2. softmax of block i, overlapping the products in flight
             m, l, alpha, p = _softmax_step(s_cur, m, l, qk_scale, DTYPE, P_LAYOUT)
             # 3. both products done (waiting for one of them only makes ptxas serialise every
-            #    wgmma, C7514); block i-1's stage takes block i-1+STAGES
-            acc, s_nxt = warpgroup_mma_wait(0, deps=[acc_tok, s_tok])
+            #    wgmma, C7514); block i-1's stage takes block i-1+STAGES.  The wait names block
+            #    i-1's weights, the value product's register operand: without that their
+            #    registers are free for reuse (block i's softmax temporaries) while the
+            #    product still reads them (seen on the device: wrong accumulators at 3 stages)
+            acc, s_nxt, p_prev = warpgroup_mma_wait(0, deps=[acc_tok, s_tok, p_prev])
             refill = (i >= 1) & (i - 1 + STAGES < n_full)
             prev = (i + STAGES - 1) % STAGES
             r = (row0 + (i - 1 + STAGES) * BLOCK_N).to(gl.int32)
@@ -166,8 +174,10 @@ if HAVE_GLUON:
             acc = _rescale(acc, alpha, O_LAYOUT)
             acc_tok = warpgroup_mma(p, v_bufs.index(slot), acc, is_async=True)
             s_cur = s_nxt
-        acc = warpgroup_mma_wait(0, deps=[acc_tok])
-        for s in gl.static_range(STAGES):
+            p_prev = p
+        acc, p_prev = warpgroup_mma_wait(0, deps=[acc_tok, p_prev])
+        for s in gl.static_range(STAGES):   # requested blocks past the sequence: drop them
+            mbarrier.wait(bars.index(s), 0, pred=(s >= n_full) & ((lo + s + 1) * BLOCK_N <= cache_len))
             mbarrier.invalidate(bars.index(s))
 
         # The block the sequence ends inside: pointer loads, zeros past its last key.
