@@ -10,6 +10,8 @@ part of the reduction order (DESIGN.md), shown only to size its cost.
 
     PYTHONPATH=src python benchmarks/explore_decode.py [tma | splits | wgmma]
 
+``wgmma``: the Gluon one-token kernel (table policy, off, forced at 3 and 4 stages).
+
 ``splits``: what the split size costs the prefill forward instead.
 """
 import importlib
