@@ -22,7 +22,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import bitstable
-from bitstable.bench import copy_bandwidth_gbs
+from bitstable.bench import copy_bandwidth_gbs, sdpa_fn
 
 kv_mod = importlib.import_module("bitstable.attention.kvcache")
 CASES = [(1, 4096), (1, 16384), (1, 65536), (1, 131072), (8, 4096), (8, 16384), (64, 4096), (64, 16384)]
@@ -171,10 +171,7 @@ def forward_split_cost():
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         for causal in (False, True):
             flops = attention_flops(B, H, L, D, causal)
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                cud = triton.testing.do_bench(
-                    lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal),
-                    return_mode="median")
+            cud = triton.testing.do_bench(sdpa_fn("cudnn", qt, kt, vt, causal), return_mode="median")
             for split in (2048, 1024, 512):
                 with bitstable.set_deterministic_mode(True, split_size=split):
                     ms = triton.testing.do_bench(lambda: bitstable.flash_attn_func(q, k, v, causal=causal),

@@ -12,11 +12,10 @@ import sys
 
 import torch
 import triton
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bitstable.attention import launch
 from bitstable.attention.launch import attention_forward
-from bitstable.bench import attention_flops
+from bitstable.bench import attention_flops, sdpa_fn
 from bitstable.configs import AttentionConfig
 
 CANDIDATES = {
@@ -37,10 +36,7 @@ def main():
         qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
         for causal in (False, True):
             flops = attention_flops(B, H, L, D, causal)
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                cud = triton.testing.do_bench(
-                    lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal),
-                    return_mode="median")
+            cud = triton.testing.do_bench(sdpa_fn("cudnn", qt, kt, vt, causal), return_mode="median")
             todo = [(c, lp, SPLITS[0], tma) for c in cands for lp in LOOPS for tma in TMAS]
             todo += [(cands[0], lp, sp, tma) for lp in LOOPS for sp in SPLITS[1:] for tma in TMAS]
             for (bm, bn, w, s), loop, split, tma in todo:

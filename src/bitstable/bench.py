@@ -82,7 +82,9 @@ def _with_backward(fn: Callable, dout: torch.Tensor, inputs) -> Callable:
     return run
 
 
-def _sdpa_fn(backend: str, q, k, v, causal: bool, dout=None) -> Optional[Callable]:
+def sdpa_fn(backend: str, q, k, v, causal: bool, dout=None) -> Optional[Callable]:
+    """A call of SDPA's ``backend`` ('flash' or 'cudnn') on q/k/v ``[B, H, L, D]`` (with
+    ``dout``: forward and backward), run once; None where the backend cannot take it."""
     if _backend.interpreting():
         return None
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -133,7 +135,7 @@ def bench_forward(shapes: Sequence[Tuple[int, int, int, int]] = DEFAULT_SHAPES,
         ours = _with_backward(fwd, dout, (q, k, v)) if bwd else fwd
         impls = {"bitstable": ours}
         for name in SDPA_BACKENDS:
-            impls[f"sdpa_{name}"] = _sdpa_fn(name, qt, kt, vt, causal, dout_t)
+            impls[f"sdpa_{name}"] = sdpa_fn(name, qt, kt, vt, causal, dout_t)
         for name, fn in impls.items():
             if fn is None:
                 row[f"{name}_ms"] = row[f"{name}_tflops"] = row[f"{name}_extra_bytes"] = None
@@ -147,7 +149,7 @@ def bench_forward(shapes: Sequence[Tuple[int, int, int, int]] = DEFAULT_SHAPES,
             row[f"ratio_vs_{name}"] = (ref / row["bitstable_ms"]) if ref else None
         if impls.get("sdpa_flash") is not None:
             with torch.no_grad():
-                diff = (fwd().transpose(1, 2).float() - _sdpa_fn("flash", qt, kt, vt, causal)().float())
+                diff = (fwd().transpose(1, 2).float() - sdpa_fn("flash", qt, kt, vt, causal)().float())
             row["max_abs_diff_vs_flash"] = diff.abs().max().item()
         row["lse_bytes"] = B * H * L * 4
         rows.append(row)

@@ -1,9 +1,10 @@
 """Launch of the Hopper one-token decode partial kernel (kernels/attention_decode_wgmma.py).
 
-:func:`launch_partial_wgmma` runs the kernel when the step fits its scope and returns
-True; otherwise it launches nothing and returns False, and the caller runs the Triton
-partial kernel.  Both write the same split states bit for bit (the choice is launch-only,
-tested on the device), so which one runs never changes an output.
+:func:`wgmma_decode_eligible` says whether a decode step is in the kernel's scope and
+:func:`launch_partial_wgmma` runs it; otherwise the caller runs the Triton partial
+kernel.  Both write the same split states bit for bit (the choice is launch-only, tested
+on the device against the full forward and against each other), so which one runs never
+changes an output.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import functools
 from typing import Optional
 
 import torch
+import triton
 
 from .launch import tma_eligible
 
@@ -24,6 +26,10 @@ except ImportError:  # pragma: no cover - depends on the installed triton
     HAVE_GLUON = False
 
 _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+#: Gluon's API moves between triton releases: the kernel ran on 3.6 and compiles on 3.8
+#: (tools/compile_check_sm90.py); older releases keep the Triton kernel.
+_TRITON_OK = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 6)
 
 #: Number of launches so far (tests check that steps in scope took this kernel).
 LAUNCHES = [0]
@@ -44,7 +50,8 @@ def wgmma_decode_eligible(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     caches the copy engine can address as ``[rows, Hkv * D]``, and (unless ``any_wave``)
     no more ``programs`` than the device has SMs: with more, the Triton kernel's
     shallower pipeline measured faster."""
-    if not (HAVE_GLUON and arch == "sm90" and q.dtype in _GL_DTYPES and k_cache.dtype == q.dtype):
+    if not (HAVE_GLUON and _TRITON_OK and arch == "sm90" and q.dtype in _GL_DTYPES
+            and k_cache.dtype == q.dtype):
         return False
     if q.shape[1] != 1 or head_dim != head_dim_tile or head_dim not in (64, 128) or group > block_m:
         return False
