@@ -61,7 +61,8 @@ class AttentionConfig:
     #: > 0: one-token decode steps in scope whose partial grid fits in one wave (no more
     #: programs than SMs) run the Gluon partial kernel (kernels/attention_decode_wgmma.py)
     #: with this many pipeline stages instead of the Triton one.  Launch-only (same bits,
-    #: tested); measured faster only there (benchmarks/results/NOTES.md, sixth session).
+    #: tested for head dims 64 and 128); timed at head dim 128 only, and faster only for
+    #: one-wave grids (benchmarks/results/NOTES.md, sixth session).
     decode_wgmma_stages: int = 0
 
     @property
@@ -189,8 +190,7 @@ _SIXTEEN_BIT = ("bf16", "fp16")
 _SM90_16BIT = {
     16: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True),
     32: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True),
-    64: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True,
-                         decode_wgmma_stages=4),
+    64: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True),
     128: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True,
                          decode_wgmma_stages=4),
     256: AttentionConfig(64, 64, num_warps=8, num_stages=2, loop="nested", loop_causal="nested", tma=True),

@@ -29,7 +29,8 @@ from .validation import check_options, check_qkv, last_dim_contiguous, normalize
 #: ``combine`` (block_m, num_warps), ``tma`` (False: whole blocks through per-thread
 #: copies too), ``pdl`` (False: the combine kernel launches after the partial kernel
 #: ends instead of as its programmatic dependent), ``wgmma`` (False: never the Gluon
-#: one-token kernel; True: also for grids of more than one wave).
+#: one-token kernel; True: wherever it can run, also for grids of more than one wave and
+#: head dims the table leaves to the Triton kernel, with 4 stages unless ``stages``).
 #: All launch-only (same bits).
 _DECODE_LAUNCH_OVERRIDE: dict = {}
 
@@ -304,23 +305,24 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     # The combine kernel launches as the partial kernel's programmatic dependent on Hopper
     # (its launch overlaps the partial kernel's tail); launch-only.
     pdl = force.get("pdl", True) and arch_key(q.device) == "sm90"
-    # Whole key blocks through the copy engine where the layout allows it (16-byte
-    # aligned strides, pages holding whole blocks).
     want_tma = force.get("tma", cfg.tma)
     # One query token on Hopper, one wave of programs: the Gluon kernel that overlaps the
     # tensor-core products with the softmax (same bits as the Triton kernel below).
-    wgmma_stages = cfg.decode_wgmma_stages if force.get("wgmma", True) else 0
+    use_wgmma = force.get("wgmma")   # None: the table's choice
+    wgmma_stages = 0 if use_wgmma is False else cfg.decode_wgmma_stages or (4 if use_wgmma else 0)
     if want_tma and wgmma_stages and wgmma_decode_eligible(
             q, k_cache_c, v_cache_c, arch=arch_key(q.device), head_dim=D, head_dim_tile=HD, group=Hq // Hk,
             block_m=dec_m, block_n=cfg.block_n, num_warps=dec_w, paged=block_table is not None,
             softcap=softcap, has_alibi=alibi_slopes is not None, left=left, right=right,
-            programs=num_splits * B * Hk, any_wave=force.get("wgmma", False)):
+            programs=num_splits * B * Hk, any_wave=bool(use_wgmma)):
         launch_partial_wgmma(q, k_cache_c, v_cache_c, ws_acc, ws_ml, cache_seqlens, cache_batch_idx,
                              num_splits=num_splits, split_blocks=split // cfg.block_n, block_m=dec_m,
                              block_n=cfg.block_n, stages=force.get("stages") or wgmma_stages,
                              n_new=n_new, qk_scale=qk_scale, pdl=pdl)
         _launch_combine(ws_acc, ws_ml, out, lse, cache_seqlens, split, n_new, HD, pdl=pdl, force=force)
         return (out, lse) if return_softmax_lse else out
+    # Whole key blocks through the copy engine where the layout allows it (16-byte
+    # aligned strides, pages holding whole blocks).
     k_desc, v_desc, use_tma = kv_descriptors(
         k_cache_c, v_cache_c, cfg.block_n, HD,
         want_tma and even_d and (block_table is None or page_size % cfg.block_n == 0))
