@@ -68,7 +68,8 @@ def build_gluon_decode() -> int:
     for d, batch_idx in ((128, False), (64, True)):
         layout = gl.NVMMASharedLayout.get_default_for([64, d], gl.bfloat16)
         desc = mangle_type(TensorDescriptor(_Base(), [4096, 8 * d], [8 * d, 1], [64, d], layout))
-        const = dict(HEAD_DIM=d, BLOCK_M=64, BLOCK_N=64, SPLIT_BLOCKS=16, HAS_BATCH_IDX=batch_idx, STAGES=3 + batch_idx, USE_PDL=not batch_idx)
+        const = dict(HEAD_DIM=d, BLOCK_M=64, BLOCK_N=64, SPLIT_BLOCKS=16, HAS_BATCH_IDX=batch_idx,
+                     STAGES=3 + batch_idx, USE_PDL=not batch_idx)
         sig = {}
         for name in fn.arg_names:
             sig[name] = ("constexpr" if name in const else desc if name in ("K_DESC", "V_DESC")

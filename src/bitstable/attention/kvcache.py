@@ -274,7 +274,8 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return (out, lse) if return_softmax_lse else out
     q = last_dim_contiguous(q)
     k_cache_c, v_cache_c = last_dim_contiguous(k_cache), last_dim_contiguous(v_cache)
-    cfg = attention_config(arch_key(q.device), q.dtype, D)
+    arch = arch_key(q.device)
+    cfg = attention_config(arch, q.dtype, D)
     split = resolve_split_size(cfg.block_n, split_size)
     HD = padded_head_dim(D)
     # Splits launched: for the longest sequence when the lengths were read on the host,
@@ -304,14 +305,14 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     bidx = cache_batch_idx if cache_batch_idx is not None else cache_seqlens
     # The combine kernel launches as the partial kernel's programmatic dependent on Hopper
     # (its launch overlaps the partial kernel's tail); launch-only.
-    pdl = force.get("pdl", True) and arch_key(q.device) == "sm90"
+    pdl = force.get("pdl", True) and arch == "sm90"
     want_tma = force.get("tma", cfg.tma)
     # One query token on Hopper, one wave of programs: the Gluon kernel that overlaps the
     # tensor-core products with the softmax (same bits as the Triton kernel below).
-    use_wgmma = force.get("wgmma")   # None: the table's choice
-    wgmma_stages = 0 if use_wgmma is False else cfg.decode_wgmma_stages or (4 if use_wgmma else 0)
+    use_wgmma = force.get("wgmma")   # None: the table's choice; forced: 4 stages
+    wgmma_stages = cfg.decode_wgmma_stages if use_wgmma is None else (4 if use_wgmma else 0)
     if want_tma and wgmma_stages and wgmma_decode_eligible(
-            q, k_cache_c, v_cache_c, arch=arch_key(q.device), head_dim=D, head_dim_tile=HD, group=Hq // Hk,
+            q, k_cache_c, v_cache_c, arch=arch, head_dim=D, head_dim_tile=HD, group=Hq // Hk,
             block_m=dec_m, block_n=cfg.block_n, num_warps=dec_w, paged=block_table is not None,
             softcap=softcap, has_alibi=alibi_slopes is not None, left=left, right=right,
             programs=num_splits * B * Hk, any_wave=bool(use_wgmma)):
@@ -319,7 +320,7 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                              num_splits=num_splits, split_blocks=split // cfg.block_n, block_m=dec_m,
                              block_n=cfg.block_n, stages=force.get("stages") or wgmma_stages,
                              n_new=n_new, qk_scale=qk_scale, pdl=pdl)
-        _launch_combine(ws_acc, ws_ml, out, lse, cache_seqlens, split, n_new, HD, pdl=pdl, force=force)
+        _launch_combine(ws_acc, ws_ml, out, lse, cache_seqlens, split, n_new, HD, arch, pdl=pdl, force=force)
         return (out, lse) if return_softmax_lse else out
     # Whole key blocks through the copy engine where the layout allows it (16-byte
     # aligned strides, pages holding whole blocks).
@@ -341,15 +342,15 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         PAGED=block_table is not None, HAS_BATCH_IDX=cache_batch_idx is not None,
         EVEN_D=even_d, USE_TMA=use_tma, USE_PDL=pdl,
         num_warps=dec_w, num_stages=force.get("stages") or cfg.decode_stages)
-    _launch_combine(ws_acc, ws_ml, out, lse, cache_seqlens, split, n_new, HD, pdl=pdl, force=force)
+    _launch_combine(ws_acc, ws_ml, out, lse, cache_seqlens, split, n_new, HD, arch, pdl=pdl, force=force)
     return (out, lse) if return_softmax_lse else out
 
 
-def _launch_combine(ws_acc, ws_ml, out, lse, cache_seqlens, split, n_new, head_dim_tile, *, pdl, force):
+def _launch_combine(ws_acc, ws_ml, out, lse, cache_seqlens, split, n_new, head_dim_tile, arch, *, pdl, force):
     """The combine kernel over the workspace's split states (out [B, Lq, Hq, D], lse
     [B, Hq, Lq]); ``pdl``: launched as the partial kernel's programmatic dependent."""
     B, Lq, Hq, D = out.shape
-    comb_m, comb_w = force.get("combine") or DECODE_COMBINE_TILE[arch_key(out.device)]
+    comb_m, comb_w = force.get("combine") or DECODE_COMBINE_TILE[arch]
     attention_split_combine_kernel[(triton.cdiv(max(Lq, 1), comb_m), B * Hq)](
         ws_acc, ws_ml, out, lse, cache_seqlens, out.stride(0), out.stride(1), out.stride(2),
         Hq, B, Lq, D, split, n_new, HEAD_DIM=head_dim_tile, BLOCK_M=comb_m, USE_PDL=pdl, num_warps=comb_w,
