@@ -11,6 +11,7 @@ part of the reduction order (DESIGN.md), shown only to size its cost.
     PYTHONPATH=src python benchmarks/explore_decode.py [tma | splits | wgmma]
 
 ``wgmma``: the Gluon one-token kernel (table policy, off, forced at 3 and 4 stages).
+``keys``: its keys-major tiles (one-wave policy at 3/4/6 stages, and forced everywhere).
 
 ``splits``: what the split size costs the prefill forward instead.
 """
@@ -51,6 +52,10 @@ def main():
     if sys.argv[1:2] == ["wgmma"]:   # the Gluon one-token kernel against the Triton one
         VARIANTS = [(1024, {}), (1024, {"wgmma": False}), (1024, {"wgmma": True}),
                     (1024, {"wgmma": True, "stages": 3})]
+    if sys.argv[1:2] == ["keys"]:    # the keys-major Gluon kernel against the query-major one
+        VARIANTS = [(1024, {}), (1024, {"wgmma": False}), (1024, {"keys": True}),
+                    (1024, {"keys": True, "stages": 3}), (1024, {"keys": True, "stages": 6}),
+                    (1024, {"wgmma": True, "keys": True}), (1024, {"wgmma": True, "keys": True, "stages": 3})]
     copy = copy_bandwidth_gbs()
     print(f"device copy bandwidth: {copy:.0f} GB/s")
     print("| B | KV len | split | launch | ms | K+V GB/s | of copy | SDPA-flash ms | vs flash | same bits | kernels |")
@@ -185,4 +190,6 @@ if __name__ == "__main__":
         sys.exit(tma_probe())
     if sys.argv[1:] == ["splits"]:
         sys.exit(forward_split_cost())
+    if sys.argv[1:] == ["l2"]:
+        sys.exit(l2_probe())
     sys.exit(main())
