@@ -8,10 +8,9 @@ vs. masked scalar loads, copy engine or not, the combine as a programmatic depen
 not) are launch-only (same bits, checked here); the split size is
 part of the reduction order (DESIGN.md), shown only to size its cost.
 
-    PYTHONPATH=src python benchmarks/explore_decode.py [tma | splits | wgmma]
+    PYTHONPATH=src python benchmarks/explore_decode.py [tma | splits | wgmma | l2]
 
 ``wgmma``: the Gluon one-token kernel (table policy, off, forced at 3 and 4 stages).
-``keys``: its keys-major tiles (one-wave policy at 3/4/6 stages, and forced everywhere).
 
 ``splits``: what the split size costs the prefill forward instead.
 """
@@ -52,10 +51,6 @@ def main():
     if sys.argv[1:2] == ["wgmma"]:   # the Gluon one-token kernel against the Triton one
         VARIANTS = [(1024, {}), (1024, {"wgmma": False}), (1024, {"wgmma": True}),
                     (1024, {"wgmma": True, "stages": 3})]
-    if sys.argv[1:2] == ["keys"]:    # the keys-major Gluon kernel against the query-major one
-        VARIANTS = [(1024, {}), (1024, {"wgmma": False}), (1024, {"keys": True}),
-                    (1024, {"keys": True, "stages": 3}), (1024, {"keys": True, "stages": 6}),
-                    (1024, {"wgmma": True, "keys": True}), (1024, {"wgmma": True, "keys": True, "stages": 3})]
     copy = copy_bandwidth_gbs()
     print(f"device copy bandwidth: {copy:.0f} GB/s")
     print("| B | KV len | split | launch | ms | K+V GB/s | of copy | SDPA-flash ms | vs flash | same bits | kernels |")

@@ -132,10 +132,9 @@ def test_decode_steps_equal_the_full_forward_per_head_dim(sz, feature, device):
         steps = [L - 8, 1, 2, 1, 2, 1, 1]
         with bitstable.set_deterministic_mode(True, split_size=_split(size, dtype, device)):
             full = flash_attn_func(q, k, v, **kw)
-            table_keys = attention_config(arch_key(torch.device(device)), dtype, D).decode_wgmma_tile == "keys"
-            for force in ({}, {"wgmma": False}, {"tma": False}, {"keys": not table_keys}):
+            for force in ({}, {"wgmma": False}, {"tma": False}):
                 kv_mod._DECODE_LAUNCH_OVERRIDE = force
-                launches, keys_launches = wgmma_mod.LAUNCHES[0], wgmma_mod.KEYS_LAUNCHES[0]
+                launches = wgmma_mod.LAUNCHES[0]
                 try:
                     shape = (1, L + 3, 2, D)
                     cache = (torch.zeros(shape, dtype=dtype, device=device),
@@ -146,13 +145,10 @@ def test_decode_steps_equal_the_full_forward_per_head_dim(sz, feature, device):
                 assert torch.equal(got[:, L - 8:], full[:, L - 8:]), \
                     f"D={D} group={group} {dtype} {force}: decode steps differ from the full forward"
                 gluon_ran = wgmma_mod.LAUNCHES[0] > launches
-                keys_ran = wgmma_mod.KEYS_LAUNCHES[0] > keys_launches
-                expected = (set(force) <= {"keys"} and device != "cpu" and "softcap" not in kw
-                            and D in (64, 128) and arch_key(torch.device(device)) == "sm90"
+                expected = (not force and device != "cpu" and "softcap" not in kw and D in (64, 128)
+                            and arch_key(torch.device(device)) == "sm90"
                             and attention_config("sm90", dtype, D).decode_wgmma_stages > 0)
                 assert gluon_ran == expected, f"D={D} {force}: Gluon kernel ran {gluon_ran}, expected {expected}"
-                want_keys = expected and force.get("keys", table_keys) and group <= 8
-                assert keys_ran == want_keys, f"D={D} {force}: keys-major kernel ran {keys_ran}, expected {want_keys}"
 
 
 @pytest.mark.parametrize("n_splits,split", [pytest.param(37, 16, id="cpu-size"),
@@ -212,12 +208,12 @@ def test_decode_is_batch_invariant(sz, batches, device):
     pytest.param(dict(B=16, L=9000, Hq=64, Hk=8, D=128, dtype=torch.bfloat16, stages=(3, 4)), id="b16-group8"),
     pytest.param(dict(B=16, L=9000, Hq=4, Hk=4, D=64, dtype=torch.bfloat16, stages=(4,)), id="b16-group1")])
 def test_gluon_decode_kernel_equals_the_triton_kernel(case, device):
-    """The Hopper Gluon one-token kernels (query-major and keys-major tiles) against the
-    Triton partial kernel, bitwise (outputs and LSE), forced onto grids of several programs
-    per SM, at 3 and 4 pipeline stages (3 stages once exposed a register race: wrong
-    accumulators in ~3% of the split states of the batch-1 64k case): lengths include 1, a
-    block multiple, a split multiple and random ones, a permuted cache_batch_idx and one
-    appended token; GQA groups of 1, 4 and 8."""
+    """The Hopper Gluon one-token kernel against the Triton partial kernel, bitwise (outputs
+    and LSE), forced onto grids of several programs per SM, at 3 and 4 pipeline stages
+    (3 stages once exposed a register race: wrong accumulators in ~3% of the split
+    states of the batch-1 64k case): lengths include 1, a block multiple, a split
+    multiple and random ones, a permuted cache_batch_idx and one appended token; GQA
+    groups of 1, 4 and 8."""
     import importlib
 
     if torch.cuda.get_device_capability() != (9, 0):
@@ -240,7 +236,7 @@ def test_gluon_decode_kernel_equals_the_triton_kernel(case, device):
 
     def step(force):
         kv_mod._DECODE_LAUNCH_OVERRIDE = force
-        launches, keys_launches = wgmma_mod.LAUNCHES[0], wgmma_mod.KEYS_LAUNCHES[0]
+        launches = wgmma_mod.LAUNCHES[0]
         try:
             out = flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k=k_new, v=v_new,
                                           cache_seqlens=lens.to(device), cache_batch_idx=idx,
@@ -248,18 +244,15 @@ def test_gluon_decode_kernel_equals_the_triton_kernel(case, device):
         finally:
             kv_mod._DECODE_LAUNCH_OVERRIDE = {}
         assert (wgmma_mod.LAUNCHES[0] > launches) == force["wgmma"]
-        assert (wgmma_mod.KEYS_LAUNCHES[0] > keys_launches) == force.get("keys", False)
         return out
 
     with bitstable.set_deterministic_mode(True, split_size=1024):
         ref = step({"wgmma": False})
-        for keys in (False, True):
-            for stages in case["stages"]:
-                for rep in range(2):
-                    got = step({"wgmma": True, "keys": keys, "stages": stages})
-                    what = f"{'keys' if keys else 'query'}-major, {stages} stages, run {rep}"
-                    assert torch.equal(got[0], ref[0]), f"{what}: outputs differ"
-                    assert torch.equal(got[1], ref[1]), f"{what}: LSE differs"
+        for stages in case["stages"]:
+            for rep in range(2):
+                got = step({"wgmma": True, "stages": stages})
+                assert torch.equal(got[0], ref[0]), f"{stages} stages, run {rep}: outputs differ"
+                assert torch.equal(got[1], ref[1]), f"{stages} stages, run {rep}: LSE differs"
 
 
 def test_cache_batch_idx_and_lse(device):

@@ -49,16 +49,14 @@ def build(fn, const, p16=(), p32=(), pi32=(), floats=(), desc=None, **opts):
 
 
 def build_gluon_decode() -> int:
-    """The Gluon one-token decode kernels (query-major kernels/attention_decode_wgmma.py and
-    keys-major kernels/attention_decode_keys.py), head dims 64 and 128, with and without a
-    cache batch index; returns the number of variants."""
+    """The Gluon one-token decode kernel (kernels/attention_decode_wgmma.py), head dims 64
+    and 128, with and without a cache batch index; returns the number of variants."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
 
-    from kernels.attention_decode_keys import attention_decode_keys_kernel
-    from kernels.attention_decode_wgmma import attention_decode_wgmma_kernel
+    from kernels.attention_decode_wgmma import attention_decode_wgmma_kernel as fn
 
     class _Base:   # what a descriptor's signature needs of its tensor (no GPU here)
         dtype = "torch.bfloat16"
@@ -67,13 +65,11 @@ def build_gluon_decode() -> int:
             return 0
 
     n = 0
-    for fn, d, batch_idx in ((attention_decode_wgmma_kernel, 128, False), (attention_decode_wgmma_kernel, 64, True),
-                             (attention_decode_keys_kernel, 128, False), (attention_decode_keys_kernel, 64, True)):
+    for d, batch_idx in ((128, False), (64, True)):
         layout = gl.NVMMASharedLayout.get_default_for([64, d], gl.bfloat16)
         desc = mangle_type(TensorDescriptor(_Base(), [4096, 8 * d], [8 * d, 1], [64, d], layout))
         const = dict(HEAD_DIM=d, BLOCK_M=64, BLOCK_N=64, SPLIT_BLOCKS=16, HAS_BATCH_IDX=batch_idx,
                      STAGES=3 + batch_idx, USE_PDL=not batch_idx)
-        const = {k: v for k, v in const.items() if k in fn.arg_names}
         sig = {}
         for name in fn.arg_names:
             sig[name] = ("constexpr" if name in const else desc if name in ("K_DESC", "V_DESC")

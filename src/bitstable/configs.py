@@ -64,10 +64,6 @@ class AttentionConfig:
     #: tested for head dims 64 and 128); timed at head dim 128 only, and faster only for
     #: one-wave grids (benchmarks/results/NOTES.md, sixth session).
     decode_wgmma_stages: int = 0
-    #: The Gluon one-token kernel's tiles: "queries" (64 query rows per tile, the dense
-    #: kernel's layout) or "keys" (64 keys x 8 query columns, transposed products; GQA
-    #: groups of at most 8, larger ones take "queries").  Launch-only (same bits, tested).
-    decode_wgmma_tile: str = "queries"
 
     @property
     def decode_stages(self) -> int:

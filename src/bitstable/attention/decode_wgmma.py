@@ -1,11 +1,10 @@
-"""Launch of the Hopper one-token decode partial kernels, in Gluon: query-major tiles
-(kernels/attention_decode_wgmma.py) or keys-major tiles (kernels/attention_decode_keys.py).
+"""Launch of the Hopper one-token decode partial kernel (kernels/attention_decode_wgmma.py).
 
-:func:`wgmma_decode_eligible` says whether a decode step is in their scope and
-:func:`launch_partial_wgmma` runs one; otherwise the caller runs the Triton partial
-kernel.  All three write the same split states bit for bit (the choice is launch-only,
-tested on the device against the full forward and against each other), so which one
-runs never changes an output.
+:func:`wgmma_decode_eligible` says whether a decode step is in the kernel's scope and
+:func:`launch_partial_wgmma` runs it; otherwise the caller runs the Triton partial
+kernel.  Both write the same split states bit for bit (the choice is launch-only, tested
+on the device against the full forward and against each other), so which one runs never
+changes an output.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ try:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
 
-    from ..kernels.attention_decode_keys import QUERY_COLS, attention_decode_keys_kernel
     from ..kernels.attention_decode_wgmma import HAVE_GLUON, attention_decode_wgmma_kernel
 except ImportError:  # pragma: no cover - depends on the installed triton
     HAVE_GLUON = False
@@ -33,10 +31,8 @@ _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 #: (tools/compile_check_sm90.py); older releases keep the Triton kernel.
 _TRITON_OK = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 6)
 
-#: Number of launches so far of either Gluon kernel / of the keys-major one (tests check
-#: that steps in scope took the kernel they expect).
+#: Number of launches so far (tests check that steps in scope took this kernel).
 LAUNCHES = [0]
-KEYS_LAUNCHES = [0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,20 +63,12 @@ def wgmma_decode_eligible(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
             and tma_eligible(k_cache, v_cache))
 
 
-def keys_major_eligible(group: int) -> bool:
-    """Whether the keys-major kernel takes a GQA group of ``group`` query heads (its tile
-    has ``QUERY_COLS`` query columns)."""
-    return HAVE_GLUON and group <= QUERY_COLS
-
-
 def launch_partial_wgmma(q, k_cache, v_cache, ws_acc, ws_ml, cache_seqlens, cache_batch_idx: Optional[torch.Tensor],
                          *, num_splits: int, split_blocks: int, block_m: int, block_n: int, stages: int,
-                         n_new: int, qk_scale: float, pdl: bool, keys_major: bool = False) -> None:
-    """Launch a Gluon partial kernel over ``num_splits`` splits of every (sequence, KV
-    head), with ``stages`` (at least 3) key blocks in flight; ``keys_major``: the keys-major
-    kernel (only where :func:`keys_major_eligible`), else the query-major one; ``pdl``: the
-    combine kernel follows as its programmatic dependent.  Call only when
-    :func:`wgmma_decode_eligible` holds."""
+                         n_new: int, qk_scale: float, pdl: bool) -> None:
+    """Launch the kernel over ``num_splits`` splits of every (sequence, KV head), with
+    ``stages`` (at least 3) key blocks in flight; ``pdl``: the combine kernel follows as
+    its programmatic dependent.  Call only when :func:`wgmma_decode_eligible` holds."""
     B, _, Hq, D = q.shape
     Bc, L, Hk, _ = k_cache.shape
     layout = gl.NVMMASharedLayout.get_default_for([block_n, D], getattr(gl, _GL_DTYPES[q.dtype]))
@@ -92,16 +80,6 @@ def launch_partial_wgmma(q, k_cache, v_cache, ws_acc, ws_ml, cache_seqlens, cach
 
     bidx = cache_batch_idx if cache_batch_idx is not None else cache_seqlens
     LAUNCHES[0] += 1
-    if keys_major:
-        KEYS_LAUNCHES[0] += 1
-        attention_decode_keys_kernel[(num_splits, B * Hk)](
-            q, k_cache, v_cache, desc(k_cache), desc(v_cache), ws_acc, ws_ml, cache_seqlens, bidx,
-            q.stride(0), q.stride(2), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-            L, Hq, Hq // Hk, B, n_new, qk_scale,
-            HEAD_DIM=D, BLOCK_N=block_n, SPLIT_BLOCKS=split_blocks,
-            HAS_BATCH_IDX=cache_batch_idx is not None, STAGES=max(stages, 3), USE_PDL=pdl,
-            num_warps=4)
-        return
     attention_decode_wgmma_kernel[(num_splits, B * Hk)](
         q, k_cache, v_cache, desc(k_cache), desc(v_cache), ws_acc, ws_ml, cache_seqlens, bidx,
         q.stride(0), q.stride(2), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),

@@ -18,7 +18,7 @@ from .._backend import interpreting
 from ..configs import DECODE_COMBINE_TILE, arch_key, attention_config, padded_head_dim
 from ..kernels.attention_decode import attention_split_combine_kernel, attention_split_partial_kernel
 from ..mode import get_deterministic_mode
-from .decode_wgmma import keys_major_eligible, launch_partial_wgmma, wgmma_decode_eligible
+from .decode_wgmma import launch_partial_wgmma, wgmma_decode_eligible
 from .launch import alibi_args, compute_dtype, kv_descriptors, resolve_split_size, score_scales
 from .validation import check_options, check_qkv, last_dim_contiguous, normalize_window
 
@@ -30,9 +30,7 @@ from .validation import check_options, check_qkv, last_dim_contiguous, normalize
 #: copies too), ``pdl`` (False: the combine kernel launches after the partial kernel
 #: ends instead of as its programmatic dependent), ``wgmma`` (False: never the Gluon
 #: one-token kernel; True: wherever it can run, also for grids of more than one wave and
-#: head dims the table leaves to the Triton kernel, with 4 stages unless ``stages``),
-#: ``keys`` (True / False: the Gluon kernel's keys-major / query-major tiles over the
-#: table's ``decode_wgmma_tile``).
+#: head dims the table leaves to the Triton kernel, with 4 stages unless ``stages``).
 #: All launch-only (same bits).
 _DECODE_LAUNCH_OVERRIDE: dict = {}
 
@@ -321,9 +319,7 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         launch_partial_wgmma(q, k_cache_c, v_cache_c, ws_acc, ws_ml, cache_seqlens, cache_batch_idx,
                              num_splits=num_splits, split_blocks=split // cfg.block_n, block_m=dec_m,
                              block_n=cfg.block_n, stages=force.get("stages") or wgmma_stages,
-                             n_new=n_new, qk_scale=qk_scale, pdl=pdl,
-                             keys_major=force.get("keys", cfg.decode_wgmma_tile == "keys")
-                             and keys_major_eligible(Hq // Hk))
+                             n_new=n_new, qk_scale=qk_scale, pdl=pdl)
         _launch_combine(ws_acc, ws_ml, out, lse, cache_seqlens, split, n_new, HD, arch, pdl=pdl, force=force)
         return (out, lse) if return_softmax_lse else out
     # Whole key blocks through the copy engine where the layout allows it (16-byte
