@@ -58,12 +58,13 @@ class AttentionConfig:
     #: tests/test_attention_kvcache.py (decode = full forward) for every entry.
     decode_block_m: int = 0
     decode_num_warps: int = 0
-    #: > 0: one-token decode steps in scope whose partial grid fits in one wave (no more
-    #: programs than SMs) run the Gluon partial kernel (kernels/attention_decode_wgmma.py)
-    #: with this many pipeline stages instead of the Triton one.  Launch-only (same bits,
-    #: tested for head dims 64 and 128); timed at head dim 128 only, and faster only for
-    #: one-wave grids (benchmarks/results/NOTES.md, sixth session).
-    decode_wgmma_stages: int = 0
+    #: ``(waves, stages)`` pairs, fewest waves first: a one-token decode step in scope whose
+    #: partial grid fills at most ``waves`` waves (programs <= waves x SMs) runs the Gluon
+    #: partial kernel (kernels/attention_decode_wgmma.py) with ``stages`` pipeline stages;
+    #: larger grids (and empty tuples) keep the Triton kernel.  Launch-only (same bits,
+    #: tested for head dims 64 and 128); timed at head dim 128 only (benchmarks/results/
+    #: NOTES.md, sixth and seventh sessions).
+    decode_wgmma_waves: tuple = ()
 
     @property
     def decode_stages(self) -> int:
@@ -192,7 +193,7 @@ _SM90_16BIT = {
     32: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True),
     64: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True),
     128: AttentionConfig(64, 64, num_warps=4, num_stages=3, loop="nested", loop_causal="nested", tma=True,
-                         decode_wgmma_stages=4),
+                         decode_wgmma_waves=((1, 4), (4, 3))),
     256: AttentionConfig(64, 64, num_warps=8, num_stages=2, loop="nested", loop_causal="nested", tma=True),
 }
 # float32 is computed in IEEE fp32 (no tensor cores): small tiles, no spills.

@@ -40,16 +40,26 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def table_stages(waves, programs: int, device: torch.device) -> int:
+    """Pipeline stages the config table's ``decode_wgmma_waves`` gives a grid of ``programs``
+    partial programs on ``device`` (0: the Triton kernel).  Few waves leave each SM one
+    program's serial fold to run, where the Gluon kernel's overlap pays; with many, the
+    Triton kernel measured faster."""
+    sms = _sm_count(device)
+    for max_waves, stages in waves:
+        if programs <= max_waves * sms:
+            return stages
+    return 0
+
+
 def wgmma_decode_eligible(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, arch: str,
                           head_dim: int, head_dim_tile: int, group: int, block_m: int, block_n: int,
                           num_warps: int, paged: bool, softcap: float, has_alibi: bool, left: int,
-                          right: int, programs: int, any_wave: bool = False) -> bool:
+                          right: int) -> bool:
     """Whether this step is in the kernel's scope: sm_90 with Gluon, 16-bit, one query
     token, head_dim 64 or 128 (unpadded), a GQA group of at most ``block_m`` heads, the
-    dense kernel's 64x64 tiles on 4 warps, no softcap/ALiBi/sliding window, contiguous
-    caches the copy engine can address as ``[rows, Hkv * D]``, and (unless ``any_wave``)
-    no more ``programs`` than the device has SMs: with more, the Triton kernel's
-    shallower pipeline measured faster."""
+    dense kernel's 64x64 tiles on 4 warps, no softcap/ALiBi/sliding window, and contiguous
+    caches the copy engine can address as ``[rows, Hkv * D]``."""
     if not (HAVE_GLUON and _TRITON_OK and arch == "sm90" and q.dtype in _GL_DTYPES
             and k_cache.dtype == q.dtype):
         return False
@@ -57,7 +67,7 @@ def wgmma_decode_eligible(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         return False
     if (block_m, block_n, num_warps) != (64, 64, 4) or paged or softcap > 0 or has_alibi or left >= 0:
         return False
-    if right > 0 or (not any_wave and programs > _sm_count(q.device)):
+    if right > 0:
         return False
     return (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
             and tma_eligible(k_cache, v_cache))

@@ -18,7 +18,7 @@ from .._backend import interpreting
 from ..configs import DECODE_COMBINE_TILE, arch_key, attention_config, padded_head_dim
 from ..kernels.attention_decode import attention_split_combine_kernel, attention_split_partial_kernel
 from ..mode import get_deterministic_mode
-from .decode_wgmma import launch_partial_wgmma, wgmma_decode_eligible
+from .decode_wgmma import launch_partial_wgmma, table_stages, wgmma_decode_eligible
 from .launch import alibi_args, compute_dtype, kv_descriptors, resolve_split_size, score_scales
 from .validation import check_options, check_qkv, last_dim_contiguous, normalize_window
 
@@ -29,8 +29,9 @@ from .validation import check_options, check_qkv, last_dim_contiguous, normalize
 #: ``combine`` (block_m, num_warps), ``tma`` (False: whole blocks through per-thread
 #: copies too), ``pdl`` (False: the combine kernel launches after the partial kernel
 #: ends instead of as its programmatic dependent), ``wgmma`` (False: never the Gluon
-#: one-token kernel; True: wherever it can run, also for grids of more than one wave and
-#: head dims the table leaves to the Triton kernel, with 4 stages unless ``stages``).
+#: one-token kernel; True: wherever it can run, also for grids of more waves than the table
+#: gives it and head dims the table leaves to the Triton kernel, with 4 stages unless
+#: ``stages``).
 #: All launch-only (same bits).
 _DECODE_LAUNCH_OVERRIDE: dict = {}
 
@@ -307,15 +308,18 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     # (its launch overlaps the partial kernel's tail); launch-only.
     pdl = force.get("pdl", True) and arch == "sm90"
     want_tma = force.get("tma", cfg.tma)
-    # One query token on Hopper, one wave of programs: the Gluon kernel that overlaps the
+    # One query token on Hopper, grids of few waves: the Gluon kernel that overlaps the
     # tensor-core products with the softmax (same bits as the Triton kernel below).
     use_wgmma = force.get("wgmma")   # None: the table's choice; forced: 4 stages
-    wgmma_stages = cfg.decode_wgmma_stages if use_wgmma is None else (4 if use_wgmma else 0)
+    if use_wgmma is None:
+        wgmma_stages = (table_stages(cfg.decode_wgmma_waves, num_splits * B * Hk, q.device)
+                        if cfg.decode_wgmma_waves else 0)
+    else:
+        wgmma_stages = 4 if use_wgmma else 0
     if want_tma and wgmma_stages and wgmma_decode_eligible(
             q, k_cache_c, v_cache_c, arch=arch, head_dim=D, head_dim_tile=HD, group=Hq // Hk,
             block_m=dec_m, block_n=cfg.block_n, num_warps=dec_w, paged=block_table is not None,
-            softcap=softcap, has_alibi=alibi_slopes is not None, left=left, right=right,
-            programs=num_splits * B * Hk, any_wave=bool(use_wgmma)):
+            softcap=softcap, has_alibi=alibi_slopes is not None, left=left, right=right):
         launch_partial_wgmma(q, k_cache_c, v_cache_c, ws_acc, ws_ml, cache_seqlens, cache_batch_idx,
                              num_splits=num_splits, split_blocks=split // cfg.block_n, block_m=dec_m,
                              block_n=cfg.block_n, stages=force.get("stages") or wgmma_stages,
