@@ -50,7 +50,8 @@ def build(fn, const, p16=(), p32=(), pi32=(), floats=(), desc=None, **opts):
 
 def build_gluon_decode() -> int:
     """The Gluon one-token decode kernel (kernels/attention_decode_wgmma.py), head dims 64
-    and 128, with and without a cache batch index; returns the number of variants."""
+    and 128, with and without a cache batch index, and its timeline probe; returns the number
+    of variants."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -65,16 +66,17 @@ def build_gluon_decode() -> int:
             return 0
 
     n = 0
-    for d, batch_idx in ((128, False), (64, True)):
+    for d, batch_idx, timeline in ((128, False, False), (64, True, False), (128, False, True)):
         layout = gl.NVMMASharedLayout.get_default_for([64, d], gl.bfloat16)
         desc = mangle_type(TensorDescriptor(_Base(), [4096, 8 * d], [8 * d, 1], [64, d], layout))
         const = dict(HEAD_DIM=d, BLOCK_M=64, BLOCK_N=64, SPLIT_BLOCKS=16, HAS_BATCH_IDX=batch_idx,
-                     STAGES=3 + batch_idx, USE_PDL=not batch_idx)
+                     STAGES=3 + batch_idx, USE_PDL=not batch_idx, TIMELINE=timeline)
         sig = {}
         for name in fn.arg_names:
             sig[name] = ("constexpr" if name in const else desc if name in ("K_DESC", "V_DESC")
                          else "*bf16" if name in ("Q", "K", "V") else "*fp32" if name.startswith("WS_")
-                         else "*i32" if name in ("CACHE_SEQLENS", "BATCH_IDX") else "fp32" if name == "qk_scale"
+                         else "*i32" if name in ("CACHE_SEQLENS", "BATCH_IDX") else "*i64" if name == "TIMES"
+                         else "fp32" if name == "qk_scale"
                          else "i32")
         triton.compile(GluonASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
         n += 1
