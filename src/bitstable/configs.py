@@ -21,6 +21,7 @@ the entry's ``block_n``; its default is :data:`DEFAULT_SPLIT_SIZE`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Tuple
 
 import torch
 
@@ -64,7 +65,7 @@ class AttentionConfig:
     #: larger grids (and empty tuples) keep the Triton kernel.  Launch-only (same bits,
     #: tested for head dims 64 and 128); timed at head dim 128 only (benchmarks/results/
     #: NOTES.md, sixth and seventh sessions).
-    decode_wgmma_waves: tuple = ()
+    decode_wgmma_waves: Tuple[Tuple[int, int], ...] = ()
 
     @property
     def decode_stages(self) -> int:

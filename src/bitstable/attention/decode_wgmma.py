@@ -45,9 +45,8 @@ def table_stages(waves, programs: int, device: torch.device) -> int:
     partial programs on ``device`` (0: the Triton kernel).  Few waves leave each SM one
     program's serial fold to run, where the Gluon kernel's overlap pays; with many, the
     Triton kernel measured faster."""
-    sms = _sm_count(device)
     for max_waves, stages in waves:
-        if programs <= max_waves * sms:
+        if programs <= max_waves * _sm_count(device):
             return stages
     return 0
 
@@ -93,7 +92,8 @@ def launch_partial_wgmma(q, k_cache, v_cache, ws_acc, ws_ml, cache_seqlens, cach
     LAUNCHES[0] += 1
     attention_decode_wgmma_kernel[(num_splits, B * Hk)](
         q, k_cache, v_cache, desc(k_cache), desc(v_cache), ws_acc, ws_ml, cache_seqlens, bidx,
-        times if times is not None else ws_ml, q.stride(0), q.stride(2), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        times if times is not None else ws_ml,   # TIMES: unused unless TIMELINE
+        q.stride(0), q.stride(2), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         L, Hq, Hq // Hk, B, n_new, qk_scale,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_BLOCKS=split_blocks,
         HAS_BATCH_IDX=cache_batch_idx is not None, STAGES=max(stages, 3), USE_PDL=pdl,

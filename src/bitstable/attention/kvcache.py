@@ -312,8 +312,7 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     # tensor-core products with the softmax (same bits as the Triton kernel below).
     use_wgmma = force.get("wgmma")   # None: the table's choice; forced: 4 stages
     if use_wgmma is None:
-        wgmma_stages = (table_stages(cfg.decode_wgmma_waves, num_splits * B * Hk, q.device)
-                        if cfg.decode_wgmma_waves else 0)
+        wgmma_stages = table_stages(cfg.decode_wgmma_waves, num_splits * B * Hk, q.device)
     else:
         wgmma_stages = 4 if use_wgmma else 0
     if want_tma and wgmma_stages and wgmma_decode_eligible(
