@@ -18,14 +18,20 @@ if "triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
 
 
+#: Read once: triton reads the variable when it is first imported, so the mode is fixed
+#: for the process from then on (and per-call reads of os.environ cost host time).
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_DEVICE_TYPE = "cpu" if _INTERPRETING else "cuda"
+
+
 def interpreting() -> bool:
     """True when kernels run through Triton's interpreter on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETING
 
 
 def kernel_device_type() -> str:
     """The tensor device type kernels accept: 'cpu' under the interpreter, else 'cuda'."""
-    return "cpu" if interpreting() else "cuda"
+    return _DEVICE_TYPE
 
 
 def describe() -> str:

@@ -250,14 +250,25 @@ _BWD_TABLE = {
 _DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def arch_key(device: torch.device) -> str:
-    """Name of the config family for ``device``: 'interpreter', 'sm90' or 'generic'."""
-    from ._backend import interpreting
+_ARCH_CACHE: dict = {}
 
-    if interpreting():
-        return "interpreter"
-    major, minor = torch.cuda.get_device_capability(device)
-    return "sm90" if (major, minor) == (9, 0) else "generic"
+
+def arch_key(device: torch.device) -> str:
+    """Name of the config family for ``device``: 'interpreter', 'sm90' or 'generic'.
+    Looked up once per device (a capability query costs microseconds per call)."""
+    key = (device.type, device.index)
+    arch = _ARCH_CACHE.get(key)
+    if arch is None:
+        from ._backend import interpreting
+
+        if interpreting():
+            arch = "interpreter"
+        else:
+            major, minor = torch.cuda.get_device_capability(device)
+            arch = "sm90" if (major, minor) == (9, 0) else "generic"
+        if device.index is not None or interpreting():
+            _ARCH_CACHE[key] = arch
+    return arch
 
 
 def attention_config(arch: str, dtype: torch.dtype, head_dim: int) -> AttentionConfig:

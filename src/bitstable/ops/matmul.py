@@ -34,21 +34,26 @@ def _check(name: str, t: torch.Tensor, ndim: int) -> None:
                          f"{kernel_device_type()} tensors here")
 
 
-def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [batch, M, K] @ b [batch, K, N] -> [batch, M, N] in a's dtype."""
-    _check("a", a, 3)
-    _check("b", b, 3)
-    if a.dtype != b.dtype:
-        raise TypeError(f"a and b must share one dtype, got {a.dtype} and {b.dtype}")
-    if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
-        raise ValueError(f"shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be multiplied")
+def _unit_stride_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when one of its two matrix dims has unit stride (row- or column-major,
+    any batch stride), else a row-major copy: the kernel loads 16-byte vectors along the
+    unit-stride dim.  Same values either way, so the same bits (layout invariance)."""
+    if t.stride(-1) == 1 or t.stride(-2) == 1:
+        return t
+    return t.contiguous()
+
+
+def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """c [batch, M, N] = a [batch, M, K] @ b [batch, K, N] on checked inputs of one dtype,
+    any strides.  Tiles from the config table by (arch, dtype, M class); the sum over K
+    runs in ascending order whatever the tiles and layouts (kernels/matmul.py)."""
     Bt, M, K = a.shape
     N = b.shape[2]
-    c = torch.empty((Bt, M, N), dtype=a.dtype, device=a.device)
     if c.numel() == 0:
         return c
     if K == 0:
         return c.zero_()
+    a, b = _unit_stride_view(a), _unit_stride_view(b)
     cfg = _CONFIG_OVERRIDE or matmul_config(arch_key(a.device), a.dtype, M)
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), Bt)
     matmul_kernel[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), a.stride(2),
@@ -60,11 +65,29 @@ def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return c
 
 
+def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [batch, M, K] @ b [batch, K, N] -> [batch, M, N] in a's dtype, any strides."""
+    _check("a", a, 3)
+    _check("b", b, 3)
+    if a.dtype != b.dtype:
+        raise TypeError(f"a and b must share one dtype, got {a.dtype} and {b.dtype}")
+    if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
+        raise ValueError(f"shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be multiplied")
+    c = torch.empty((a.shape[0], a.shape[1], b.shape[2]), dtype=a.dtype, device=a.device)
+    return _launch(a, b, c)
+
+
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [M, K] @ b [K, N] -> [M, N]."""
     _check("a", a, 2)
     _check("b", b, 2)
-    return bmm(a.unsqueeze(0), b.unsqueeze(0))[0]
+    if a.dtype != b.dtype:
+        raise TypeError(f"a and b must share one dtype, got {a.dtype} and {b.dtype}")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be multiplied")
+    c = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
+    _launch(a.unsqueeze(0), b.unsqueeze(0), c.unsqueeze(0))
+    return c
 
 
 def addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta=1, alpha=1) -> torch.Tensor:
