@@ -24,6 +24,24 @@ MATMUL_SHAPES: List[Tuple[int, int, int]] = (
     [(m, 4096, 4096) for m in (1, 8, 32, 64, 256, 1024, 4096)]
     + [(8192, 8192, 8192), (1, 14336, 4096), (64, 14336, 4096), (4096, 14336, 4096),
        (1, 4096, 14336), (64, 4096, 14336), (4096, 4096, 14336)])
+#: Operand layouts of ``a [M, K] @ b [K, N]``: "x@W^T" (b = weight.t(), column-major: a
+#: linear layer's forward), "x@W" (b row-major: ``x @ W``, ``p @ v``, dX = dY @ W in a
+#: linear layer's backward), "x^T@y" (a column-major, b row-major: dW = dY^T @ X).
+MATMUL_LAYOUTS: Tuple[str, ...] = ("x@W^T", "x@W", "x^T@y")
+
+
+def matmul_operands(layout: str, M: int, N: int, K: int, dtype, device, g):
+    """(a [M, K], b [K, N]) in ``layout`` (values random)."""
+    a = torch.randn(M, K, device=device, dtype=dtype, generator=g)
+    if layout == "x^T@y":
+        a = torch.randn(K, M, device=device, dtype=dtype, generator=g).t()
+    if layout == "x@W^T":
+        b = torch.randn(N, K, device=device, dtype=dtype, generator=g).t()
+    else:
+        b = torch.randn(K, N, device=device, dtype=dtype, generator=g)
+    return a, b
+
+
 #: (rows, cols) for the row-wise kernels: hidden sizes and a vocabulary.
 ROW_SHAPES: List[Tuple[int, int]] = [(4096, 4096), (16384, 8192), (1024, 128256)]
 
@@ -44,35 +62,38 @@ def _time_eager(fn: Callable, reps: int) -> float:
 
 def bench_ops(matmul_shapes: Sequence[Tuple[int, int, int]] = MATMUL_SHAPES,
               row_shapes: Sequence[Tuple[int, int]] = ROW_SHAPES, dtype=torch.bfloat16,
-              reps: int = 100, stream=sys.stdout) -> List[Dict]:
-    """Rows of dict(op, shape, bitstable_ms, stock_ms, ratio_vs_stock, tflops or gbs)."""
+              reps: int = 100, stream=sys.stdout,
+              layouts: Sequence[str] = MATMUL_LAYOUTS) -> List[Dict]:
+    """Rows of dict(op, shape, bitstable_ms, stock_ms, ratio_vs_stock, tflops or gbs); matmul
+    rows once per operand layout (``layout``: see :data:`MATMUL_LAYOUTS`)."""
     from . import ops
 
     device = _backend.kernel_device_type()
     g = torch.Generator(device=device).manual_seed(0)
     rows: List[Dict] = []
     t0 = time.time()
-    n_cases = len(matmul_shapes) + 4 * len(row_shapes)
+    n_cases = len(matmul_shapes) * len(layouts) + 4 * len(row_shapes)
     i = 0
     for M, N, K in matmul_shapes:
-        i += 1
-        print(f"[ops {i}/{n_cases}] mm M={M} N={N} K={K} ({time.time() - t0:.0f}s)", file=stream, flush=True)
-        a = torch.randn(M, K, device=device, dtype=dtype, generator=g)
-        b = torch.randn(N, K, device=device, dtype=dtype, generator=g).t()   # a weight, as F.linear sees it
-        if not _backend.interpreting():
-            torch.cuda.synchronize()
-        ours = _time(lambda: ops.mm(a, b), reps)
-        stock = _time(lambda: torch.mm(a, b), reps)
-        ours_eager = _time_eager(lambda: ops.mm(a, b), reps)
-        stock_eager = _time_eager(lambda: torch.mm(a, b), reps)
-        flops = 2.0 * M * N * K
-        byts = (M * K + N * K + M * N) * a.element_size()
-        rows.append(dict(op="mm", shape=f"{M}x{N}x{K}", bitstable_ms=ours, stock_ms=stock,
-                         ratio_vs_stock=stock / ours, bitstable_tflops=flops / ours / 1e9,
-                         stock_tflops=flops / stock / 1e9, bitstable_gbs=byts / ours / 1e6,
-                         bitstable_eager_ms=ours_eager, stock_eager_ms=stock_eager,
-                         ratio_eager=stock_eager / ours_eager))
-        del a, b
+        for layout in layouts:
+            i += 1
+            print(f"[ops {i}/{n_cases}] mm {layout} M={M} N={N} K={K} ({time.time() - t0:.0f}s)",
+                  file=stream, flush=True)
+            a, b = matmul_operands(layout, M, N, K, dtype, device, g)
+            if not _backend.interpreting():
+                torch.cuda.synchronize()
+            ours = _time(lambda: ops.mm(a, b), reps)
+            stock = _time(lambda: torch.mm(a, b), reps)
+            ours_eager = _time_eager(lambda: ops.mm(a, b), reps)
+            stock_eager = _time_eager(lambda: torch.mm(a, b), reps)
+            flops = 2.0 * M * N * K
+            byts = (M * K + N * K + M * N) * a.element_size()
+            rows.append(dict(op="mm", layout=layout, shape=f"{M}x{N}x{K}", bitstable_ms=ours,
+                             stock_ms=stock, ratio_vs_stock=stock / ours,
+                             bitstable_tflops=flops / ours / 1e9, stock_tflops=flops / stock / 1e9,
+                             bitstable_gbs=byts / ours / 1e6, bitstable_eager_ms=ours_eager,
+                             stock_eager_ms=stock_eager, ratio_eager=stock_eager / ours_eager))
+            del a, b
     for R, C in row_shapes:
         x = torch.randn(R, C, device=device, dtype=dtype, generator=g)
         w = torch.randn(C, device=device, dtype=dtype, generator=g)
@@ -103,11 +124,11 @@ def ops_table(rows: List[Dict]) -> str:
     CUDA-graph replays; the eager ratio includes each library's host launch overhead."""
     from .bench import _fmt
 
-    lines = ["| op | shape | bitstable ms | stock ms | vs stock | bitstable TFLOP/s | stock TFLOP/s | bitstable GB/s "
+    lines = ["| op | layout | shape | bitstable ms | stock ms | vs stock | bitstable TFLOP/s | stock TFLOP/s | bitstable GB/s "
              "| eager vs stock |",
-             "|" + "|".join(["---"] * 9) + "|"]
+             "|" + "|".join(["---"] * 10) + "|"]
     for r in rows:
-        lines.append(f"| {r['op']} | {r['shape']} | {_fmt(r['bitstable_ms'], '.4f')} | {_fmt(r['stock_ms'], '.4f')} "
+        lines.append(f"| {r['op']} | {r.get('layout', '')} | {r['shape']} | {_fmt(r['bitstable_ms'], '.4f')} | {_fmt(r['stock_ms'], '.4f')} "
                      f"| {_fmt(r['ratio_vs_stock'], '.2f')}x | {_fmt(r.get('bitstable_tflops'), '.0f')} "
                      f"| {_fmt(r.get('stock_tflops'), '.0f')} | {_fmt(r.get('bitstable_gbs'), '.0f')} "
                      f"| {_fmt(r.get('ratio_eager'), '.2f')}x |")
@@ -116,7 +137,7 @@ def ops_table(rows: List[Dict]) -> str:
 
 def plot_ops(rows: List[Dict], ax) -> None:
     """Bars of bitstable's speed as a ratio to stock per op and shape (1.0 = parity)."""
-    labels = [f"{r['op']}\n{r['shape']}" for r in rows]
+    labels = [f"{r['op']} {r.get('layout', '')}\n{r['shape']}" for r in rows]
     vals = [r["ratio_vs_stock"] or 0.0 for r in rows]
     ax.bar(range(len(rows)), vals, color=["tab:blue" if r["op"] == "mm" else "tab:green" for r in rows])
     ax.axhline(1.0, color="k", lw=0.8)

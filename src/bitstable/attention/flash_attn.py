@@ -13,7 +13,7 @@ import torch
 
 from ..mode import get_deterministic_mode
 from ..reference import alibi_bias, attention_reference, visibility
-from .ops import attn_fwd, attn_varlen_fwd
+from .ops import attention, varlen_attention
 from .validation import check_options, check_qkv, check_varlen, normalize_window
 
 
@@ -97,7 +97,7 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
                                     need_lse=return_attn_probs)
         return (out, lse, None) if return_attn_probs else out
 
-    out, lse = attn_fwd(q, k, v, softmax_scale, left, right, float(softcap), alibi_slopes,
+    out, lse = attention(q, k, v, softmax_scale, left, right, float(softcap), alibi_slopes,
                         get_deterministic_mode().split_size)
     return (out, lse, None) if return_attn_probs else out
 
@@ -158,7 +158,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         lse = torch.cat(lses, 1) if return_attn_probs else None
         return (out, lse, None) if return_attn_probs else out
 
-    out, lse = attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    out, lse = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                softmax_scale,
                                left, right, float(softcap), alibi_slopes,
                                get_deterministic_mode().split_size)

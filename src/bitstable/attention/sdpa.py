@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ..mode import get_deterministic_mode
-from .ops import attn_fwd
+from .ops import attention
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -49,8 +49,8 @@ def batch_invariant_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Te
             and _kernel_ok(query, key, value) and (enable_gqa or not grouped)):
         sm = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
         right = 0 if is_causal else -1
-        out, _ = attn_fwd(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), sm, -1, right,
-                          0.0, None, get_deterministic_mode().split_size)
+        out, _ = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), sm, -1, right,
+                           0.0, None, get_deterministic_mode().split_size)
         return out.transpose(1, 2)
     if dropout_p == 0.0 and all(isinstance(t, torch.Tensor) and t.dtype in _DTYPES for t in (query, key, value)):
         if attn_mask is not None and attn_mask.dtype == torch.bool:   # as SDPA does before its math path
