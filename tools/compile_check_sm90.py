@@ -5,7 +5,10 @@ compiles them; this catches code that only the GPU path sees (TMA descriptors,
 paged/varlen pointer arithmetic, constexpr branches) failing to compile.
 Needs triton only, and must run without TRITON_INTERPRET:
 
-    python tools/compile_check_sm90.py [--all]
+    python tools/compile_check_sm90.py [--all] [--jobs N] [--shard I/N]
+
+The variants compile in a pool of one process per CPU (``--jobs``); ``--shard`` picks
+every N-th of them (the test suite runs the shards as separate tests).
 """
 import argparse
 import itertools
@@ -48,10 +51,9 @@ def build(fn, const, p16=(), p32=(), pi32=(), floats=(), desc=None, **opts):
     return triton.compile(ASTSource(fn, sig, cst), target=GPUTarget("cuda", 90, 32), options=opts)
 
 
-def build_gluon_decode() -> int:
-    """The Gluon one-token decode kernel (kernels/attention_decode_wgmma.py), head dims 64
-    and 128, with and without a cache batch index, and its timeline probe; returns the number
-    of variants."""
+def build_gluon_decode(d: int, batch_idx: bool, timeline: bool) -> None:
+    """One variant of the Gluon one-token decode kernel (kernels/attention_decode_wgmma.py):
+    head dim ``d``, with or without a cache batch index, with or without the timeline probe."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -65,81 +67,132 @@ def build_gluon_decode() -> int:
         def data_ptr(self):
             return 0
 
-    n = 0
-    for d, batch_idx, timeline in ((128, False, False), (64, True, False), (128, False, True)):
-        layout = gl.NVMMASharedLayout.get_default_for([64, d], gl.bfloat16)
-        desc = mangle_type(TensorDescriptor(_Base(), [4096, 8 * d], [8 * d, 1], [64, d], layout))
-        const = dict(HEAD_DIM=d, BLOCK_M=64, BLOCK_N=64, SPLIT_BLOCKS=16, HAS_BATCH_IDX=batch_idx,
-                     STAGES=3 + batch_idx, USE_PDL=not batch_idx, TIMELINE=timeline)
-        sig = {}
-        for name in fn.arg_names:
-            sig[name] = ("constexpr" if name in const else desc if name in ("K_DESC", "V_DESC")
-                         else "*bf16" if name in ("Q", "K", "V") else "*fp32" if name.startswith("WS_")
-                         else "*i32" if name in ("CACHE_SEQLENS", "BATCH_IDX") else "*i64" if name == "TIMES"
-                         else "fp32" if name == "qk_scale"
-                         else "i32")
-        triton.compile(GluonASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-        n += 1
-    return n
+    layout = gl.NVMMASharedLayout.get_default_for([64, d], gl.bfloat16)
+    desc = mangle_type(TensorDescriptor(_Base(), [4096, 8 * d], [8 * d, 1], [64, d], layout))
+    const = dict(HEAD_DIM=d, BLOCK_M=64, BLOCK_N=64, SPLIT_BLOCKS=16, HAS_BATCH_IDX=batch_idx,
+                 STAGES=3 + batch_idx, USE_PDL=not batch_idx, TIMELINE=timeline)
+    sig = {}
+    for name in fn.arg_names:
+        sig[name] = ("constexpr" if name in const else desc if name in ("K_DESC", "V_DESC")
+                     else "*bf16" if name in ("Q", "K", "V") else "*fp32" if name.startswith("WS_")
+                     else "*i32" if name in ("CACHE_SEQLENS", "BATCH_IDX") else "*i64" if name == "TIMES"
+                     else "fp32" if name == "qk_scale"
+                     else "i32")
+    triton.compile(GluonASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+
+
+_KERNELS = {fn.__name__: fn for fn in (
+    attention_fwd_kernel, attention_bwd_dkdv_kernel, attention_bwd_dq_kernel, attention_bwd_preprocess_kernel,
+    attention_split_partial_kernel, attention_split_combine_kernel, matmul_kernel, softmax_kernel,
+    row_sum_kernel, layer_norm_kernel)}
+_TL = {"bf16": tl.bfloat16, "fp32": tl.float32}
+
+
+def variants(full: bool):
+    """Every variant to compile, as picklable jobs: ("triton", kernel name, constexprs
+    (dtypes by name), build args, options) or ("gluon", head dim, batch index, timeline)."""
+    feats = list(itertools.product([False, True], repeat=3)) if full else [(False, False, False), (True, True, True)]
+    jobs = []
+
+    def job(fn, const, p16=(), p32=(), pi32=(), floats=(), desc=None, **opts):
+        jobs.append(("triton", fn.__name__, const, (p16, p32, pi32, floats, desc), opts))
+
+    for sc, al, left in feats:
+        f = dict(HAS_SOFTCAP=sc, HAS_ALIBI=al, HAS_LEFT=left, HAS_RIGHT=True)
+        base = dict(HEAD_DIM=128, BLOCK_M=64, BLOCK_N=64, COMPUTE_DTYPE="bf16", ROWWISE=False, **f)
+        fwd = dict(base, SPLIT_BLOCKS=32, EVEN_D=True, WRITE_LSE=True, REVERSE_M=True)
+        for loop, tma, varlen in [(1, True, False), (0, False, False), (1, False, True)]:
+            desc = {k: "tensordesc<bf16[1,64,1,128]>" for k in ("K", "V")} if tma else None
+            job(attention_fwd_kernel, dict(fwd, LOOP=loop, USE_TMA=tma, VARLEN=varlen), ("Q", "K", "V", "O"),
+                ("LSE", "ALIBI"), ("CU_Q", "CU_K"), ("qk_scale", "softcap_scaled"), desc, num_warps=4, num_stages=3)
+        for fn in (attention_bwd_dkdv_kernel, attention_bwd_dq_kernel):
+            for varlen in (False, True):
+                job(fn, dict(base, VARLEN=varlen, SKIP_FULL_MASKS=True), ("Q", "K", "V", "DO", "DK", "DV", "DQ"),
+                    ("LSE", "DELTA", "ALIBI"),
+                    ("CU_Q", "CU_K"), ("qk_scale", "softcap_scaled", "grad_scale"), num_warps=4, num_stages=2)
+        for paged, even_d, tma in ((False, True, True), (True, True, True), (False, False, False),
+                                   (True, True, False)):
+            desc = {k: "tensordesc<bf16[1,64,1,128]>" for k in ("K_DESC", "V_DESC")} if tma else None
+            job(attention_split_partial_kernel, dict(base, SPLIT_BLOCKS=32, PAGED=paged, HAS_BATCH_IDX=not paged,
+                                                     EVEN_D=even_d, USE_TMA=tma, USE_PDL=tma),
+                ("Q", "K", "V", "K_DESC", "V_DESC"), ("WS_ACC", "WS_ML", "ALIBI"),
+                ("CACHE_SEQLENS", "BATCH_IDX", "BLOCK_TABLE"), ("qk_scale", "softcap_scaled"), desc,
+                num_warps=4, num_stages=3)
+    for block_m, warps, pdl in ((1, 4, True), (16, 4, False)):
+        job(attention_split_combine_kernel, dict(HEAD_DIM=128, BLOCK_M=block_m, USE_PDL=pdl), ("O",),
+            ("WS_ACC", "WS_ML", "LSE"), ("CACHE_SEQLENS",), num_warps=warps, launch_pdl=pdl)
+    job(attention_bwd_preprocess_kernel, dict(HEAD_DIM=128, BLOCK_M=64, HAS_DLSE=True), ("O", "DO"), ("DLSE", "DELTA"),
+        num_warps=4)
+    # float32 backward: per-head dk/dv sums (PER_HEAD_SUMS), IEEE fp32 dots
+    job(attention_bwd_dkdv_kernel, dict(HEAD_DIM=128, BLOCK_M=32, BLOCK_N=16, COMPUTE_DTYPE="fp32",
+                                        ROWWISE=False, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_LEFT=False,
+                                        HAS_RIGHT=True, VARLEN=False, PER_HEAD_SUMS=True),
+        ("Q", "K", "V", "DO", "DK", "DV", "DQ"), ("LSE", "DELTA", "ALIBI"), ("CU_Q", "CU_K"),
+        ("qk_scale", "softcap_scaled", "grad_scale"), num_warps=4, num_stages=1)
+    # the sm90 matmul classes of configs.py (decode, middle, large)
+    for bm, bn, bk, w, s, g in ((64, 32, 64, 4, 6, 8), (64, 128, 64, 4, 4, 8), (128, 256, 64, 8, 3, 8)):
+        job(matmul_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, COMPUTE_DTYPE="bf16",
+                                ROWWISE=False), ("A", "B", "C"), num_warps=w, num_stages=s)
+    job(matmul_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, COMPUTE_DTYPE="fp32",
+                            ROWWISE=False, CHUNK_BLOCKS=4), ("A", "B", "C"), num_warps=4, num_stages=2)
+    job(softmax_kernel, dict(LOG=True, BLOCK=1024), ("X", "Y"), num_warps=4)
+    job(row_sum_kernel, dict(BLOCK=1024), ("X", "Y"), floats=("scale",), num_warps=4)
+    job(layer_norm_kernel, dict(HAS_W=True, HAS_B=True, RMS=False, BLOCK=1024), ("X", "W", "Bias", "Y"),
+        ("MEAN", "RSTD"), floats=("eps",), num_warps=4)
+    if HAVE_GLUON:
+        jobs += [("gluon", 128, False, False), ("gluon", 64, True, False), ("gluon", 128, False, True)]
+    return jobs
+
+
+def compile_variant(job) -> str:
+    """Compile one job of :func:`variants`; returns "" or the failure's traceback."""
+    import traceback
+
+    try:
+        if job[0] == "gluon":
+            build_gluon_decode(*job[1:])
+        else:
+            _, name, const, args, opts = job
+            const = {k: _TL[v] if k == "COMPUTE_DTYPE" else v for k, v in const.items()}
+            build(_KERNELS[name], const, *args, **opts)
+        return ""
+    except Exception:
+        return f"{job[:2]}: {traceback.format_exc()}"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--all", action="store_true", help="every feature combination (slower)")
-    full = ap.parse_args().all
-    feats = list(itertools.product([False, True], repeat=3)) if full else [(False, False, False), (True, True, True)]
-    n = 0
-    for sc, al, left in feats:
-        f = dict(HAS_SOFTCAP=sc, HAS_ALIBI=al, HAS_LEFT=left, HAS_RIGHT=True)
-        base = dict(HEAD_DIM=128, BLOCK_M=64, BLOCK_N=64, COMPUTE_DTYPE=tl.bfloat16, ROWWISE=False, **f)
-        fwd = dict(base, SPLIT_BLOCKS=32, EVEN_D=True, WRITE_LSE=True, REVERSE_M=True)
-        for loop, tma, varlen in [(1, True, False), (0, False, False), (1, False, True)]:
-            desc = {k: "tensordesc<bf16[1,64,1,128]>" for k in ("K", "V")} if tma else None
-            build(attention_fwd_kernel, dict(fwd, LOOP=loop, USE_TMA=tma, VARLEN=varlen), ("Q", "K", "V", "O"),
-                  ("LSE", "ALIBI"), ("CU_Q", "CU_K"), ("qk_scale", "softcap_scaled"), desc, num_warps=4, num_stages=3)
-            n += 1
-        for fn in (attention_bwd_dkdv_kernel, attention_bwd_dq_kernel):
-            for varlen in (False, True):
-                build(fn, dict(base, VARLEN=varlen, SKIP_FULL_MASKS=True), ("Q", "K", "V", "DO", "DK", "DV", "DQ"),
-                      ("LSE", "DELTA", "ALIBI"),
-                      ("CU_Q", "CU_K"), ("qk_scale", "softcap_scaled", "grad_scale"), num_warps=4, num_stages=2)
-                n += 1
-        for paged, even_d, tma in ((False, True, True), (True, True, True), (False, False, False),
-                                   (True, True, False)):
-            desc = {k: "tensordesc<bf16[1,64,1,128]>" for k in ("K_DESC", "V_DESC")} if tma else None
-            build(attention_split_partial_kernel, dict(base, SPLIT_BLOCKS=32, PAGED=paged, HAS_BATCH_IDX=not paged,
-                                                       EVEN_D=even_d, USE_TMA=tma, USE_PDL=tma),
-                  ("Q", "K", "V", "K_DESC", "V_DESC"), ("WS_ACC", "WS_ML", "ALIBI"),
-                  ("CACHE_SEQLENS", "BATCH_IDX", "BLOCK_TABLE"), ("qk_scale", "softcap_scaled"), desc,
-                  num_warps=4, num_stages=3)
-            n += 1
-    for block_m, warps, pdl in ((1, 4, True), (16, 4, False)):
-        build(attention_split_combine_kernel, dict(HEAD_DIM=128, BLOCK_M=block_m, USE_PDL=pdl), ("O",),
-              ("WS_ACC", "WS_ML", "LSE"), ("CACHE_SEQLENS",), num_warps=warps, launch_pdl=pdl)
-    build(attention_bwd_preprocess_kernel, dict(HEAD_DIM=128, BLOCK_M=64, HAS_DLSE=True), ("O", "DO"), ("DLSE", "DELTA"),
-          num_warps=4)
-    # float32 backward: per-head dk/dv sums (PER_HEAD_SUMS), IEEE fp32 dots
-    build(attention_bwd_dkdv_kernel, dict(HEAD_DIM=128, BLOCK_M=32, BLOCK_N=16, COMPUTE_DTYPE=tl.float32,
-                                          ROWWISE=False, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_LEFT=False,
-                                          HAS_RIGHT=True, VARLEN=False, PER_HEAD_SUMS=True),
-          ("Q", "K", "V", "DO", "DK", "DV", "DQ"), ("LSE", "DELTA", "ALIBI"), ("CU_Q", "CU_K"),
-          ("qk_scale", "softcap_scaled", "grad_scale"), num_warps=4, num_stages=1)
-    n += 1
-    # the sm90 matmul classes of configs.py (decode, middle, large)
-    for bm, bn, bk, w, s, g in ((64, 32, 64, 4, 6, 8), (64, 128, 64, 4, 4, 8), (128, 256, 64, 8, 3, 8)):
-        build(matmul_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, COMPUTE_DTYPE=tl.bfloat16,
-                                  ROWWISE=False), ("A", "B", "C"), num_warps=w, num_stages=s)
-    build(matmul_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, COMPUTE_DTYPE=tl.float32,
-                              ROWWISE=False, CHUNK_BLOCKS=4), ("A", "B", "C"), num_warps=4, num_stages=2)
-    n += 3
-    build(softmax_kernel, dict(LOG=True, BLOCK=1024), ("X", "Y"), num_warps=4)
-    build(row_sum_kernel, dict(BLOCK=1024), ("X", "Y"), floats=("scale",), num_warps=4)
-    build(layer_norm_kernel, dict(HAS_W=True, HAS_B=True, RMS=False, BLOCK=1024), ("X", "W", "Bias", "Y"),
-          ("MEAN", "RSTD"), floats=("eps",), num_warps=4)
-    n += 6
-    if HAVE_GLUON:
-        n += build_gluon_decode()
-    print(f"compiled {n} kernel variants for sm_90 with triton {triton.__version__}")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="compile in this many processes (default: one per CPU)")
+    ap.add_argument("--shard", default="0/1", metavar="I/N",
+                    help="compile only every N-th variant from the I-th (0-based; the test suite "
+                         "spreads the shards over its workers)")
+    args = ap.parse_args()
+    i, n = (int(x) for x in args.shard.split("/"))
+    if not 0 <= i < n:
+        ap.error(f"--shard wants I/N with 0 <= I < N, got {args.shard!r}")
+    jobs = variants(args.all)[i::n]
+    workers = max(1, min(args.jobs, len(jobs)))
+    if workers == 1:
+        errors = [compile_variant(j) for j in jobs]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # fork where there is one: the workers inherit the imports (triton starts no threads)
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+            errors = list(pool.map(compile_variant, jobs))
+    errors = [e for e in errors if e]
+    for e in errors:
+        print(e, file=sys.stderr)
+    shard = f", shard {i}/{n}" if n > 1 else ""
+    if errors:
+        print(f"{len(errors)} of {len(jobs)} kernel variants FAILED to compile for sm_90{shard}", file=sys.stderr)
+        return 1
+    print(f"compiled {len(jobs)} kernel variants for sm_90 with triton {triton.__version__} "
+          f"({workers} processes{shard})")
     return 0
 
 
