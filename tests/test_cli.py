@@ -1,5 +1,6 @@
 """The command line: verify proves the contract (exit 0) and writes JSON; bench writes table, JSON, plot."""
 
+import io
 import json
 import os
 import subprocess
@@ -16,58 +17,104 @@ def _run(*args, timeout=900):
                           timeout=timeout, env=env, cwd=ROOT)
 
 
-def test_verify_holds_and_writes_json(tmp_path):
+class _Sink:
+    def write(self, s):
+        pass
+
+    def flush(self):
+        pass
+
+
+def test_verify_runs_the_checks_named_and_writes_json(tmp_path):
+    """The command line runs the checks ``--checks`` names (here one forward check of each
+    attention scenario and one decode check), next to stock PyTorch, and writes JSON."""
     path = tmp_path / "verify.json"
-    r = _run("verify", "--json", str(path))
+    r = _run("verify", "--checks", "run-to-run,decode-batch", "--json", str(path))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ALL bitstable checks hold" in r.stdout
     data = json.loads(path.read_text())
-    assert data["ok"] is True
-    checks = {row["check"] for row in data["rows"]}
-    assert {"run-to-run", "batch invariance", "chunk invariance (causal)", "layout invariance",
-            "backward run-to-run", "backward batch invariance", "prefill/decode = training",
-            "decode batch invariance"} <= checks
+    assert data["ok"] is True and data["checks"] == ["run-to-run", "decode-batch"]
+    checks = [row["check"] for row in data["rows"]]
+    assert checks.count("run-to-run") == 2 and checks[-1] == "decode batch invariance", checks
+    assert len(checks) == 3
     assert all(row["bitstable"] for row in data["rows"])
     assert all(row["stock"] in (True, False) for row in data["rows"])  # stock PyTorch was run too
 
 
-def test_verify_exits_nonzero_on_a_violation():
+def test_verify_runs_every_check_and_they_hold(tmp_path, monkeypatch):
+    """All of verify's checks, end to end (table, verdict, JSON), with its attention
+    scenarios (dtypes, features) at tiny sizes; the decode and ops checks at verify's own
+    CPU sizes."""
+    from bitstable import verify
+    from bitstable.testing import Shape
+
+    real = verify._scenarios
+    tiny = Shape(batch=1, heads_q=2, heads_kv=1, seqlen_q=17, seqlen_k=20, head_dim=16)
+
+    def scenarios(on_gpu):
+        out = real(on_gpu)
+        return out if on_gpu else [(name, dtype, tiny, kw, (2,), (1, 5), 2) for name, dtype, _, kw, *_ in out]
+
+    monkeypatch.setattr(verify, "_scenarios", scenarios)
+    path = tmp_path / "verify.json"
+    out = io.StringIO()
+    assert verify.run_verify(str(path), stream=out) == 0, out.getvalue()
+    assert "ALL bitstable checks hold" in out.getvalue()
+    data = json.loads(path.read_text())
+    assert data["ok"] is True and data["checks"] == list(verify.CHECKS)
+    checks = {row["check"] for row in data["rows"]}
+    assert {"run-to-run", "batch invariance", "chunk invariance (causal)", "layout invariance",
+            "backward run-to-run", "backward batch invariance", "prefill/decode = training",
+            "decode batch invariance", "softmax rows", "log_softmax rows", "rms_norm rows"} <= checks
+    assert any(c.startswith("matmul rows") for c in checks)
+    assert len(data["rows"]) == 2 * 6 + 2 + 4
+    assert all(row["bitstable"] for row in data["rows"])
+    assert all(row["stock"] in (True, False) for row in data["rows"])  # stock PyTorch was run too
+
+
+def test_verify_exits_nonzero_on_a_violation(monkeypatch):
+    """A failing bitstable check makes verify exit 1; a failing stock check does not."""
     from bitstable import verify
     from bitstable.testing import CheckResult
 
-    class Sink:
-        def write(self, s):
-            pass
+    monkeypatch.setattr(verify, "check_run_to_run",
+                        lambda fn, *a, **k: CheckResult("run-to-run", fn is not verify.flash_attn_func))
+    assert verify.run_verify(stream=_Sink(), checks=["run-to-run"]) == 1
+    monkeypatch.setattr(verify, "check_run_to_run",
+                        lambda fn, *a, **k: CheckResult("run-to-run", fn is verify.flash_attn_func))
+    assert verify.run_verify(stream=_Sink(), checks=["run-to-run"]) == 0
 
-        def flush(self):
-            pass
 
-    original = verify.forward_checks
-    try:
-        verify.forward_checks = lambda fn, *a, **k: [CheckResult("run-to-run", fn is not verify.flash_attn_func)]
-        assert verify.run_verify(stream=Sink()) == 1
-    finally:
-        verify.forward_checks = original
+def test_verify_rejects_unknown_checks(capsys):
+    from bitstable import cli, verify
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["verify", "--checks", "run-to-run,nope"])
+    assert e.value.code == 2 and "--checks takes a comma list of" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown check"):
+        verify.run_verify(stream=_Sink(), checks=["nope"])
 
 
 def test_bench_writes_table_json_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
     r = _run("bench", "--shape", "1,2,32,32", "--reps", "1", "--out", str(tmp_path),
-             "--decode-batches", "1,2", "--decode-lengths", "40",
+             "--decode-batches", "1", "--decode-lengths", "16,40",
              "--mm-shape", "3,40,24", "--mm-shape", "20,16,8", "--row-shape", "5,70")
     assert r.returncode == 0, r.stdout + r.stderr
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     dense = [row for row in rows if row["pass_"] in ("fwd", "fwd+bwd")]
     op_rows = [row for row in rows if row["pass_"] == "ops"]
-    assert [(row["op"], row["shape"]) for row in op_rows] == [
-        ("mm", "3x40x24"), ("mm", "20x16x8"), ("softmax", "5x70"), ("log_softmax", "5x70"),
-        ("layer_norm", "5x70"), ("rms_norm", "5x70")]
+    layouts = ("x@W^T", "x@W", "x^T@y")          # each matmul shape in every operand layout
+    assert [(row["op"], row.get("layout"), row["shape"]) for row in op_rows] == [
+        *(("mm", lay, "3x40x24") for lay in layouts), *(("mm", lay, "20x16x8") for lay in layouts),
+        ("softmax", None, "5x70"), ("log_softmax", None, "5x70"), ("layer_norm", None, "5x70"),
+        ("rms_norm", None, "5x70")]
     assert all(row["ratio_vs_stock"] > 0 for row in op_rows)
     assert "Batch-invariant ops" in (tmp_path / "bench.md").read_text()
     decode = [row for row in rows if row["pass_"] == "decode"]
     assert len(dense) == 4 and {row["causal"] for row in dense} == {False, True}
     assert {row["pass_"] for row in dense} == {"fwd", "fwd+bwd"}
-    assert [(row["B"], row["L"]) for row in decode] == [(1, 40), (2, 40)]
+    assert [(row["B"], row["L"]) for row in decode] == [(1, 16), (1, 40)]
     assert all(row["bitstable_gbs"] > 0 for row in decode)
     assert "Decode (one token" in (tmp_path / "bench.md").read_text()
     assert all(row["bitstable_ms"] > 0 for row in rows)

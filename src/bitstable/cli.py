@@ -31,6 +31,9 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     v = sub.add_parser("verify", help="prove the invariance contract here, next to stock PyTorch")
     v.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    v.add_argument("--checks", metavar="NAME,...",
+                   help="run only these checks (comma list of run-to-run, batch, chunk, layout, "
+                        "backward-run-to-run, backward-batch, decode, decode-batch, ops); default: all")
     b = sub.add_parser("bench", help="fwd, fwd+bwd, decode and ops speed vs stock (table, JSON, plot)")
     b.add_argument("--out", default="bench-results", help="folder for bench.json/.md/.png")
     b.add_argument("--shape", type=_shape, action="append", metavar="B,H,L,D",
@@ -67,9 +70,15 @@ def main(argv=None) -> int:
     import bitstable  # noqa: F401  (decides GPU vs interpreter before triton loads)
 
     if args.cmd == "verify":
-        from .verify import run_verify
+        from .verify import CHECKS, run_verify
 
-        return run_verify(args.json)
+        checks = None
+        if args.checks is not None:
+            checks = [c for c in args.checks.split(",") if c]
+            bad = [c for c in checks if c not in CHECKS]
+            if bad or not checks:
+                ap.error(f"--checks takes a comma list of {', '.join(CHECKS)}; got {args.checks!r}")
+        return run_verify(args.json, checks=checks)
     from . import _backend
 
     gpu = not _backend.interpreting()
