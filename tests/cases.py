@@ -47,6 +47,38 @@ def params(cpu_cases, gpu_cases, dtypes=DTYPES):
     return out
 
 
+DTYPE_PARAMS = [pytest.param(dt, id=i) for dt, i in zip(DTYPES, ("fp32", "fp16", "bf16"))]
+
+
+def cpu_bf16_gpu_marked(p, keep: bool):
+    """``p`` with the ``gpu`` marker added when it is a bf16 case at CPU sizes that is not
+    ``keep``.
+
+    Under the interpreter bf16 tiles are upcast to fp32 (launch.compute_dtype; the row-wise
+    tile product is fp32 for every dtype): a bf16 case runs the fp32 case's arithmetic on
+    bf16-rounded inputs and adds only the bf16 loads and stores, so one kept bf16 case per
+    test covers them and the rest run on the GPU only, where bf16 is its own tensor-core path.
+    """
+    gpu = any(m.name == "gpu" for m in p.marks)
+    if keep or gpu or torch.bfloat16 not in p.values:
+        return p
+    return pytest.param(*p.values, id=p.id, marks=[*p.marks, pytest.mark.gpu])
+
+
+def matrix(dtypes, features, sizes, bf16_on_cpu=()):
+    """pytest params over dtype x feature x size (ids ``dtype-feature-size``, the ids of
+    stacked parametrize decorators); bf16 cases at CPU sizes run through the interpreter
+    only for the feature ids in ``bf16_on_cpu`` (see :func:`cpu_bf16_gpu_marked`)."""
+    out = []
+    for dt in dtypes:
+        for feat in features:
+            for size in sizes:
+                p = pytest.param(*dt.values, *feat.values, *size.values,
+                                 marks=[*dt.marks, *feat.marks, *size.marks], id=f"{dt.id}-{feat.id}-{size.id}")
+                out.append(cpu_bf16_gpu_marked(p, keep=feat.id in bf16_on_cpu))
+    return out
+
+
 def make_inputs(sizes, kw, dtype, device, seed=0):
     """Random q, k, v and flash_attn_func kwargs (alibi spec -> slopes tensor)."""
     B, Lq, Lk, Hq, Hk, D = sizes

@@ -9,7 +9,7 @@ from bitstable import flash_attn_func
 from bitstable.reference import attention_reference
 from bitstable.testing import Shape, check_backward_batch_invariance, check_backward_run_to_run
 
-from cases import CPU_FEATURES, DTYPES, GPU_FEATURES, make_inputs, params
+from cases import CPU_FEATURES, DTYPE_PARAMS, GPU_FEATURES, cpu_bf16_gpu_marked, make_inputs, matrix, params
 
 CPU_BWD = [c for c in CPU_FEATURES if c[0] in (
     "dense", "causal-gqa-d40-lq<lk", "causal-lq>lk", "window", "softcap-causal", "alibi-per-head", "d8")]
@@ -40,7 +40,14 @@ def _reference(dtype):
     return fn
 
 
-@pytest.mark.parametrize("dtype,sizes,kw", params(CPU_BWD, GPU_BWD))
+def _bf16_on_cpu_only_for(feature, ps):
+    """``ps`` with the bf16 CPU-size cases gpu-marked but for ``feature``'s
+    (cases.cpu_bf16_gpu_marked)."""
+    return [cpu_bf16_gpu_marked(p, keep=p.id.endswith("-" + feature)) for p in ps]
+
+
+@pytest.mark.parametrize("dtype,sizes,kw",
+                         _bf16_on_cpu_only_for("causal-gqa-d40-lq<lk", params(CPU_BWD, GPU_BWD)))
 def test_gradients_match_float64_reference(dtype, sizes, kw, device):
     q, k, v, kw = make_inputs(sizes, kw, dtype, device, seed=3)
     g = torch.Generator().manual_seed(4)
@@ -70,20 +77,20 @@ SHAPES = [pytest.param(CPU_SHAPE, id="cpu-size"),
           pytest.param(GPU_SHAPE, id="gpu-size", marks=pytest.mark.gpu)]
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("feature", FEATURES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("dtype,feature,shape", matrix(DTYPE_PARAMS, FEATURES, SHAPES, bf16_on_cpu=("causal",)))
 def test_backward_run_to_run(dtype, feature, shape, device):
     runs = 3 if shape is CPU_SHAPE else 50
     r = check_backward_run_to_run(flash_attn_func, shape, dtype, device, runs=runs, **feature)
     assert r.passed, r.detail
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("feature", FEATURES)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dtype,feature,shape",
+                         matrix(DTYPE_PARAMS[1:], FEATURES, SHAPES, bf16_on_cpu=("window-softcap",)))
 def test_backward_batch_invariance(dtype, feature, shape, device):
-    r = check_backward_batch_invariance(flash_attn_func, shape, dtype, device, batch_sizes=(2, 3, 8),
+    """A sequence's gradients alone = at every position of batches of 2, 3 and 8; at CPU
+    sizes of one batch of 3 (first, middle and last position)."""
+    batch_sizes = (3,) if shape is CPU_SHAPE else (2, 3, 8)
+    r = check_backward_batch_invariance(flash_attn_func, shape, dtype, device, batch_sizes=batch_sizes,
                                         **feature)
     assert r.passed, r.detail
 
@@ -160,8 +167,8 @@ def test_cuda_graph_captures_forward_and_backward():
         assert torch.equal(t.grad, a)
 
 
-@pytest.mark.parametrize("dtype,sizes,kw", [p for p in params(CPU_BWD, GPU_BWD)
-                                            if p.values[0] != torch.float32])
+@pytest.mark.parametrize("dtype,sizes,kw", _bf16_on_cpu_only_for("window", [
+    p for p in params(CPU_BWD, GPU_BWD) if p.values[0] != torch.float32]))
 def test_skipping_masks_on_fully_visible_tiles_changes_no_bits(dtype, sizes, kw, device):
     """The backward's loop over fully visible tiles without mask work (launch option
     ``skip_full_masks``) gives the same (dq, dk, dv) bits as masking every tile."""

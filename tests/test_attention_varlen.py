@@ -6,7 +6,7 @@ import torch
 import bitstable
 from bitstable import flash_attn_func, flash_attn_varlen_func
 
-from cases import DTYPES
+from cases import DTYPE_PARAMS, matrix
 
 FEATURES = [
     pytest.param({}, id="plain"),
@@ -16,8 +16,8 @@ FEATURES = [
 ]
 CPU_LENS = ([7, 0, 40, 19], [12, 5, 40, 33])          # (q lengths, k lengths); one empty query
 GPU_LENS = ([1, 700, 2049, 64, 1500], [1, 900, 2049, 1000, 1500])
-SIZES = [pytest.param(CPU_LENS, 32, id="cpu-size"),
-         pytest.param(GPU_LENS, 128, id="gpu-size", marks=pytest.mark.gpu)]
+SIZES = [pytest.param((CPU_LENS, 32), id="cpu-size"),
+         pytest.param((GPU_LENS, 128), id="gpu-size", marks=pytest.mark.gpu)]
 
 
 def _pack(lens_q, lens_k, Hq, Hk, D, dtype, device, seed=0):
@@ -38,11 +38,11 @@ def _small_splits(device):
         yield
 
 
-@pytest.mark.parametrize("lens,D", SIZES)
-@pytest.mark.parametrize("feature", FEATURES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
-def test_packed_equals_alone(dtype, feature, lens, D, device):
-    lens_q, lens_k = lens
+# bf16 through the interpreter for one feature per test (cases.cpu_bf16_gpu_marked)
+@pytest.mark.parametrize("dtype,feature,size",
+                         matrix(DTYPE_PARAMS, FEATURES, SIZES, bf16_on_cpu=("alibi-per-seq",)))
+def test_packed_equals_alone(dtype, feature, size, device):
+    (lens_q, lens_k), D = size
     qs, ks, vs, cu_q, cu_k = _pack(lens_q, lens_k, 4, 2, D, dtype, device)
     kw = dict(feature)
     slopes = None
@@ -107,11 +107,10 @@ def test_bad_cu_seqlens(device):
         flash_attn_varlen_func(q, k, v, cu_q, cu_k, 20, 20, block_table=cu_q)
 
 
-@pytest.mark.parametrize("lens,D", SIZES)
-@pytest.mark.parametrize("feature", FEATURES[1:3])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
-def test_packed_gradients_equal_alone(dtype, feature, lens, D, device):
-    lens_q, lens_k = lens
+@pytest.mark.parametrize("dtype,feature,size",
+                         matrix(DTYPE_PARAMS, FEATURES[1:3], SIZES, bf16_on_cpu=("window-softcap",)))
+def test_packed_gradients_equal_alone(dtype, feature, size, device):
+    (lens_q, lens_k), D = size
     qs, ks, vs, cu_q, cu_k = _pack(lens_q, lens_k, 4, 2, D, dtype, device, seed=2)
     g = torch.Generator().manual_seed(3)
     douts = [torch.randn(q.shape, generator=g).to(dtype).to(device) for q in qs]

@@ -9,13 +9,23 @@ import bitstable
 
 transformers = pytest.importorskip("transformers")
 
+from bitstable import demo  # noqa: E402
 from bitstable.demo import attention_experiment, build_model, run_demo  # noqa: E402
 from bitstable.generate import Engine, Request, recompute_logprobs  # noqa: E402
+
+#: demo.SIZES["tiny"] narrowed for the interpreter, whose time goes to the matmuls' tiles:
+#: still two layers, GQA (2 query heads, 1 kv head, head dim 16), an MLP wider than the
+#: model and the vocabulary of 97 (a ragged last tile), at about a quarter of the tiny
+#: model's matmul tile products.
+MICRO = dict(demo.SIZES["tiny"], hidden_size=32, intermediate_size=64, num_attention_heads=2,
+             num_key_value_heads=1)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return build_model("tiny", seed=0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(demo.SIZES, "micro", MICRO)
+        return build_model("micro", seed=0)
 
 
 def test_hf_cache_decode_equals_the_full_forward(tiny):
@@ -50,8 +60,10 @@ def test_engine_is_batch_invariant_and_training_equals_sampling(tiny):
         Engine(tiny, max_batch=2, capacity=4).run([Request(9, [1, 2, 3], 5)], lambda: 1)
 
 
-def test_demo_counts_one_unique_completion_and_equal_logprobs(capsys):
-    res = run_demo(n=4, new_tokens=4, prompt_len=4, max_batch=4, implementations=("stock", "bitstable"))
+def test_demo_counts_one_unique_completion_and_equal_logprobs(capsys, monkeypatch):
+    monkeypatch.setitem(demo.SIZES, "micro", MICRO)
+    res = run_demo(n=4, new_tokens=4, prompt_len=4, max_batch=4, size="micro",
+                   implementations=("stock", "bitstable"))
     b = res["bitstable"]
     assert b["unique"] == 1 and b["completions"] == 4
     assert b["logprobs_equal"] == b["sequences"] == 6      # 4 copies + 2 other requests
