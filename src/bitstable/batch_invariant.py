@@ -76,21 +76,23 @@ def _bmm(a, b):
 
 
 def _addmm(bias, a, b, *, beta=1, alpha=1):
-    if not _ok(bias, a, b) or a.dtype != b.dtype:
+    # Float matrices of one dtype take bitstable's product whatever the bias: a bias of
+    # another dtype (stock raises too) or shape gets ops.addmm's TypeError / ValueError.
+    if not _ok(a, b) or a.dtype != b.dtype:
         with stock_ops():
             return torch.addmm(bias, a, b, beta=beta, alpha=alpha)
     return ops.addmm(bias, a, b, beta=beta, alpha=alpha)
 
 
 def _softmax(x, dim, half_to_float):
-    if not _ok(x):
+    if not _ok(x) or (half_to_float and x.dtype != torch.float16):   # stock's error for the rest
         with stock_ops():
             return torch.ops.aten._softmax(x, dim, half_to_float)
     return ops.softmax(x, dim, dtype=torch.float32 if half_to_float else None)
 
 
 def _log_softmax(x, dim, half_to_float):
-    if not _ok(x):
+    if not _ok(x) or (half_to_float and x.dtype != torch.float16):
         with stock_ops():
             return torch.ops.aten._log_softmax(x, dim, half_to_float)
     return ops.log_softmax(x, dim, dtype=torch.float32 if half_to_float else None)
@@ -111,7 +113,9 @@ def _sum(x, dim=None, keepdim=False, *, dtype=None):
 
 
 def _native_layer_norm(x, normalized_shape, weight, bias, eps):
-    if not _ok(x) or (weight is not None and not _ok(weight)) or (bias is not None and not _ok(bias)):
+    # A float input takes bitstable's kernel; bad weight / bias (dtype, shape, device) get
+    # ops.norms' TypeError / ValueError naming them.
+    if not _ok(x):
         with stock_ops():
             return torch.ops.aten.native_layer_norm(x, normalized_shape, weight, bias, eps)
     from .ops.norms import native_layer_norm

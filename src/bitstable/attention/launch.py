@@ -21,7 +21,7 @@ except ImportError:  # triton without host-side tensor descriptors
 from .._backend import interpreting
 from ..configs import AttentionConfig, arch_key, attention_config, padded_head_dim
 from ..kernels.attention_fwd import attention_fwd_kernel
-from ..mode import get_deterministic_mode
+from ..mode import check_split_size, get_deterministic_mode
 from .. import _poison as poison
 from .validation import last_dim_contiguous
 
@@ -93,12 +93,10 @@ def alibi_args(alibi_slopes: Optional[torch.Tensor], placeholder: torch.Tensor):
 
 
 def resolve_split_size(block_n: int, split_size: Optional[int]) -> int:
-    """The split size in force, checked against the config's key block."""
+    """The split size in force (``split_size``, or the mode's when None), checked: an
+    int, positive, a multiple of the config's key block (mode.check_split_size)."""
     size = get_deterministic_mode().split_size if split_size is None else split_size
-    if size % block_n != 0:
-        raise ValueError(f"split_size={size} must be a multiple of the key block "
-                         f"block_n={block_n} of this (arch, dtype, head_dim) config")
-    return size
+    return check_split_size(size, block_n)
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,

@@ -90,12 +90,45 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return c
 
 
+def _check_scalar(name: str, value) -> None:
+    if isinstance(value, complex) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+
+
 def addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta=1, alpha=1) -> torch.Tensor:
-    """beta * bias + alpha * (a @ b), the product batch-invariant, the rest elementwise."""
-    out = mm(a, b)
-    if alpha != 1:
-        out = out * alpha
-    return out + (bias if beta == 1 else beta * bias)
+    """``torch.addmm``: ``beta * bias + alpha * (a @ b)``, the product ``mm(a, b)``
+    (batch-invariant), the rest elementwise in float32, rounded once to a's dtype.
+
+    ``bias`` broadcasts to [M, N] (0-d, [N], [1, N], [M, 1], [M, N]) and has a's dtype;
+    ``beta == 0`` ignores it entirely (NaN and inf in it are not propagated), as stock.
+    """
+    _check("a", a, 2)
+    _check("b", b, 2)
+    if a.dtype != b.dtype:
+        raise TypeError(f"a and b must share one dtype, got {a.dtype} and {b.dtype}")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be multiplied")
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor, got {type(bias).__name__}")
+    if bias.dtype != a.dtype:
+        raise TypeError(f"bias must have a and b's dtype {a.dtype}, got {bias.dtype}")
+    if bias.device != a.device:
+        raise ValueError(f"bias is on {bias.device}, expected a's device {a.device}")
+    M, N = a.shape[0], b.shape[1]
+    if bias.dim() > 2 or any(s not in (1, want) for s, want in zip(reversed(bias.shape), (N, M))):
+        raise ValueError(f"bias of shape {tuple(bias.shape)} does not broadcast to the product's "
+                         f"[{M}, {N}] (0-d, [{N}], [1, {N}], [{M}, 1] or [{M}, {N}])")
+    _check_scalar("beta", beta)
+    _check_scalar("alpha", alpha)
+    prod = mm(a, b)
+    if beta == 0 and alpha == 1:
+        return prod
+    if beta == 1 and alpha == 1:   # one rounding either way: the same bits as through float32
+        return prod + bias
+    out = prod.float() if alpha == 1 else prod.float() * alpha
+    if beta != 0:
+        out = out + (bias.float() if beta == 1 else bias.float() * beta)
+    return out.to(a.dtype)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
