@@ -163,3 +163,22 @@ def test_addmm_bad_bias_and_scalars_name_the_argument(device):
             torch.addmm(torch.zeros(5, dtype=torch.int64, device=device), *bf)
         with pytest.raises(ValueError, match=r"bias of shape \(4,\) does not broadcast"):
             torch.addmm(torch.zeros(4, device=device), a, b)
+
+
+def test_mode_fallback_calls_stock_kernels_without_rebuilding_registrations(monkeypatch):
+    """An input the kernels do not take (int64) runs the stock kernel captured at import;
+    the overrides stay registered (no teardown/rebuild per fallback)."""
+    from bitstable import batch_invariant as bi
+
+    if not bi._STOCK:
+        pytest.skip("this torch has no torch.library.get_kernel: fallbacks take stock_ops()")
+    calls = []
+    real = bi._apply
+    monkeypatch.setattr(bi, "_apply", lambda state: (calls.append(state), real(state)))
+    x = torch.arange(12, dtype=torch.int64).reshape(3, 4)
+    with bitstable.set_batch_invariant_mode():
+        entered = len(calls)
+        s = torch.sum(x, 1)
+        m = torch.mm(x, x.t())
+        assert len(calls) == entered
+    assert torch.equal(s, torch.tensor([6, 22, 38])) and torch.equal(m, x @ x.t())
