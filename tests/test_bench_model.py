@@ -147,3 +147,14 @@ def test_cli_model_flags(monkeypatch, tmp_path):
         with pytest.raises(SystemExit):
             cli.main(["bench", *bad])
     assert not seen                                          # the bad calls never reached run_bench
+
+
+def test_failed_rows_are_shown_with_the_error():
+    from bitstable.bench_model import model_table
+
+    row = dict(part="generate", case="HF generate", api="hf_generate", B=1, prompt_len=4, new_tokens=2, runs=RUNS,
+               stock_tokens_per_s=10.0, bitstable_tokens_per_s=None, ratio_vs_stock=None, stock_identical_runs=1,
+               bitstable_identical_runs=None, status="failed",
+               errors=dict(bitstable="RuntimeError: no structural support\nTraceback line"))
+    line = model_table([row]).splitlines()[-1]
+    assert "| 10.0 tok/s | n/a | n/a | 1 of 2 | n/a | failed: bitstable: RuntimeError: no structural support |" in line

@@ -653,6 +653,9 @@ def _status(r: Dict) -> str:
         return "skipped: " + r["reason"]
     if r["status"] == "failed":
         return "failed: " + "; ".join(f"{k}: {v.splitlines()[0][:200]}" for k, v in r["errors"].items())
+    if r.get("mode") == "compile" and r.get("stock_first_step_s") is not None:
+        return (f"ok; first step (compiles) stock {_f(r.get('stock_first_step_s'), '.0f')} s, "
+                f"bitstable {_f(r.get('bitstable_first_step_s'), '.0f')} s")
     return "ok"
 
 
