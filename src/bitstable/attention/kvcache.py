@@ -16,6 +16,7 @@ import triton
 from .. import _poison as poison
 from .._backend import interpreting
 from ..configs import DECODE_COMBINE_TILE, arch_key, attention_config, padded_head_dim
+from ..kernels.kv_append import kv_append_kernel
 from ..kernels.attention_decode import attention_split_combine_kernel, attention_split_partial_kernel
 from ..mode import get_deterministic_mode
 from .decode_wgmma import launch_partial_wgmma, table_stages, wgmma_decode_eligible
@@ -160,20 +161,17 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_t
 
 
 def _append(k_cache, v_cache, k, v, seqlens_before, cache_batch_idx, block_table, page_size):
-    """Write the new tokens into the cache in place (each slot written once: no reduction).
-    ``seqlens_before`` [B] int32 on the cache's device; nothing is read on the host."""
-    B, n_new = k.shape[0], k.shape[1]
-    dev = k_cache.device
-    pos = seqlens_before.long()[:, None] + torch.arange(n_new, device=dev)
-    if block_table is not None:
-        pages = torch.gather(block_table.long(), 1, pos // page_size)
-        k_cache[pages, pos % page_size] = k
-        v_cache[pages, pos % page_size] = v
-    else:
-        rows = (cache_batch_idx.long() if cache_batch_idx is not None
-                else torch.arange(B, device=dev))[:, None].expand(B, n_new)
-        k_cache[rows, pos] = k
-        v_cache[rows, pos] = v
+    """Write the new tokens into the cache in place (each slot written once: no reduction),
+    one kernel launch (kernels/kv_append.py).  ``seqlens_before`` [B] int32 on the cache's
+    device; nothing is read on the host."""
+    B, n_new, Hk, D = k.shape
+    bt = block_table if block_table is not None else seqlens_before
+    bidx = cache_batch_idx if cache_batch_idx is not None else seqlens_before
+    kv_append_kernel[(B, n_new)](
+        k, v, k_cache, v_cache, seqlens_before, bidx, bt, *k.stride(), *v.stride(),
+        *k_cache.stride(), *v_cache.stride(), bt.stride(0) if block_table is not None else 0,
+        max(page_size, 1), Hk, D, BLOCK_H=triton.next_power_of_2(Hk), BLOCK_D=triton.next_power_of_2(D),
+        PAGED=block_table is not None, HAS_BATCH_IDX=cache_batch_idx is not None)
 
 
 def _stock_kvcache(q, k_cache, v_cache, totals, cache_batch_idx, block_table, page_size,
@@ -279,7 +277,12 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     arch = arch_key(q.device)
     cfg = attention_config(arch, q.dtype, D)
     split = resolve_split_size(cfg.block_n, split_size)
-    if k is not None and n_new > 0:
+    cache_seqlens = cache_seqlens.contiguous()
+    if cache_batch_idx is not None:
+        cache_batch_idx = cache_batch_idx.contiguous()
+    if block_table is not None:
+        block_table = block_table.contiguous()
+    if k is not None and n_new > 0 and B > 0:
         _append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, page_size)
 
     if not deterministic:
@@ -311,9 +314,6 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return (out, lse) if return_softmax_lse else out
     qk_scale, softcap_scaled = score_scales(softmax_scale, softcap)
     alibi, stride_alibi_b = alibi_args(alibi_slopes, lse)
-    cache_seqlens = cache_seqlens.contiguous()
-    if cache_batch_idx is not None:
-        cache_batch_idx = cache_batch_idx.contiguous()
     bt = block_table if block_table is not None else cache_seqlens
     bidx = cache_batch_idx if cache_batch_idx is not None else cache_seqlens
     # The combine kernel launches as the partial kernel's programmatic dependent on Hopper
