@@ -775,6 +775,8 @@ OPS = ("mm", "bmm", "softmax", "log_softmax", "sum", "mean", "rms_norm", "layer_
 
 def draw_ops_rows(d, p: Profile) -> dict:
     cfg = {"op": d.pick(OPS), "dtype": d.pick(("fp16", "fp32", "bf16")), "seed": d.int(0, 2 ** 31 - 1)}
+    # through bitstable.ops directly, or through torch's own functions under set_batch_invariant_mode
+    cfg["via_mode"] = d.flag()
     op = cfg["op"]
     if op in ("mm", "bmm"):
         cfg["M"], cfg["K"], cfg["N"] = (d.int(1, p.mm_max) for _ in range(3))
@@ -819,32 +821,45 @@ def draw_ops_rows(d, p: Profile) -> dict:
     return cfg
 
 
+def _op_function(cfg, name: str):
+    """The op as ``bitstable.ops.<name>``, or (``via_mode``) as torch's own function called
+    under ``set_batch_invariant_mode`` (aten's mm/bmm/_softmax/... replaced by bitstable's)."""
+    if not cfg.get("via_mode"):
+        return getattr(ops, name)
+    F = torch.nn.functional
+    torch_fn = {"mm": torch.mm, "bmm": torch.bmm, "softmax": torch.softmax, "log_softmax": torch.log_softmax,
+                "sum": torch.sum, "mean": torch.mean, "rms_norm": F.rms_norm, "layer_norm": F.layer_norm}[name]
+
+    def under_mode(*args, **kw):
+        with bitstable.set_batch_invariant_mode():
+            return torch_fn(*args, **kw)
+    return under_mode
+
+
 def _ops_call(cfg):
     """(fn, x, extra) where ``fn(x)`` runs the op on input x (the sliced operand); for
-    mm/bmm x is ``a`` and extra is ``b``."""
+    mm/bmm x is ``a`` and extra is ``b`` (``fn(a, b)`` takes another b)."""
     dt = DTYPES[cfg["dtype"]]
     g = _gen(cfg)
     op = cfg["op"]
+    f = _op_function(cfg, op)
     if op in ("mm", "bmm"):
         lead = (cfg["batch"],) if op == "bmm" else ()
         a = _randn(g, *lead, cfg["M"], cfg["K"], dtype=dt)
         b = _randn(g, *lead, cfg["K"], cfg["N"], dtype=dt)
         a, b = _relayout(a, cfg["layout_a"], g), _relayout(b, cfg["layout_b"], g)
-        mm = ops.bmm if op == "bmm" else ops.mm
-        return (lambda a_, b_=b: mm(a_, b_)), a, b
+        return (lambda a_, b_=b: f(a_, b_)), a, b
     x = _relayout(_randn(g, *cfg["shape"], dtype=dt), cfg.get("layout_x", "contiguous"), g)
     if op in ("rms_norm", "layer_norm"):
         norm_shape = tuple(cfg["shape"][-cfg["norm_dims"]:])
         w = _randn(g, *norm_shape, dtype=dt) if cfg["weight"] else None
         bias = _randn(g, *norm_shape, dtype=dt) if cfg["bias"] else None
         if op == "rms_norm":
-            return (lambda x_: ops.rms_norm(x_, norm_shape, w, cfg["eps"])), x, (w, bias)
-        return (lambda x_: ops.layer_norm(x_, norm_shape, w, bias, cfg["eps"])), x, (w, bias)
+            return (lambda x_: f(x_, norm_shape, w, cfg["eps"])), x, (w, bias)
+        return (lambda x_: f(x_, norm_shape, w, bias, cfg["eps"])), x, (w, bias)
     out_dtype = DTYPES[cfg["out_dtype"]] if cfg["out_dtype"] else None
     if op in ("softmax", "log_softmax"):
-        f = getattr(ops, op)
         return (lambda x_: f(x_, cfg["dims"][0], dtype=out_dtype)), x, None
-    f = getattr(ops, op)
     return (lambda x_: f(x_, cfg["dims"], keepdim=cfg["keepdim"], dtype=out_dtype)), x, None
 
 
@@ -862,7 +877,8 @@ def check_ops_rows(cfg: dict) -> None:
     mm(a, b)[i:j]`` (row- and column-major a and b); for bmm the same for a window of
     batches and of rows; for softmax/log_softmax/sum/mean (random dims, keepdim, output
     dtype) and rms_norm/layer_norm (1 or 2 normalised dims, optional weight/bias) a window
-    along a random kept dim of a randomly strided input."""
+    along a random kept dim of a randomly strided input.  Each op is called as
+    ``bitstable.ops.<op>`` or as torch's own function under ``set_batch_invariant_mode``."""
     r = Report(cfg)
     fn, x, b = _ops_call(cfg)
     with poison_outputs():
@@ -902,14 +918,14 @@ def draw_ops_layout(d, p: Profile) -> dict:
 def check_ops_layout(cfg: dict) -> None:
     """Layout invariance of the ops: mm/bmm with b (and a) as transposed views of their
     transposes (column-major: same values, other strides), slices of wider buffers or
-    interleaved give the bits of contiguous operands; so do softmax/sums/norms of strided x."""
+    interleaved give the bits of contiguous operands; so do softmax/sums/norms of strided x
+    (``bitstable.ops`` or torch's functions under ``set_batch_invariant_mode``)."""
     r = Report(cfg)
     fn, x, b = _ops_call(cfg)
     with poison_outputs():
         if cfg["op"] in ("mm", "bmm"):
-            mm = ops.bmm if cfg["op"] == "bmm" else ops.mm
             r.same(f"{cfg['op']}(a {cfg['layout_a']}, b {cfg['layout_b']}) vs contiguous",
-                   mm(x, b), mm(x.contiguous(), b.contiguous()))
+                   fn(x, b), fn(x.contiguous(), b.contiguous()))
         else:
             r.same(f"{cfg['op']}(x {cfg['layout_x']}) vs contiguous", fn(x), fn(x.contiguous()))
     r.finish()
