@@ -5,7 +5,8 @@
 #   bash scripts/gpu_run.sh [--explore] [--no-tests] [--no-verify] [--no-bench] [--demo]
 #                           [--properties] [--hash] [--sanitizer]
 #   (PYTEST_ARGS=... narrows the tests; pytest-xdist, where installed, runs them in 8 workers;
-#    BENCH_PASSES=fwd,ops,model,... picks the bench passes; PROPERTY_N the sweep's configurations)
+#    BENCH_PASSES=fwd,ops,model,... picks the bench passes; PROPERTY_N the sweep's configurations;
+#    PYTEST_TIMEOUT=S stops the tests after S seconds, 0 = never)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -26,7 +27,8 @@ done
 rc=0
 if [ "$TESTS" = 1 ]; then
   XDIST=""; python3 -c "import xdist" 2>/dev/null && XDIST="-n 8"
-  python3 -m pytest -q -p no:cacheprovider -rfE $XDIST ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -25
+  timeout "${PYTEST_TIMEOUT:-0}" python3 -m pytest -q -p no:cacheprovider -rfE --durations=15 $XDIST ${PYTEST_ARGS:-} \
+    2>&1 | tee "$OUT/pytest.log" | tail -40
   rc=${PIPESTATUS[0]}
 fi
 vrc=0
@@ -48,7 +50,8 @@ fi
 if [ "$SANITIZE" = 1 ]; then
   for tool in memcheck racecheck; do
     echo "compute-sanitizer --tool $tool:" | tee -a "$OUT/run.log"
-    compute-sanitizer --tool "$tool" python3 scripts/sanitize_calls.py 2>&1 | tail -4 | tee -a "$OUT/run.log"
+    timeout "${SANITIZER_TIMEOUT:-0}" compute-sanitizer --tool "$tool" python3 scripts/sanitize_calls.py 2>&1 \
+      | tail -4 | tee -a "$OUT/run.log"
   done
 fi
 if [ "$BENCH" = 1 ]; then
