@@ -106,7 +106,8 @@ def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, Bt: int, M: int, 
                 cfg, kwargs = pair[b_n_major]
                 break
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), Bt)
-    matmul_kernel[grid](a, b, c, M, N, K, sab, sam, sak, sbb, sbk, sbn, sc[0], sc[1], sc[2], **kwargs)
+    matmul_kernel[grid](a, b, c, M, N, K, sab, sam, sak, sbb, sbk, sbn, sc[0], sc[1], sc[2],
+                        MASK_M=sam == 1 and sak != 1, MASK_N=b_n_major, **kwargs)
     return c
 
 
