@@ -33,8 +33,8 @@ def main() -> int:
     kn = torch.randn(2, 1, 2, 128, device=dev, dtype=dt)
     lens = torch.tensor([300, 17], dtype=torch.int32)
     bitstable.flash_attn_with_kvcache(qd, kc, vc, kn, kn, cache_seqlens=lens, causal=True)
-    pages = torch.zeros(8, 64, 2, 128, device=dev, dtype=dt)
-    table = torch.tensor([[3, 1, 5, 0], [7, 2, 4, 6]], device=dev, dtype=torch.int32)
+    pages = torch.zeros(10, 64, 2, 128, device=dev, dtype=dt)            # 5 pages of 64 per row
+    table = torch.tensor([[3, 1, 5, 0, 8], [7, 2, 4, 6, 9]], device=dev, dtype=torch.int32)
     bitstable.flash_attn_with_kvcache(qd, pages, pages.clone(), kn, kn, cache_seqlens=lens,
                                       block_table=table, causal=True)
     a = torch.randn(300, 256, device=dev, dtype=dt)
