@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import _backend
+from .timing import fmt as _fmt, time_graph_ms as _time_graph_ms, time_ms as _time_ms  # noqa: F401
 from .attention import flash_attn_func
 
 DEFAULT_SHAPES: List[Tuple[int, int, int, int]] = [
@@ -32,30 +33,6 @@ def attention_flops(B: int, H: int, L: int, D: int, causal: bool, backward: bool
     With ``backward``: forward + backward, 2 + 5 such matmuls (3.5x the forward)."""
     pairs = L * (L + 1) / 2 if causal else L * L
     return 4.0 * B * H * pairs * D * (3.5 if backward else 1.0)
-
-
-def _time_ms(fn: Callable, reps: int) -> float:
-    if _backend.interpreting():
-        fn()
-        times = []
-        for _ in range(max(reps, 1)):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-        return sorted(times)[len(times) // 2]
-    import triton
-
-    return triton.testing.do_bench(fn, warmup=25, rep=max(reps, 20), return_mode="median")
-
-
-def _time_graph_ms(fn: Callable, reps: int) -> float:
-    """GPU time of ``fn`` replayed from a CUDA graph (how engines run decode steps: no
-    host launch overhead); the interpreter times plain calls."""
-    if _backend.interpreting():
-        return _time_ms(fn, reps)
-    import triton
-
-    return triton.testing.do_bench_cudagraph(fn, rep=max(reps, 20), return_mode="median")
 
 
 def _extra_memory(fn: Callable) -> Optional[int]:
@@ -242,10 +219,6 @@ def decode_table(rows: List[Dict]) -> str:
             f"| {_fmt(None if extra is None else extra / 2**20, '.1f')} "
             f"({r['input_bytes'] / 2**20:.0f}) |")
     return "\n".join(lines)
-
-
-def _fmt(x, spec):
-    return "n/a" if x is None else format(x, spec)
 
 
 def markdown_table(rows: List[Dict]) -> str:

@@ -11,14 +11,13 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
-import triton.language as tl
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # triton without host-side tensor descriptors
     TensorDescriptor = None
 
-from .._backend import interpreting
+from .._backend import compute_dtype, interpreting  # noqa: F401  (compute_dtype: re-exported)
 from ..configs import AttentionConfig, arch_key, attention_config, padded_head_dim
 from ..kernels.attention_fwd import attention_fwd_kernel
 from ..mode import check_split_size, get_deterministic_mode
@@ -54,21 +53,6 @@ def kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, head_dim_tile
     box = [1, block_n, 1, head_dim_tile]
     return (TensorDescriptor(k, list(k.shape), list(k.stride()), box),
             TensorDescriptor(v, list(v.shape), list(v.stride()), box), True)
-
-
-_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-
-
-def compute_dtype(dtype: torch.dtype):
-    """The dtype the tiles are multiplied in.
-
-    16-bit inputs multiply as themselves on a GPU (fp32 accumulate); float32 in
-    IEEE fp32 (never tf32).  Triton's interpreter computes bf16 ``tl.dot``
-    wrongly, so there bf16 tiles are upcast to fp32 first.
-    """
-    if dtype == torch.bfloat16 and interpreting():
-        return tl.float32
-    return _TL_DTYPES[dtype]
 
 
 def score_scales(softmax_scale: float, softcap: float) -> Tuple[float, float]:

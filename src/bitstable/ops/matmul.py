@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .._backend import interpreting, kernel_device_type
-from ..attention.launch import compute_dtype
+from .._backend import compute_dtype, interpreting, kernel_device_type
 from ..configs import arch_key, matmul_classes, matmul_config
 from ..kernels.matmul import matmul_kernel
 
