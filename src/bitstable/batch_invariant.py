@@ -28,6 +28,7 @@ import torch
 
 from . import ops
 from ._backend import interpreting
+from .attention.sdpa import batch_invariant_sdpa, set_stock_guard
 
 #: The ops the mode replaces, by the names ``exclude`` takes.
 OPS = ("mm", "addmm", "bmm", "_softmax", "_log_softmax", "mean.dim", "sum.dim_IntList",
@@ -183,8 +184,6 @@ def _rms_norm(x, normalized_shape, weight=None, eps=None):
 
 
 def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
-    from .attention.sdpa import batch_invariant_sdpa
-
     return batch_invariant_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 
@@ -192,6 +191,7 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, 
 _COMPOSITE = ("rms_norm", "scaled_dot_product_attention")
 
 _capture_stock_kernels()
+set_stock_guard(stock_ops)
 
 _IMPLS = {"mm": _mm, "addmm": _addmm, "bmm": _bmm, "_softmax": _softmax,
           "_log_softmax": _log_softmax, "mean.dim": _mean, "sum.dim_IntList": _sum,
