@@ -46,7 +46,17 @@ if len(sys.argv) > 1 and sys.argv[1] == "round3":   # small M: longer K blocks p
     LARGE = []
     SHAPES = [(1, 4096, 4096), (8, 4096, 4096), (32, 4096, 4096), (64, 4096, 4096), (1, 14336, 4096),
               (1, 4096, 14336), (64, 14336, 4096), (16, 4096, 4096), (1, 4100, 4104), (33, 1000, 3000)]
-GRAPH = len(sys.argv) > 1 and sys.argv[1] in ("round3", "probe")
+LAYOUTS = ("x@W^T",)
+if len(sys.argv) > 1 and sys.argv[1] == "layouts":   # every operand layout (bench_ops.MATMUL_LAYOUTS)
+    from bitstable.bench_ops import MATMUL_LAYOUTS as LAYOUTS
+    SMALL = [None, MatmulConfig(16, 64, 128, 4, 4), MatmulConfig(16, 128, 64, 4, 4),
+             MatmulConfig(16, 64, 256, 4, 3), MatmulConfig(32, 64, 128, 4, 4), MatmulConfig(64, 64, 128, 4, 3)]
+    LARGE = [None, MatmulConfig(128, 256, 64, 8, 3), MatmulConfig(128, 256, 64, 8, 4),
+             MatmulConfig(128, 128, 64, 4, 4), MatmulConfig(128, 128, 64, 8, 4), MatmulConfig(256, 128, 64, 8, 4),
+             MatmulConfig(128, 128, 128, 8, 3), MatmulConfig(256, 128, 64, 8, 3, 16)]
+    SHAPES = [(8, 4096, 4096), (1, 4096, 14336), (64, 4096, 4096), (256, 4096, 4096), (1024, 4096, 4096),
+              (4096, 4096, 4096), (8192, 8192, 8192), (4096, 14336, 4096)]
+GRAPH = len(sys.argv) > 1 and sys.argv[1] in ("round3", "probe", "layouts")
 
 
 def probe():
@@ -91,34 +101,37 @@ def _time(fn):
 
 def main():
     torch.manual_seed(0)
-    print("| M | N | K | config | ms | TFLOP/s | cuBLAS ms | vs cuBLAS | same bits |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    from bitstable.bench_ops import matmul_operands
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    print("| M | N | K | layout | config | ms | TFLOP/s | cuBLAS ms | vs cuBLAS | same bits |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for M, N, K in SHAPES:
-        a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        b = torch.randn(N, K, device="cuda", dtype=torch.bfloat16).t()
-        cub = _time(lambda: torch.mm(a, b))
-        cands = SMALL if M <= 128 else LARGE
-        ref = None
-        for cfg in cands + ([SMALL[0]] if M > 128 else LARGE[:1]):
-            mm_mod._CONFIG_OVERRIDE = cfg
-            try:
-                out = mm_mod.mm(a, b)
-                row0 = mm_mod.mm(a[:1], b)
-                ms = _time(lambda: mm_mod.mm(a, b))
-            except Exception as e:  # noqa: BLE001 - a config that does not fit is reported, not fatal
-                print(f"| {M} | {N} | {K} | {cfg} | failed: {type(e).__name__}: {str(e)[:80]} |")
-                continue
-            finally:
-                mm_mod._CONFIG_OVERRIDE = None
-            if ref is None:
-                ref = out
-            same = torch.equal(out, ref) and torch.equal(row0, ref[:1])
-            tf = 2.0 * M * N * K / ms / 1e9
-            c = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} g{cfg.group_m}"
-                 if cfg else "table")
-            print(f"| {M} | {N} | {K} | {c} | {ms:.4f} | {tf:.0f} | {cub:.4f} | {cub / ms:.2f}x | {same} |",
-                  flush=True)
-        del a, b
+        for layout in LAYOUTS:
+            a, b = matmul_operands(layout, M, N, K, torch.bfloat16, "cuda", g)
+            cub = _time(lambda: torch.mm(a, b))
+            cands = SMALL if M <= 128 else LARGE
+            ref = None
+            for cfg in cands + ([SMALL[0]] if M > 128 else LARGE[:1]):
+                mm_mod._CONFIG_OVERRIDE = cfg
+                try:
+                    out = mm_mod.mm(a, b)
+                    row0 = mm_mod.mm(a[:1], b)
+                    ms = _time(lambda: mm_mod.mm(a, b))
+                except Exception as e:  # noqa: BLE001 - a config that does not fit is reported, not fatal
+                    print(f"| {M} | {N} | {K} | {layout} | {cfg} | failed: {type(e).__name__}: {str(e)[:80]} |")
+                    continue
+                finally:
+                    mm_mod._CONFIG_OVERRIDE = None
+                if ref is None:
+                    ref = out
+                same = torch.equal(out, ref) and torch.equal(row0, ref[:1])
+                tf = 2.0 * M * N * K / ms / 1e9
+                c = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} g{cfg.group_m}"
+                     if cfg else "table")
+                print(f"| {M} | {N} | {K} | {layout} | {c} | {ms:.4f} | {tf:.0f} | {cub:.4f} | {cub / ms:.2f}x "
+                      f"| {same} |", flush=True)
+            del a, b
     return 0
 
 

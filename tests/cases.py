@@ -54,7 +54,7 @@ def cpu_bf16_gpu_marked(p, keep: bool):
     """``p`` with the ``gpu`` marker added when it is a bf16 case at CPU sizes that is not
     ``keep``.
 
-    Under the interpreter bf16 tiles are upcast to fp32 (launch.compute_dtype; the row-wise
+    Under the interpreter bf16 tiles are upcast to fp32 (_backend.compute_dtype; the row-wise
     tile product is fp32 for every dtype): a bf16 case runs the fp32 case's arithmetic on
     bf16-rounded inputs and adds only the bf16 loads and stores, so one kept bf16 case per
     test covers them and the rest run on the GPU only, where bf16 is its own tensor-core path.

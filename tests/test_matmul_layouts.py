@@ -106,3 +106,19 @@ def test_linear_forward_and_backward_under_the_mode_are_row_and_layout_invariant
     yc, dxc, dwc, dbc = run(x.t().contiguous().t(), dy.t().contiguous().t())
     assert torch.equal(yc, y) and torch.equal(dxc, dx) and torch.equal(dwc, dw) and torch.equal(dbc, db)
     torch.testing.assert_close(dw, dy.t() @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_n_major_b_tiles_replace_named_classes_only():
+    """The row-major-B tiles (configs._MATMUL_N_MAJOR_B) replace classes that exist, and only
+    where block_k is free (sm90 16-bit: the tensor cores add K in steps of 16)."""
+    from bitstable.configs import _MATMUL, _MATMUL_N_MAJOR_B, matmul_config
+
+    for key, overrides in _MATMUL_N_MAJOR_B.items():
+        assert key[0] == "sm90" and key[1] in ("bf16", "fp16"), key
+        bounds = [b for b, _ in _MATMUL[key]]
+        for bound, cfg in overrides.items():
+            assert bound in bounds and cfg.chunk_blocks == 0 and cfg.block_k % 16 == 0, (key, bound)
+    big = 10 ** 6
+    assert matmul_config("sm90", torch.bfloat16, big, True) == _MATMUL_N_MAJOR_B[("sm90", "bf16")][None]
+    assert matmul_config("sm90", torch.bfloat16, big, False) == _MATMUL[("sm90", "bf16")][-1][1]
+    assert matmul_config("interpreter", torch.float16, big, True) == matmul_config("interpreter", torch.float16, big)

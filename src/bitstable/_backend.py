@@ -34,6 +34,27 @@ def kernel_device_type() -> str:
     return _DEVICE_TYPE
 
 
+_COMPUTE_DTYPES: dict = {}
+
+
+def compute_dtype(dtype: torch.dtype):
+    """The triton dtype the kernels multiply tiles of ``dtype`` in.
+
+    16-bit inputs multiply as themselves on a GPU (fp32 accumulate); float32 in IEEE fp32
+    (never tf32).  Triton's interpreter computes bf16 ``tl.dot`` wrongly, so there bf16
+    tiles are upcast to fp32 first.  (Triton is imported here lazily: this module must
+    load before triton decides the interpreter mode.)
+    """
+    cd = _COMPUTE_DTYPES.get(dtype)
+    if cd is None:
+        import triton.language as tl
+
+        table = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+        cd = tl.float32 if (dtype == torch.bfloat16 and _INTERPRETING) else table[dtype]
+        _COMPUTE_DTYPES[dtype] = cd
+    return cd
+
+
 def describe() -> str:
     """One line naming where kernels run, for CLI output and result files."""
     import triton

@@ -28,6 +28,7 @@ import torch
 
 from . import ops
 from ._backend import interpreting
+from .attention.sdpa import batch_invariant_sdpa, set_stock_guard
 
 #: The ops the mode replaces, by the names ``exclude`` takes.
 OPS = ("mm", "addmm", "bmm", "_softmax", "_log_softmax", "mean.dim", "sum.dim_IntList",
@@ -57,63 +58,93 @@ def stock_ops():
             _apply(saved)
 
 
+#: The stock kernels of the replaced ops, captured at import before any override exists:
+#: name -> (kernel, dispatch keyset).  A fallback calls the stock kernel directly instead of
+#: tearing the registrations down and rebuilding them around the call (which cost two
+#: rebuilds of every override per fallback).  Empty on torch without
+#: ``torch.library.get_kernel`` (< 2.9): fallbacks then take :func:`stock_ops`.
+_STOCK: dict = {}
+
+
+def _capture_stock_kernels() -> None:
+    if not hasattr(torch.library, "get_kernel"):
+        return
+    key = _dispatch_key()
+    for name in OPS:
+        k = ("Autograd" + key) if name in ("rms_norm", "scaled_dot_product_attention") else key
+        try:
+            _STOCK[name] = (torch.library.get_kernel("aten::" + name, k),
+                            torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, k)))
+        except Exception:  # noqa: BLE001 - an op this torch build lacks keeps the slow path
+            pass
+
+
+def _stock(name: str, fallback, *args, **kwargs):
+    """Run the stock kernel of ``name`` (an entry of :data:`OPS`) on these arguments;
+    ``fallback`` (the public torch call) runs under :func:`stock_ops` where no stock
+    kernel was captured."""
+    entry = _STOCK.get(name)
+    if entry is not None:
+        kernel, keyset = entry
+        return kernel.call_boxed(keyset, *args, **kwargs)
+    with stock_ops():
+        return fallback(*args, **kwargs)
+
+
 def _ok(*tensors) -> bool:
     return all(isinstance(t, torch.Tensor) and t.dtype in _DTYPES for t in tensors)
 
 
 def _mm(a, b):
     if not _ok(a, b) or a.dtype != b.dtype:
-        with stock_ops():
-            return torch.mm(a, b)
+        return _stock("mm", torch.mm, a, b)
     return ops.mm(a, b)
 
 
 def _bmm(a, b):
     if not _ok(a, b) or a.dtype != b.dtype:
-        with stock_ops():
-            return torch.bmm(a, b)
+        return _stock("bmm", torch.bmm, a, b)
     return ops.bmm(a, b)
 
 
 def _addmm(bias, a, b, *, beta=1, alpha=1):
-    if not _ok(bias, a, b) or a.dtype != b.dtype:
-        with stock_ops():
-            return torch.addmm(bias, a, b, beta=beta, alpha=alpha)
+    # Float matrices of one dtype take bitstable's product whatever the bias: a bias of
+    # another dtype (stock raises too) or shape gets ops.addmm's TypeError / ValueError.
+    if not _ok(a, b) or a.dtype != b.dtype:
+        return _stock("addmm", torch.addmm, bias, a, b, beta=beta, alpha=alpha)
     return ops.addmm(bias, a, b, beta=beta, alpha=alpha)
 
 
 def _softmax(x, dim, half_to_float):
-    if not _ok(x):
-        with stock_ops():
-            return torch.ops.aten._softmax(x, dim, half_to_float)
+    if not _ok(x) or (half_to_float and x.dtype != torch.float16):   # stock's error for the rest
+        return _stock("_softmax", torch.ops.aten._softmax, x, dim, half_to_float)
     return ops.softmax(x, dim, dtype=torch.float32 if half_to_float else None)
 
 
 def _log_softmax(x, dim, half_to_float):
-    if not _ok(x):
-        with stock_ops():
-            return torch.ops.aten._log_softmax(x, dim, half_to_float)
+    if not _ok(x) or (half_to_float and x.dtype != torch.float16):
+        return _stock("_log_softmax", torch.ops.aten._log_softmax, x, dim, half_to_float)
     return ops.log_softmax(x, dim, dtype=torch.float32 if half_to_float else None)
 
 
 def _mean(x, dim=None, keepdim=False, *, dtype=None):
     if not _ok(x) or (dtype is not None and dtype not in _DTYPES):
-        with stock_ops():
-            return torch.ops.aten.mean.dim(x, dim, keepdim, dtype=dtype)
+        return _stock("mean.dim", torch.ops.aten.mean.dim, x, dim, keepdim, dtype=dtype)
     return ops.mean(x, dim, keepdim, dtype)
 
 
 def _sum(x, dim=None, keepdim=False, *, dtype=None):
     if not _ok(x) or (dtype is not None and dtype not in _DTYPES):
-        with stock_ops():
-            return torch.ops.aten.sum.dim_IntList(x, dim, keepdim, dtype=dtype)
+        return _stock("sum.dim_IntList", torch.ops.aten.sum.dim_IntList, x, dim, keepdim, dtype=dtype)
     return ops.sum(x, dim, keepdim, dtype)
 
 
 def _native_layer_norm(x, normalized_shape, weight, bias, eps):
-    if not _ok(x) or (weight is not None and not _ok(weight)) or (bias is not None and not _ok(bias)):
-        with stock_ops():
-            return torch.ops.aten.native_layer_norm(x, normalized_shape, weight, bias, eps)
+    # A float input takes bitstable's kernel; bad weight / bias (dtype, shape, device) get
+    # ops.norms' TypeError / ValueError naming them.
+    if not _ok(x):
+        return _stock("native_layer_norm", torch.ops.aten.native_layer_norm, x, normalized_shape, weight,
+                      bias, eps)
     from .ops.norms import native_layer_norm
 
     return native_layer_norm(x, normalized_shape, weight, bias, eps)
@@ -147,20 +178,20 @@ class _RMSNorm(torch.autograd.Function):
 
 def _rms_norm(x, normalized_shape, weight=None, eps=None):
     if not _ok(x) or (weight is not None and (not _ok(weight) or weight.dtype != x.dtype)):
-        with stock_ops():
-            return torch.ops.aten.rms_norm(x, normalized_shape, weight, eps)
+        return _stock("rms_norm", torch.ops.aten.rms_norm, x, normalized_shape, weight, eps)
     eps = torch.finfo(x.dtype).eps if eps is None else eps
     return _RMSNorm.apply(x, tuple(normalized_shape), weight, eps)
 
 
 def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
-    from .attention.sdpa import batch_invariant_sdpa
-
     return batch_invariant_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 
 #: Composite ops: registered at the autograd key too (their kernels handle gradients).
 _COMPOSITE = ("rms_norm", "scaled_dot_product_attention")
+
+_capture_stock_kernels()
+set_stock_guard(stock_ops)
 
 _IMPLS = {"mm": _mm, "addmm": _addmm, "bmm": _bmm, "_softmax": _softmax,
           "_log_softmax": _log_softmax, "mean.dim": _mean, "sum.dim_IntList": _sum,

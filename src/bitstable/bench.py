@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import _backend
+from .timing import fmt as _fmt, time_graph_ms as _time_graph_ms, time_ms as _time_ms  # noqa: F401
 from .attention import flash_attn_func
 
 DEFAULT_SHAPES: List[Tuple[int, int, int, int]] = [
@@ -32,30 +33,6 @@ def attention_flops(B: int, H: int, L: int, D: int, causal: bool, backward: bool
     With ``backward``: forward + backward, 2 + 5 such matmuls (3.5x the forward)."""
     pairs = L * (L + 1) / 2 if causal else L * L
     return 4.0 * B * H * pairs * D * (3.5 if backward else 1.0)
-
-
-def _time_ms(fn: Callable, reps: int) -> float:
-    if _backend.interpreting():
-        fn()
-        times = []
-        for _ in range(max(reps, 1)):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-        return sorted(times)[len(times) // 2]
-    import triton
-
-    return triton.testing.do_bench(fn, warmup=25, rep=max(reps, 20), return_mode="median")
-
-
-def _time_graph_ms(fn: Callable, reps: int) -> float:
-    """GPU time of ``fn`` replayed from a CUDA graph (how engines run decode steps: no
-    host launch overhead); the interpreter times plain calls."""
-    if _backend.interpreting():
-        return _time_ms(fn, reps)
-    import triton
-
-    return triton.testing.do_bench_cudagraph(fn, rep=max(reps, 20), return_mode="median")
 
 
 def _extra_memory(fn: Callable) -> Optional[int]:
@@ -244,10 +221,6 @@ def decode_table(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
-def _fmt(x, spec):
-    return "n/a" if x is None else format(x, spec)
-
-
 def markdown_table(rows: List[Dict]) -> str:
     """The results as a markdown table (ratios > 1 mean bitstable is faster)."""
     head = ("| pass | B | H | L | D | causal | bitstable ms | TFLOP/s | SDPA-flash TFLOP/s | SDPA-cudnn TFLOP/s "
@@ -283,6 +256,11 @@ def plot(rows: List[Dict], path: str, title: str) -> None:
 
             plot_ops(sub, ax)
             continue
+        if pss == "model":
+            from .bench_model import plot_model
+
+            plot_model(sub, ax)
+            continue
         if pss == "decode":
             labels = [f"B{r['B']}\nKV {r['L']}" for r in sub]
             ax.bar([i - width / 2 for i in range(len(sub))], [r["bitstable_gbs"] or 0.0 for r in sub],
@@ -311,8 +289,11 @@ def plot(rows: List[Dict], path: str, title: str) -> None:
 
 def run_bench(out_dir: str, shapes=DEFAULT_SHAPES, reps: int = 100, stream=sys.stdout,
               passes: Sequence[str] = ("fwd", "fwd+bwd", "decode", "ops"),
-              decode_sizes: Optional[Dict] = None, ops_sizes: Optional[Dict] = None) -> List[Dict]:
-    """Run the benchmark and write bench.json, bench.md and bench.png into ``out_dir``."""
+              decode_sizes: Optional[Dict] = None, ops_sizes: Optional[Dict] = None,
+              model_sizes: Optional[Dict] = None) -> List[Dict]:
+    """Run the benchmark and write bench.json, bench.md and bench.png into ``out_dir``.
+    The "model" pass (opt-in) takes ``model_sizes``: keyword arguments of
+    ``bench_model.bench_model``."""
     os.makedirs(out_dir, exist_ok=True)
     device = _backend.describe()
     print(f"bitstable bench on {device}", file=stream, flush=True)
@@ -330,12 +311,19 @@ def run_bench(out_dir: str, shapes=DEFAULT_SHAPES, reps: int = 100, stream=sys.s
         op_rows = [dict(r, pass_="ops") for r in bench_ops(reps=reps, stream=stream, **(ops_sizes or {}))]
         rows += op_rows
         table += ("\n\n" if table else "") + "Batch-invariant ops (bf16) vs stock PyTorch:\n\n" + ops_table(op_rows)
+    if "model" in passes:
+        from .bench_model import bench_model, model_tables
+
+        model_rows = bench_model(**(model_sizes or {}))
+        rows += model_rows
+        table += ("\n\n" if table else "") + model_tables(model_rows)
     meta = dict(device=device, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                 command="bitstable " + " ".join(sys.argv[1:]), torch=torch.__version__)
     with open(os.path.join(out_dir, "bench.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=2)
     with open(os.path.join(out_dir, "bench.md"), "w") as f:
-        f.write(f"bitstable bench ({', '.join(passes)}), bf16. {device}. {meta['date']}. "
+        dtype = "bf16" + ("; the model pass in the dtype its table names" if "model" in passes else "")
+        f.write(f"bitstable bench ({', '.join(passes)}), {dtype}. {device}. {meta['date']}. "
                 f"Command: `{meta['command']}`\n\n{table}\n")
     try:
         plot(rows, os.path.join(out_dir, "bench.png"), f"bitstable vs SDPA - {device}")

@@ -49,15 +49,15 @@ ROW_SHAPES: List[Tuple[int, int]] = [(4096, 4096), (16384, 8192), (1024, 128256)
 def _time(fn: Callable, reps: int) -> float:
     """Kernel time: CUDA-graph replays on the GPU (no host launch overhead, which for
     kernels of a few microseconds would measure the CPU, not the kernel)."""
-    from .bench import _time_graph_ms
+    from .timing import time_graph_ms
 
-    return _time_graph_ms(fn, reps)
+    return time_graph_ms(fn, reps)
 
 
 def _time_eager(fn: Callable, reps: int) -> float:
-    from .bench import _time_ms
+    from .timing import time_ms
 
-    return _time_ms(fn, reps)
+    return time_ms(fn, reps)
 
 
 def bench_ops(matmul_shapes: Sequence[Tuple[int, int, int]] = MATMUL_SHAPES,
@@ -122,7 +122,7 @@ def bench_ops(matmul_shapes: Sequence[Tuple[int, int, int]] = MATMUL_SHAPES,
 def ops_table(rows: List[Dict]) -> str:
     """Markdown table of ops rows (ratio > 1: bitstable faster than stock).  Kernel times are
     CUDA-graph replays; the eager ratio includes each library's host launch overhead."""
-    from .bench import _fmt
+    from .timing import fmt as _fmt
 
     lines = ["| op | layout | shape | bitstable ms | stock ms | vs stock | bitstable TFLOP/s | stock TFLOP/s | bitstable GB/s "
              "| eager vs stock |",

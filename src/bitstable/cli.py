@@ -39,7 +39,9 @@ def main(argv=None) -> int:
     b.add_argument("--shape", type=_shape, action="append", metavar="B,H,L,D",
                    help="a shape to time (repeatable); default: the four standard shapes")
     b.add_argument("--reps", type=int, default=100, help="timing budget (ms on GPU, runs on CPU)")
-    b.add_argument("--passes", default="fwd,fwd+bwd,decode,ops", help="comma list of fwd, fwd+bwd, decode, ops")
+    b.add_argument("--passes", default="fwd,fwd+bwd,decode,ops",
+                   help="comma list of fwd, fwd+bwd, decode, ops, model (model: opt-in, a Llama model's "
+                        "training step, generation and host overhead, stock vs bitstable)")
     b.add_argument("--decode-batches", default="1,8,64", help="decode batch sizes (comma list)")
     b.add_argument("--decode-lengths", default="4096,16384,65536,131072",
                    help="decode KV-cache lengths (comma list)")
@@ -47,6 +49,21 @@ def main(argv=None) -> int:
                    help="ops pass: a matmul shape (repeatable); default: decode, prefill and MLP shapes")
     b.add_argument("--row-shape", type=_ints(2, "ROWS,COLS"), action="append", metavar="ROWS,COLS",
                    help="ops pass: a softmax/norm shape (repeatable); default: LLM hidden sizes, a vocabulary")
+    b.add_argument("--model-size", choices=["tiny", "1b"], default=None,
+                   help="model pass: random-weight Llama size (default 1b on GPU, tiny on CPU)")
+    b.add_argument("--model-train", type=_ints(2, "B,L"), action="append", metavar="B,L",
+                   help="model pass: a training-step shape (repeatable); default 4,2048 and 16,512 (CPU 2,8)")
+    b.add_argument("--model-batches", default=None, help="model pass: generation batch sizes (default 1,8,64; CPU 1,2)")
+    b.add_argument("--model-prompt-len", type=int, default=None, help="model pass: prompt tokens (128 GPU / 8 CPU)")
+    b.add_argument("--model-new-tokens", type=int, default=None, help="model pass: new tokens (64 GPU / 4 CPU)")
+    b.add_argument("--model-runs", type=int, default=None,
+                   help="model pass: identical timed runs per case, whose outputs are compared bitwise (3)")
+    b.add_argument("--model-parts", default="train,compile,generate,overhead",
+                   help="model pass: comma list of train (eager steps), compile (torch.compile steps), generate, "
+                        "overhead")
+    b.add_argument("--model-compile-mask", choices=["skip", "transformers"], default="skip",
+                   help="model pass, compile rows: skip transformers' causal mask as eager does (default; "
+                        "torch < 2.14 builds one under torch.compile) or keep the mask transformers builds")
     d = sub.add_parser("demo", help="deterministic generation end to end: unique completions, "
                                      "training = sampling, throughput (stock vs bitstable)")
     d.add_argument("--n", type=int, default=None, help="copies of the prompt (default 1000 on GPU, 8 on CPU)")
@@ -111,17 +128,27 @@ def main(argv=None) -> int:
     from .bench import DEFAULT_SHAPES, run_bench
 
     passes = [p for p in args.passes.split(",") if p]
-    bad = [p for p in passes if p not in ("fwd", "fwd+bwd", "decode", "ops")]
+    bad = [p for p in passes if p not in ("fwd", "fwd+bwd", "decode", "ops", "model")]
     if bad:
-        ap.error(f"--passes takes fwd, fwd+bwd, decode and/or ops, got {bad}")
+        ap.error(f"--passes takes fwd, fwd+bwd, decode, ops and/or model, got {bad}")
     try:
         decode_sizes = dict(batches=[int(x) for x in args.decode_batches.split(",")],
                             lengths=[int(x) for x in args.decode_lengths.split(",")])
     except ValueError:
         ap.error("--decode-batches and --decode-lengths take comma lists of ints")
     ops_sizes = {k: v for k, v in (("matmul_shapes", args.mm_shape), ("row_shapes", args.row_shape)) if v}
+    parts = [p for p in args.model_parts.split(",") if p]
+    if any(p not in ("train", "compile", "generate", "overhead") for p in parts):
+        ap.error(f"--model-parts takes train, compile, generate and/or overhead, got {parts}")
+    try:
+        batches = [int(x) for x in args.model_batches.split(",")] if args.model_batches else None
+    except ValueError:
+        ap.error("--model-batches takes a comma list of ints")
+    model_sizes = dict(size=args.model_size, train_shapes=args.model_train, gen_batches=batches,
+                       prompt_len=args.model_prompt_len, new_tokens=args.model_new_tokens, runs=args.model_runs,
+                       parts=parts, compile_causal_mask=args.model_compile_mask)
     run_bench(args.out, shapes=args.shape or DEFAULT_SHAPES, reps=args.reps, passes=passes,
-              decode_sizes=decode_sizes, ops_sizes=ops_sizes)
+              decode_sizes=decode_sizes, ops_sizes=ops_sizes, model_sizes=model_sizes)
     return 0
 
 

@@ -132,6 +132,17 @@ _SM90_16BIT_MM = [(16, MatmulConfig(16, 32, 256, 4, 3, mask_rows=True)), (32, Ma
                   (128, MatmulConfig(64, 32, 128, 4, 4)), (384, MatmulConfig(64, 128, 64, 4, 5)),
                   (768, MatmulConfig(128, 64, 64, 4, 4)), (None, MatmulConfig(256, 128, 64, 8, 3))]
 
+# The same classes when B is N-major (row-major [K, N]: ``x @ W``, ``p @ v``, the
+# backward's dX = dY @ W and dW = dY^T @ X): tiles wider in N load B's rows in longer
+# runs.  Launch-only: every candidate gave the same bits in every layout on the H200
+# (benchmarks/results/2026-12-02-h200-session8/explore_matmul_layouts.md; M > 768:
+# 128x256x64 w8 s3 at 0.94-1.00x cuBLAS where the K-major tiles reached 0.87-0.93x);
+# tests/test_matmul_layouts.py proves the bits on the device.  Classes not named keep
+# the K-major tiles.
+_SM90_16BIT_MM_N_MAJOR_B = {None: MatmulConfig(128, 256, 64, 8, 3)}
+_MATMUL_N_MAJOR_B = {("sm90", "bf16"): _SM90_16BIT_MM_N_MAJOR_B,
+                     ("sm90", "fp16"): _SM90_16BIT_MM_N_MAJOR_B}
+
 # (arch, dtype) -> [(largest M of the class, config), ...], smallest class first;
 # the last class has no upper bound (None).  Small M (decode) is memory-bound and
 # wants many narrow column tiles; large M wants big tiles for tensor-core reuse.
@@ -167,10 +178,14 @@ def matmul_classes(arch: str, dtype: torch.dtype):
     return _MATMUL[(arch, _DTYPE_KEYS[dtype])]
 
 
-def matmul_config(arch: str, dtype: torch.dtype, m: int) -> MatmulConfig:
-    """The matmul config for ``(arch, dtype)`` and a product with ``m`` rows."""
+def matmul_config(arch: str, dtype: torch.dtype, m: int, b_n_major: bool = False) -> MatmulConfig:
+    """The matmul config for ``(arch, dtype)`` and a product with ``m`` rows; ``b_n_major``:
+    B's unit stride runs along N (row-major B), which some classes tile differently
+    (launch-only: the same sum over K in the same order)."""
     for bound, cfg in matmul_classes(arch, dtype):
         if bound is None or m <= bound:
+            if b_n_major:
+                return _MATMUL_N_MAJOR_B.get((arch, _DTYPE_KEYS[dtype]), {}).get(bound, cfg)
             return cfg
     raise AssertionError("the last matmul class must be unbounded")
 

@@ -31,9 +31,11 @@ SIZES = {
 }
 
 
-def build_model(size: str = "tiny", model_path: Optional[str] = None, dtype=None, device=None, seed: int = 0):
+def build_model(size: str = "tiny", model_path: Optional[str] = None, dtype=None, device=None, seed: int = 0,
+                config: Optional[Dict] = None):
     """A Llama causal LM with ``attn_implementation="bitstable"``: random weights from ``seed``
-    at ``size``, or the checkpoint at ``model_path``."""
+    at ``size`` (``config`` overrides fields of that size's LlamaConfig), or the checkpoint
+    at ``model_path``."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from .integrations.transformers import register_bitstable_attention
@@ -45,7 +47,8 @@ def build_model(size: str = "tiny", model_path: Optional[str] = None, dtype=None
         model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="bitstable",
                                                      dtype=dtype)
     else:
-        cfg = LlamaConfig(max_position_embeddings=4096, attn_implementation="bitstable", **SIZES[size])
+        cfg = LlamaConfig(max_position_embeddings=4096, attn_implementation="bitstable",
+                          **dict(SIZES[size], **(config or {})))
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg).to(dtype)
     return model.to(device).eval()

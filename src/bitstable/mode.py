@@ -55,13 +55,22 @@ def _set(mode: DeterministicMode) -> _Restore:
     return _Restore(previous)
 
 
-def _check_split_size(split_size) -> int:
+def check_split_size(split_size, block_n: Optional[int] = None) -> int:
+    """``split_size`` checked: an int (not a bool), positive, a multiple of 16 and, when
+    ``block_n`` is given (at launch), of the config's key block.  Raises TypeError /
+    ValueError naming ``split_size``; returns it."""
     if isinstance(split_size, bool) or not isinstance(split_size, int):
         raise TypeError(f"split_size must be an int, got {type(split_size).__name__}")
     if split_size <= 0 or split_size % 16 != 0:
         raise ValueError(f"split_size must be a positive multiple of 16 (and of the "
                          f"config's block_n at launch), got {split_size}")
+    if block_n is not None and split_size % block_n != 0:
+        raise ValueError(f"split_size={split_size} must be a multiple of the key block "
+                         f"block_n={block_n} of this (arch, dtype, head_dim) config")
     return split_size
+
+
+_check_split_size = check_split_size
 
 
 def set_deterministic(enabled: bool) -> _Restore:

@@ -16,6 +16,7 @@ import triton
 from .. import _poison as poison
 from .._backend import interpreting
 from ..configs import DECODE_COMBINE_TILE, arch_key, attention_config, padded_head_dim
+from ..kernels.kv_append import kv_append_kernel
 from ..kernels.attention_decode import attention_split_combine_kernel, attention_split_partial_kernel
 from ..mode import get_deterministic_mode
 from .decode_wgmma import launch_partial_wgmma, table_stages, wgmma_decode_eligible
@@ -61,24 +62,29 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_t
     device sync for a device tensor, and skipped while a CUDA graph is being
     captured (nothing can be read then; shapes and dtypes are still checked).
     """
-    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 4:
         raise ValueError("q must be a 4-d tensor (batch, seqlen_q, heads, headdim)")
     B = q.shape[0]
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+        if t.dim() != 4:
             raise ValueError(f"{name} must be a 4-d tensor (batch_or_pages, seqlen_or_page_size, "
                              f"heads_k, headdim)")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} "
                          f"and {tuple(v_cache.shape)}")
-    # dtype / device / head checks through the dense validator (on 1-row views).
-    if k_cache.shape[0]:
-        check_qkv(q, k_cache.select(0, 0).unsqueeze(0).expand(B, -1, -1, -1),
-                  v_cache.select(0, 0).unsqueeze(0).expand(B, -1, -1, -1))
+    # dtype / device / head checks through the dense validator, under the caller's names
+    # (the cache's first dim is its rows or pages, not q's batch).
+    check_qkv(q, k_cache, v_cache, names=("q", "k_cache", "v_cache"), check_batch=False)
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (new tokens to append) or both be None")
     n_new = 0
     if k is not None:
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
         if k.dim() != 4 or k.shape != v.shape or k.shape[0] != B or k.shape[2:] != k_cache.shape[2:]:
             raise ValueError(f"k/v must have shape (batch={B}, seqlen_new, heads_k={k_cache.shape[2]}, "
                              f"headdim={k_cache.shape[3]}), got k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -141,6 +147,10 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_t
             idx = cache_batch_idx.tolist() if check_values else []
             if any(i < 0 or i >= k_cache.shape[0] for i in idx):
                 raise ValueError(f"cache_batch_idx entries must be in [0, {k_cache.shape[0]}), got {idx}")
+            if n_new > 0 and len(set(idx)) != len(idx):
+                rows = sorted({i for i in idx if idx.count(i) > 1})
+                raise ValueError(f"cache_batch_idx names cache rows {rows} for more than one batch row while "
+                                 f"k/v append new tokens (they would overwrite each other), got {idx}")
         elif k_cache.shape[0] < B:
             raise ValueError(f"k_cache has {k_cache.shape[0]} rows for a batch of {B}")
         for b, total in enumerate(totals or ()):
@@ -151,20 +161,17 @@ def _validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_t
 
 
 def _append(k_cache, v_cache, k, v, seqlens_before, cache_batch_idx, block_table, page_size):
-    """Write the new tokens into the cache in place (each slot written once: no reduction).
-    ``seqlens_before`` [B] int32 on the cache's device; nothing is read on the host."""
-    B, n_new = k.shape[0], k.shape[1]
-    dev = k_cache.device
-    pos = seqlens_before.long()[:, None] + torch.arange(n_new, device=dev)
-    if block_table is not None:
-        pages = torch.gather(block_table.long(), 1, pos // page_size)
-        k_cache[pages, pos % page_size] = k
-        v_cache[pages, pos % page_size] = v
-    else:
-        rows = (cache_batch_idx.long() if cache_batch_idx is not None
-                else torch.arange(B, device=dev))[:, None].expand(B, n_new)
-        k_cache[rows, pos] = k
-        v_cache[rows, pos] = v
+    """Write the new tokens into the cache in place (each slot written once: no reduction),
+    one kernel launch (kernels/kv_append.py).  ``seqlens_before`` [B] int32 on the cache's
+    device; nothing is read on the host."""
+    B, n_new, Hk, D = k.shape
+    bt = block_table if block_table is not None else seqlens_before
+    bidx = cache_batch_idx if cache_batch_idx is not None else seqlens_before
+    kv_append_kernel[(B, n_new)](
+        k, v, k_cache, v_cache, seqlens_before, bidx, bt, *k.stride(), *v.stride(),
+        *k_cache.stride(), *v_cache.stride(), bt.stride(0) if block_table is not None else 0,
+        max(page_size, 1), Hk, D, BLOCK_H=triton.next_power_of_2(Hk), BLOCK_D=triton.next_power_of_2(D),
+        PAGED=block_table is not None, HAS_BATCH_IDX=cache_batch_idx is not None)
 
 
 def _stock_kvcache(q, k_cache, v_cache, totals, cache_batch_idx, block_table, page_size,
@@ -253,6 +260,8 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     chunking, the cache layout (contiguous or paged, any page size) or the
     other requests in the batch.  Bad input raises before the cache is touched.
     """
+    # Every check (arguments, options, window, split size, config) comes before the
+    # append: a call that raises leaves the cache bit for bit as it was.
     cache_seqlens, before, n_new, page_size = _validate(q, k_cache, v_cache, k, v, cache_seqlens,
                                                          cache_batch_idx, block_table)
     softmax_scale, left, right = check_options(q, 0.0, softmax_scale, window_size, softcap,
@@ -260,14 +269,23 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     B, Lq, Hq, D = q.shape
     Hk = k_cache.shape[2]
     capacity = block_table.shape[1] * page_size if block_table is not None else k_cache.shape[1]
-    if k is not None and n_new > 0:
-        _append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, page_size)
     left, right = normalize_window(causal, left, right, max(capacity, 1))
+    deterministic = get_deterministic_mode().enabled
+    if not deterministic and before is None:
+        raise RuntimeError("the stock (non-deterministic) KV-cache path reads cache_seqlens on the "
+                           "host and cannot run inside CUDA graph capture")
+    arch = arch_key(q.device)
+    cfg = attention_config(arch, q.dtype, D)
+    split = resolve_split_size(cfg.block_n, split_size)
+    cache_seqlens = cache_seqlens.contiguous()
+    if cache_batch_idx is not None:
+        cache_batch_idx = cache_batch_idx.contiguous()
+    if block_table is not None:
+        block_table = block_table.contiguous()
+    if k is not None and n_new > 0 and B > 0:
+        _append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, page_size)
 
-    if not get_deterministic_mode().enabled:
-        if before is None:
-            raise RuntimeError("the stock (non-deterministic) KV-cache path reads cache_seqlens on the "
-                               "host and cannot run inside CUDA graph capture")
+    if not deterministic:
         totals = [s + n_new for s in before]
         out, lse = _stock_kvcache(q, k_cache, v_cache, totals, cache_batch_idx, block_table,
                                   page_size, softmax_scale, causal, window_size, softcap, alibi_slopes,
@@ -275,9 +293,6 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return (out, lse) if return_softmax_lse else out
     q = last_dim_contiguous(q)
     k_cache_c, v_cache_c = last_dim_contiguous(k_cache), last_dim_contiguous(v_cache)
-    arch = arch_key(q.device)
-    cfg = attention_config(arch, q.dtype, D)
-    split = resolve_split_size(cfg.block_n, split_size)
     HD = padded_head_dim(D)
     # Splits launched: for the longest sequence when the lengths were read on the host,
     # else (CUDA-graph capture) for the cache's capacity.  Splits past a row's length do
@@ -299,9 +314,6 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return (out, lse) if return_softmax_lse else out
     qk_scale, softcap_scaled = score_scales(softmax_scale, softcap)
     alibi, stride_alibi_b = alibi_args(alibi_slopes, lse)
-    cache_seqlens = cache_seqlens.contiguous()
-    if cache_batch_idx is not None:
-        cache_batch_idx = cache_batch_idx.contiguous()
     bt = block_table if block_table is not None else cache_seqlens
     bidx = cache_batch_idx if cache_batch_idx is not None else cache_seqlens
     # The combine kernel launches as the partial kernel's programmatic dependent on Hopper

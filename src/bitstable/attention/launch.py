@@ -7,21 +7,20 @@ input's shape, and it does not change what any output element sums.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
-import triton.language as tl
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # triton without host-side tensor descriptors
     TensorDescriptor = None
 
-from .._backend import interpreting
+from .._backend import compute_dtype, interpreting  # noqa: F401  (compute_dtype: re-exported)
 from ..configs import AttentionConfig, arch_key, attention_config, padded_head_dim
 from ..kernels.attention_fwd import attention_fwd_kernel
-from ..mode import get_deterministic_mode
+from ..mode import check_split_size, get_deterministic_mode
 from .. import _poison as poison
 from .validation import last_dim_contiguous
 
@@ -56,21 +55,6 @@ def kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, head_dim_tile
             TensorDescriptor(v, list(v.shape), list(v.stride()), box), True)
 
 
-_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-
-
-def compute_dtype(dtype: torch.dtype):
-    """The dtype the tiles are multiplied in.
-
-    16-bit inputs multiply as themselves on a GPU (fp32 accumulate); float32 in
-    IEEE fp32 (never tf32).  Triton's interpreter computes bf16 ``tl.dot``
-    wrongly, so there bf16 tiles are upcast to fp32 first.
-    """
-    if dtype == torch.bfloat16 and interpreting():
-        return tl.float32
-    return _TL_DTYPES[dtype]
-
-
 def score_scales(softmax_scale: float, softcap: float) -> Tuple[float, float]:
     """(qk_scale, softcap_scaled) for attention_core.score_transform.
 
@@ -93,12 +77,10 @@ def alibi_args(alibi_slopes: Optional[torch.Tensor], placeholder: torch.Tensor):
 
 
 def resolve_split_size(block_n: int, split_size: Optional[int]) -> int:
-    """The split size in force, checked against the config's key block."""
+    """The split size in force (``split_size``, or the mode's when None), checked: an
+    int, positive, a multiple of the config's key block (mode.check_split_size)."""
     size = get_deterministic_mode().split_size if split_size is None else split_size
-    if size % block_n != 0:
-        raise ValueError(f"split_size={size} must be a multiple of the key block "
-                         f"block_n={block_n} of this (arch, dtype, head_dim) config")
-    return size
+    return check_split_size(size, block_n)
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
@@ -140,37 +122,67 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
         out = torch.empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
         result = (out, lse)
-    cfg = config or attention_config(arch_key(q.device), q.dtype, D)
-    split = resolve_split_size(cfg.block_n, split_size)
+    split = get_deterministic_mode().split_size if split_size is None else split_size
+    plan = _forward_plan(q.device, q.dtype, D, split, varlen, window_left >= 0, window_right >= 0,
+                         softcap > 0, alibi_slopes is not None, config)
     poison.fill(out, lse)
     if B == 0 or Lq == 0 or Hq == 0:
         return result
 
     qk_scale, softcap_scaled = score_scales(softmax_scale, softcap)
     alibi, stride_alibi_b = alibi_args(alibi_slopes, lse)
-
-    causal_like = window_right >= 0
-    loop = _LOOP_OVERRIDE or (cfg.loop_causal if causal_like else cfg.loop)
-    use_tma = cfg.tma if _TMA_OVERRIDE is None else _TMA_OVERRIDE
-    k_arg, v_arg, use_tma = kv_descriptors(k, v, cfg.block_n, padded_head_dim(D), use_tma and not varlen)
-    grid = (triton.cdiv(Lq, cfg.block_m), B * Hq)
+    k_arg, v_arg, use_tma = kv_descriptors(k, v, plan.block_n, plan.head_dim_tile, plan.want_tma)
+    grid = (triton.cdiv(Lq, plan.block_m), B * Hq)
+    sq, sk, sv, so = q.stride(), k.stride(), v.stride(), out.stride()
     attention_fwd_kernel[grid](
         q, k_arg, v_arg, out, lse, alibi,
         cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], so[0], so[1], so[2],
         stride_alibi_b,
         Hq, Hq // Hk, Lq, Lk, D, total_q,
         qk_scale, softcap_scaled, max(window_left, 0), max(window_right, 0),
-        HEAD_DIM=padded_head_dim(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        SPLIT_BLOCKS=split // cfg.block_n, COMPUTE_DTYPE=compute_dtype(q.dtype),
-        ROWWISE=interpreting(),
-        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-        EVEN_D=padded_head_dim(D) == D, WRITE_LSE=True, REVERSE_M=causal_like,
-        LOOP=_LOOP_CODES[loop], USE_TMA=use_tma, VARLEN=varlen,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        USE_TMA=use_tma, **plan.kwargs,
     )
     return result
+
+
+class _ForwardPlan(NamedTuple):
+    """What a forward launch takes besides shapes, strides, scales and tensors."""
+
+    block_m: int
+    block_n: int
+    head_dim_tile: int
+    want_tma: bool
+    kwargs: dict
+
+
+#: (device, dtype, head_dim, split, varlen, left, right, softcap, alibi, loop and TMA
+#: overrides) -> _ForwardPlan, built once: per-call config lookups, split checks and
+#: constexpr assembly cost host time on every layer of an eager model.
+_FORWARD_PLANS: dict = {}
+
+
+def _forward_plan(device, dtype, D, split_size, varlen, has_left, has_right, has_softcap, has_alibi,
+                  config) -> _ForwardPlan:
+    key = (device.type, device.index, dtype, D, split_size, varlen, has_left, has_right, has_softcap,
+           has_alibi, _LOOP_OVERRIDE, _TMA_OVERRIDE)
+    plan = _FORWARD_PLANS.get(key) if config is None else None
+    if plan is not None:
+        return plan
+    cfg = config or attention_config(arch_key(device), dtype, D)
+    split = resolve_split_size(cfg.block_n, split_size)
+    causal_like = has_right
+    loop = _LOOP_OVERRIDE or (cfg.loop_causal if causal_like else cfg.loop)
+    use_tma = cfg.tma if _TMA_OVERRIDE is None else _TMA_OVERRIDE
+    HD = padded_head_dim(D)
+    kwargs = dict(
+        HEAD_DIM=HD, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        SPLIT_BLOCKS=split // cfg.block_n, COMPUTE_DTYPE=compute_dtype(dtype),
+        ROWWISE=interpreting(), HAS_SOFTCAP=has_softcap, HAS_ALIBI=has_alibi,
+        HAS_LEFT=has_left, HAS_RIGHT=has_right, EVEN_D=HD == D, WRITE_LSE=True,
+        REVERSE_M=causal_like, LOOP=_LOOP_CODES[loop], VARLEN=varlen,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    plan = _ForwardPlan(cfg.block_m, cfg.block_n, HD, use_tma and not varlen, kwargs)
+    if config is None and (device.index is not None or interpreting()):
+        _FORWARD_PLANS[key] = plan
+    return plan

@@ -15,8 +15,9 @@ here) and usable directly.  Layout is SDPA's: q [B, Hq, Lq, D], k/v [B, Hkv, Lk,
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -24,6 +25,17 @@ from ..mode import get_deterministic_mode
 from .ops import attention
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+#: Context manager under which stock SDPA runs for inputs bitstable does not take.  The
+#: batch-invariant mode installs its own (which lifts its overrides for the call, so stock
+#: SDPA does not re-enter this function); the mode imports this module, never the reverse.
+_stock_guard: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+def set_stock_guard(guard: Callable[[], contextlib.AbstractContextManager]) -> None:
+    """Install the context manager stock SDPA runs under (see :data:`_stock_guard`)."""
+    global _stock_guard
+    _stock_guard = guard
 
 
 def _kernel_ok(q, k, v) -> bool:
@@ -40,8 +52,6 @@ def batch_invariant_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Te
                          enable_gqa: bool = False) -> torch.Tensor:
     """``torch.nn.functional.scaled_dot_product_attention``'s contract, batch-invariant
     (see the module docstring for which path a call takes)."""
-    from ..batch_invariant import stock_ops
-
     Lq = query.shape[-2] if query.dim() >= 2 else 0
     Lk = key.shape[-2] if key.dim() >= 2 else 0
     grouped = query.dim() == 4 and key.dim() == 4 and query.shape[1] != key.shape[1]
@@ -58,7 +68,7 @@ def batch_invariant_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Te
                 attn_mask.logical_not(), float("-inf"))
         return torch.ops.aten._scaled_dot_product_attention_math(
             query, key, value, attn_mask, 0.0, is_causal, None, scale=scale, enable_gqa=enable_gqa)[0]
-    with stock_ops():
+    with _stock_guard():
         return torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
             enable_gqa=enable_gqa)

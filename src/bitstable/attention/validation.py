@@ -17,9 +17,16 @@ from ..configs import MAX_HEAD_DIM
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def check_qkv(q, k, v) -> None:
-    """q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D]; one dtype, one device; Hq % Hkv == 0."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def check_qkv(q, k, v, names: Tuple[str, str, str] = ("q", "k", "v"), check_batch: bool = True) -> None:
+    """q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D]; one dtype, one device; Hq % Hkv == 0.
+
+    ``names``: how the caller's user wrote the three arguments (the KV-cache API passes
+    ``("q", "k_cache", "v_cache")``), used in every message.  ``check_batch`` False: k/v's
+    first dim is not q's batch (a KV cache's rows or pages) and is not compared.
+    """
+    nq, nk, nv = names
+    nkv = f"{nk}/{nv}"
+    for name, t in ((nq, q), (nk, k), (nv, v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in SUPPORTED_DTYPES:
@@ -27,28 +34,32 @@ def check_qkv(q, k, v) -> None:
         if t.dim() != 4:
             raise ValueError(f"{name} must have shape (batch, seqlen, heads, headdim), "
                              f"got {t.dim()} dims {tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    for name, t in ((nk, k), (nv, v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} must match {nq}'s {q.dtype} ({nq}, {nk}, {nv} must "
+                            f"share one dtype, got {nq} {q.dtype}, {nk} {k.dtype}, {nv} {v.dtype})")
     want = kernel_device_type()
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    for name, t in ((nq, q), (nk, k), (nv, v)):
         if t.device.type != want:
             where = ("Triton's interpreter (TRITON_INTERPRET=1) runs on CPU tensors"
                      if interpreting() else "bitstable's kernels run on CUDA tensors")
             raise ValueError(f"{name} is on {t.device}, but {where}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+        raise ValueError(f"{nq}, {nk}, {nv} must be on one device, got {nq} {q.device}, {nk} {k.device}, "
+                         f"{nv} {v.device}")
     B, Lq, Hq, D = q.shape
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(f"{nk} and {nv} must have the same shape, got {nk} {tuple(k.shape)}, "
+                         f"{nv} {tuple(v.shape)}")
     Bk, Lk, Hk, Dk = k.shape
-    if Bk != B:
-        raise ValueError(f"k/v batch size {Bk} does not match q's {B}")
+    if check_batch and Bk != B:
+        raise ValueError(f"{nkv} batch size {Bk} does not match {nq}'s {B}")
     if Dk != D:
-        raise ValueError(f"k/v head dim {Dk} does not match q's {D}")
+        raise ValueError(f"{nkv} head dim {Dk} does not match {nq}'s {D}")
     if D % 8 != 0 or D < 8 or D > MAX_HEAD_DIM:
-        raise ValueError(f"head dim (q.shape[-1]) must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got {D}")
+        raise ValueError(f"head dim ({nq}.shape[-1]) must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got {D}")
     if Hk == 0 or Hq % Hk != 0:
-        raise ValueError(f"number of q heads ({Hq}) must be a multiple of the number of k/v heads ({Hk})")
+        raise ValueError(f"number of {nq} heads ({Hq}) must be a multiple of the number of {nkv} heads ({Hk})")
 
 
 def check_options(q, dropout_p, softmax_scale, window_size, softcap, alibi_slopes,

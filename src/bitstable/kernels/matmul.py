@@ -25,7 +25,8 @@ def matmul_kernel(A, B, C, M, N, K,
                   stride_cb, stride_cm, stride_cn,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   GROUP_M: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
-                  CHUNK_BLOCKS: tl.constexpr = 0, MASK_ROWS: tl.constexpr = False):
+                  CHUNK_BLOCKS: tl.constexpr = 0, MASK_ROWS: tl.constexpr = False,
+                  MASK_M: tl.constexpr = False, MASK_N: tl.constexpr = False):
     """Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), batch).  C[b] = A[b] @ B[b], fp32 accumulate.
 
     Tiles are visited in groups of GROUP_M row-blocks (L2 reuse of B); the
@@ -44,26 +45,28 @@ def matmul_kernel(A, B, C, M, N, K,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    # Rows/columns past M/N are never stored and no other row's sum sees them.  They
-    # wrap onto rows/columns from 0 (cheapest for tiles that are mostly full), or with
-    # MASK_ROWS are masked (zero-filled, not read): wrapping made every spare row of a
-    # 16-row tile re-read rows already loaded, 2x slower at M=1 (measured on an H100).
-    # The wrap keeps runs of BLOCK contiguous indices (hinted), so whichever of M, N, K
-    # is a tensor's unit-stride dimension loads as 16-byte vectors: a clamp
-    # (``where(ok, offs, 0)``) hid that contiguity and made row-major B and
-    # column-major A load element by element (0.11x cuBLAS on an H200).  Any dimension
-    # of any operand may be the contiguous one.
+    # Rows/columns past M/N are never stored and no other row's sum sees them.  Along a
+    # dimension that is not an operand's unit-stride one they are clamped onto row/column
+    # 0 (free for mostly-full tiles); along the unit-stride one (MASK_M: A column-major;
+    # MASK_N: B row-major) they are masked (zero-filled, not read), which keeps the index
+    # contiguous so those loads stay 16-byte vectors: a clamp there (``where(ok, offs,
+    # 0)``) made row-major B and column-major A load element by element (0.11x cuBLAS on
+    # an H200), and a wrap (``offs % M``) with contiguity hints misaligned the vectors
+    # when M was not a multiple of the vector width.  MASK_ROWS masks both (clamping made
+    # every spare row of a 16-row tile load the same address, 2x slower at M=1 on an H100).
     m_ok = offs_m < M
     n_ok = offs_n < N
-    if MASK_ROWS:
+    if MASK_ROWS or MASK_M:
         rows = offs_m.to(tl.int64)
-        cols = offs_n.to(tl.int64)
         a_mask = m_ok[:, None]
+    else:
+        rows = tl.where(m_ok, offs_m, 0).to(tl.int64)
+        a_mask = tl.full([BLOCK_M, 1], 1, tl.int1)   # constant true: folded away
+    if MASK_ROWS or MASK_N:
+        cols = offs_n.to(tl.int64)
         b_mask = n_ok[None, :]
     else:
-        rows = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M).to(tl.int64)
-        cols = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N).to(tl.int64)
-        a_mask = tl.full([BLOCK_M, 1], 1, tl.int1)   # constant true: folded away
+        cols = tl.where(n_ok, offs_n, 0).to(tl.int64)
         b_mask = tl.full([1, BLOCK_N], 1, tl.int1)
     a_ptr = A + pid_b * stride_ab + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptr = B + pid_b * stride_bb + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn

@@ -17,38 +17,63 @@ from ..configs import ROW_BLOCK, arch_key
 from ..kernels.rowwise import row_sum_kernel, softmax_kernel
 
 
-def _rows(x: torch.Tensor, dims: Sequence[int]):
-    dims = sorted(d % x.dim() for d in dims)
-    keep = [d for d in range(x.dim()) if d not in dims]
-    moved = x.permute(*keep, *dims).contiguous()
-    n = 1
-    for d in dims:
-        n *= x.shape[d]
-    return moved.reshape(-1, n), [x.shape[d] for d in keep], dims
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _check(x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+    if x.dtype not in _DTYPES:
         raise TypeError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
     if x.device.type != kernel_device_type():
         raise ValueError(f"x is on {x.device}; bitstable's kernels run on {kernel_device_type()} tensors here")
 
 
+def _check_dtype(dtype) -> None:
+    """``dtype=``: None (the input's) or a float dtype the kernels write."""
+    if dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or None, got {type(dtype).__name__}")
+    if dtype not in _DTYPES:
+        raise TypeError(f"dtype must be bfloat16, float16 or float32 (or None), got {dtype}")
+
+
+def _wrap_dim(d, ndim: int) -> int:
+    """torch's dim rule: ``-ndim <= d < ndim`` (a 0-d tensor takes -1 and 0), else IndexError."""
+    if isinstance(d, bool) or not isinstance(d, int):
+        raise TypeError(f"dim must be an int or a sequence of ints, got {type(d).__name__}")
+    r = builtins.max(ndim, 1)
+    if not -r <= d < r:
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-r}, {r - 1}], but got {d})")
+    return d % r
+
+
+def _rows(x: torch.Tensor, dims: Sequence[int]):
+    keep = [d for d in range(x.dim()) if d not in dims]
+    moved = x.permute(*keep, *dims).contiguous()
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    return moved.reshape(-1, n), [x.shape[d] for d in keep]
+
+
 def _softmax(x: torch.Tensor, dim: int, log: bool, dtype=None) -> torch.Tensor:
     _check(x)
+    _check_dtype(dtype)
+    dim = _wrap_dim(dim, x.dim())
     out_dtype = dtype or x.dtype
-    if x.dim() == 0:
+    scalar = x.dim() == 0
+    if scalar:
         x = x.reshape(1)
-    dim = dim % x.dim()
     moved = x.movedim(dim, -1).contiguous()
     rows = moved.reshape(-1, moved.shape[-1])
     y = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
     if rows.numel():
         softmax_kernel[(rows.shape[0],)](rows, y, rows.shape[1], rows.stride(0), y.stride(0),
                                          LOG=log, BLOCK=ROW_BLOCK[arch_key(x.device)])
-    return y.reshape(moved.shape).movedim(-1, dim)
+    y = y.reshape(moved.shape).movedim(-1, dim)
+    return y.reshape(()) if scalar else y
 
 
 def softmax(x: torch.Tensor, dim: int, dtype=None) -> torch.Tensor:
@@ -61,11 +86,23 @@ def log_softmax(x: torch.Tensor, dim: int, dtype=None) -> torch.Tensor:
 
 def _reduce(x, dim, keepdim, dtype, mean_: bool):
     _check(x)
+    _check_dtype(dtype)
+    if not isinstance(keepdim, bool):
+        raise TypeError(f"keepdim must be a bool, got {type(keepdim).__name__}")
     if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
         dim = list(range(x.dim()))
-    dims = [dim] if isinstance(dim, int) else list(dim)
-    rows, kept_shape, dims = _rows(x, dims)
+    if not isinstance(dim, (int, list, tuple)):
+        raise TypeError(f"dim must be an int, a sequence of ints or None, got {type(dim).__name__}")
+    given = [dim] if isinstance(dim, int) else list(dim)
+    dims = [_wrap_dim(d, x.dim()) for d in given]
+    if len(set(dims)) != len(dims):
+        raise ValueError(f"dim names a dimension more than once: {dim!r}")
     out_dtype = dtype or x.dtype
+    scalar = x.dim() == 0
+    if scalar:   # torch reduces a 0-d tensor over dim 0 / -1 (or none) to itself, 0-d
+        x, dims = x.reshape(1), [0]
+    dims = sorted(dims)
+    rows, kept_shape = _rows(x, dims)
     y = torch.empty(rows.shape[0], dtype=out_dtype, device=x.device)
     n = rows.shape[1]
     if rows.shape[0]:
@@ -73,7 +110,7 @@ def _reduce(x, dim, keepdim, dtype, mean_: bool):
         row_sum_kernel[(rows.shape[0],)](rows, y, n, rows.stride(0), scale,
                                          BLOCK=ROW_BLOCK[arch_key(x.device)])
     y = y.reshape(kept_shape)
-    if keepdim:
+    if keepdim and not scalar:
         for d in dims:
             y = y.unsqueeze(d)
     return y

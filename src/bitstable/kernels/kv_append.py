@@ -1,0 +1,47 @@
+"""Append new keys/values to a KV cache in place: one program per (batch row, new token).
+
+A pure copy (each cache slot written once, no arithmetic), so it changes no bits; it
+replaces the advanced-indexing assignment (several small device ops and their host
+dispatch per call) with one launch.  Contiguous caches take row ``BATCH_IDX[b]`` (or
+``b``) at slot ``SEQLENS[b] + t``; paged caches take page
+``BLOCK_TABLE[b, pos // page_size]`` at slot ``pos % page_size``.  Nothing is read on
+the host, so the launch captures in CUDA graphs.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def kv_append_kernel(K_NEW, V_NEW, K_CACHE, V_CACHE, SEQLENS, BATCH_IDX, BLOCK_TABLE,
+                     stride_knb, stride_knt, stride_knh, stride_knd,
+                     stride_vnb, stride_vnt, stride_vnh, stride_vnd,
+                     stride_kcb, stride_kct, stride_kch, stride_kcd,
+                     stride_vcb, stride_vct, stride_vch, stride_vcd,
+                     stride_bt, page_size, H, D,
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr):
+    """Grid (batch, new tokens).  k/v new [B, n_new, H, D]; caches [rows or pages, slots, H, D]."""
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1).to(tl.int64)
+    pos = tl.load(SEQLENS + b).to(tl.int64) + t
+    if PAGED:
+        row = tl.load(BLOCK_TABLE + b * stride_bt + pos // page_size).to(tl.int64)
+        slot = pos % page_size
+    else:
+        if HAS_BATCH_IDX:
+            row = tl.load(BATCH_IDX + b).to(tl.int64)
+        else:
+            row = b
+        slot = pos
+    offs_h = tl.arange(0, BLOCK_H)[:, None]
+    offs_d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (offs_h < H) & (offs_d < D)
+    kv = tl.load(K_NEW + b * stride_knb + t * stride_knt + offs_h * stride_knh + offs_d * stride_knd,
+                 mask=mask)
+    tl.store(K_CACHE + row * stride_kcb + slot * stride_kct + offs_h * stride_kch + offs_d * stride_kcd,
+             kv, mask=mask)
+    vv = tl.load(V_NEW + b * stride_vnb + t * stride_vnt + offs_h * stride_vnh + offs_d * stride_vnd,
+                 mask=mask)
+    tl.store(V_CACHE + row * stride_vcb + slot * stride_vct + offs_h * stride_vch + offs_d * stride_vcd,
+             vv, mask=mask)

@@ -1,0 +1,45 @@
+"""Timing and formatting helpers shared by the benchmark passes (bench, bench_ops,
+bench_model): one definition of how a kernel or an eager call is timed.
+
+* :func:`time_ms`: median ms of eager calls (``triton.testing.do_bench`` on a GPU: host
+  launch overhead included for kernels of a few microseconds; plain calls under the
+  interpreter).
+* :func:`time_graph_ms`: median ms of CUDA-graph replays (kernel time, no host overhead).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from . import _backend
+
+
+def time_ms(fn: Callable, reps: int) -> float:
+    """Median ms per eager call of ``fn`` (``reps``: ms budget on a GPU, runs on CPU)."""
+    if _backend.interpreting():
+        fn()
+        times = []
+        for _ in range(max(reps, 1)):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return sorted(times)[len(times) // 2]
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=25, rep=max(reps, 20), return_mode="median")
+
+
+def time_graph_ms(fn: Callable, reps: int) -> float:
+    """GPU time of ``fn`` replayed from a CUDA graph (how engines run decode steps: no
+    host launch overhead); the interpreter times plain calls."""
+    if _backend.interpreting():
+        return time_ms(fn, reps)
+    import triton
+
+    return triton.testing.do_bench_cudagraph(fn, rep=max(reps, 20), return_mode="median")
+
+
+def fmt(x, spec):
+    """``format(x, spec)``, or "n/a" for None."""
+    return "n/a" if x is None else format(x, spec)
