@@ -129,12 +129,19 @@ def variants(full: bool):
                                         HAS_RIGHT=True, VARLEN=False, PER_HEAD_SUMS=True),
         ("Q", "K", "V", "DO", "DK", "DV", "DQ"), ("LSE", "DELTA", "ALIBI"), ("CU_Q", "CU_K"),
         ("qk_scale", "softcap_scaled", "grad_scale"), num_warps=4, num_stages=1)
-    # the sm90 matmul classes of configs.py (decode, middle, large)
-    for bm, bn, bk, w, s, g in ((64, 32, 64, 4, 6, 8), (64, 128, 64, 4, 4, 8), (128, 256, 64, 8, 3, 8)):
+    # the sm90 matmul classes of configs.py (decode with masked rows, middle, large), B K-major;
+    # the large class with row-major B (masked columns) and column-major A (masked rows)
+    for bm, bn, bk, w, s, g, rows, mm_, nn in ((16, 32, 256, 4, 3, 8, True, False, False),
+                                                (64, 128, 64, 4, 5, 8, False, False, False),
+                                                (256, 128, 64, 8, 3, 8, False, False, False),
+                                                (128, 256, 64, 8, 3, 8, False, False, True),
+                                                (256, 128, 64, 8, 3, 8, False, True, False)):
         job(matmul_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, COMPUTE_DTYPE="bf16",
-                                ROWWISE=False), ("A", "B", "C"), num_warps=w, num_stages=s)
+                                ROWWISE=False, CHUNK_BLOCKS=0, MASK_ROWS=rows, MASK_M=mm_, MASK_N=nn),
+            ("A", "B", "C"), num_warps=w, num_stages=s)
     job(matmul_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, COMPUTE_DTYPE="fp32",
-                            ROWWISE=False, CHUNK_BLOCKS=4), ("A", "B", "C"), num_warps=4, num_stages=2)
+                            ROWWISE=False, CHUNK_BLOCKS=4, MASK_ROWS=False, MASK_M=False, MASK_N=False),
+        ("A", "B", "C"), num_warps=4, num_stages=2)
     job(softmax_kernel, dict(LOG=True, BLOCK=1024), ("X", "Y"), num_warps=4)
     job(row_sum_kernel, dict(BLOCK=1024), ("X", "Y"), floats=("scale",), num_warps=4)
     job(layer_norm_kernel, dict(HAS_W=True, HAS_B=True, RMS=False, BLOCK=1024), ("X", "W", "Bias", "Y"),
