@@ -34,8 +34,9 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 import bitstable
 from bitstable.bench import copy_bandwidth_gbs
+from bitstable.configs import DECODE_COMBINE_TILE
 
-kv_mod = importlib.import_module("bitstable.attention.kvcache")
+kv_launch = importlib.import_module("bitstable.attention.kvcache.launch")
 dw_mod = importlib.import_module("bitstable.attention.decode_wgmma")
 cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
@@ -147,7 +148,7 @@ def main():
                                    USE_PDL=pdl, FUSED=fused, NUM_HEADS_KV=H, num_warps=4)
 
         def combine(pdl=True):
-            kv_mod._launch_combine(ws_acc, ws_ml, out, lse, lens, SPLIT, 0, D, "sm90", pdl=pdl, force={})
+            kv_launch.launch_combine(ws_acc, ws_ml, out, lse, lens, SPLIT, 0, D, DECODE_COMBINE_TILE["sm90"], pdl=pdl)
 
         def step():
             return bitstable.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True)
