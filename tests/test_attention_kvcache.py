@@ -451,3 +451,31 @@ def test_torch_compile_fullgraph_traces_the_kvcache_op(device):
                 got.append((out, lse, kc, vc))
             for name, a, b in zip(("out", "lse", "k_cache", "v_cache"), *got):
                 assert torch.equal(a, b), f"cache_seqlens={type(seqlens).__name__}: compiled {name} differs"
+
+
+def test_num_splits_changes_no_bits(device):
+    """flash-attn's ``num_splits`` is accepted and ignored: the splits are fixed by
+    ``split_size``, so outputs, LSE and the appended cache are the same bits for every
+    value; a bad value raises before the cache is touched."""
+    dtype = torch.float16
+    sz = dict(L=40, Hq=4, Hk=2, D=32, split=16)
+    q, k, v = _seq(sz, dtype, device, seed=23)
+    pre = 37
+    with bitstable.set_deterministic_mode(True, split_size=_split(sz, dtype, device)):
+        got = []
+        for n in (0, 1, 3, 16):
+            kc = torch.zeros(1, sz["L"], sz["Hk"], sz["D"], dtype=dtype, device=device)
+            vc = torch.zeros_like(kc)
+            kc[:, :pre], vc[:, :pre] = k[:, :pre], v[:, :pre]
+            out, lse = flash_attn_with_kvcache(q[:, pre:], kc, vc, k=k[:, pre:], v=v[:, pre:], cache_seqlens=pre,
+                                               causal=True, return_softmax_lse=True, num_splits=n)
+            got.append((n, out, lse, kc))
+        for n, out, lse, kc in got[1:]:
+            assert torch.equal(out, got[0][1]) and torch.equal(lse, got[0][2]) and torch.equal(kc, got[0][3]), \
+                f"num_splits={n} changed the bits"
+        for bad, err in ((-1, ValueError), (1.5, TypeError), (True, TypeError)):
+            before = kc.clone()
+            with pytest.raises(err, match="num_splits"):
+                flash_attn_with_kvcache(q[:, pre:], kc, vc, k=k[:, pre:], v=v[:, pre:], cache_seqlens=pre,
+                                        causal=True, num_splits=bad)
+            assert torch.equal(kc, before), f"num_splits={bad!r} raised after writing the cache"

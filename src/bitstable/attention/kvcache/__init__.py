@@ -28,7 +28,7 @@ from .ops import attn_kvcache, kvcache_attention
 from .plan import DecodePlan, plan_call
 from .stock import stock_kvcache as _stock_kvcache  # noqa: F401
 from .validation import check_cache_args as _validate  # noqa: F401
-from .validation import validate
+from .validation import check_num_splits, validate
 
 __all__ = ["flash_attn_with_kvcache", "decode_plan", "DecodePlan"]
 
@@ -41,7 +41,8 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             softmax_scale: Optional[float] = None, causal: bool = False,
                             window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                             alibi_slopes: Optional[torch.Tensor] = None,
-                            split_size: Optional[int] = None, return_softmax_lse: bool = False):
+                            split_size: Optional[int] = None, return_softmax_lse: bool = False,
+                            num_splits: int = 0):
     """Attention of new queries against a KV cache, appending new keys/values first.
 
     Args (flash-attn's names and meanings):
@@ -59,6 +60,11 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         softmax_scale, causal, window_size, softcap, alibi_slopes: as
             :func:`flash_attn_func` (causal aligned bottom-right: query ``i``
             sits at position ``cache_seqlens + seqlen_new - seqlen_q + i``).
+        num_splits: an int >= 0, accepted for flash-attn compatibility and ignored:
+            flash-attn picks its split count by this argument (0: a heuristic of the
+            batch and the lengths), which changes its bits; bitstable's splits are
+            fixed by ``split_size`` (keys per split from key 0), so ``num_splits``
+            changes neither the bits nor the launch.
     Returns out (batch, seqlen_q, nheads, headdim), and the lse (batch, nheads,
     seqlen_q) float32 if ``return_softmax_lse``.
 
@@ -70,6 +76,7 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     ``torch.compile(fullgraph=True)`` traces it as one custom op
     (``bitstable::attn_kvcache``) that mutates ``k_cache`` and ``v_cache``.
     """
+    check_num_splits(num_splits)
     mode = get_deterministic_mode()
     if torch.compiler.is_compiling():
         seqlens, seqlens_int = cache_seqlens, 0
@@ -96,12 +103,14 @@ def decode_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 softmax_scale: Optional[float] = None, causal: bool = False,
                 window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                 alibi_slopes: Optional[torch.Tensor] = None, split_size: Optional[int] = None,
-                return_softmax_lse: bool = False, options: Optional[LaunchOptions] = None) -> DecodePlan:
+                return_softmax_lse: bool = False, num_splits: int = 0,
+                options: Optional[LaunchOptions] = None) -> DecodePlan:
     """The :class:`DecodePlan` that ``flash_attn_with_kvcache`` with these arguments would
     run in the deterministic mode (which partial kernel, its tiles, stages and loads, the
     split count, the combine tile), under the launch options in force (or ``options``).
     Validates the arguments as the call does; writes nothing.  For tests and explorations:
     it tells which launch variant a call really takes."""
+    check_num_splits(num_splits)
     call = validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, softmax_scale,
                     causal, window_size, softcap, alibi_slopes)
     return plan_call(q, last_dim_contiguous(k_cache), last_dim_contiguous(v_cache), call, softcap, alibi_slopes,

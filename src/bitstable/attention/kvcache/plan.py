@@ -19,6 +19,7 @@ import triton
 from ..._backend import compute_dtype, interpreting
 from ...configs import DECODE_COMBINE_TILE, arch_key, attention_config, padded_head_dim
 from ...launch_options import LaunchOptions
+from ...mode import get_deterministic_mode
 from ..decode_wgmma import table_stages, wgmma_decode_eligible
 from ..launch import resolve_split_size, tma_usable
 from .validation import CheckedCall
@@ -117,6 +118,8 @@ def plan_call(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cal
     B, Lq, Hq, D = q.shape
     Hk = k_cache.shape[2]
     left, right = call.left, call.right
+    if split_size is None:   # the mode's, resolved before the cache key
+        split_size = get_deterministic_mode().split_size
     st = _static_plan(q.device, q.dtype, D, call.page_size, softcap > 0, alibi_slopes is not None,
                       left >= 0, right >= 0, split_size, options)
     # Splits launched: for the longest sequence when the lengths were read on the host,

@@ -135,6 +135,14 @@ def check_cache_args(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, 
     return cache_seqlens, before, n_new, page_size
 
 
+def check_num_splits(num_splits) -> None:
+    """``num_splits`` (flash-attn's split count; ignored by bitstable) must be an int >= 0."""
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int):
+        raise TypeError(f"num_splits must be an int, got {type(num_splits).__name__}")
+    if num_splits < 0:
+        raise ValueError(f"num_splits must be >= 0 (0: flash-attn's heuristic), got {num_splits}")
+
+
 class CheckedCall(NamedTuple):
     """A validated call: ``cache_seqlens`` [B] int32 on q's device (contiguous), ``before``
     (their host list, or None inside CUDA-graph capture), ``n_new`` (tokens appended),
