@@ -6,7 +6,7 @@ Public API only; see DESIGN.md for the invariance contract.
 from . import _backend  # noqa: F401  (decides CUDA vs Triton's interpreter before triton loads)
 from .attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from . import ops
-from .batch_invariant import (disable_batch_invariant_mode, enable_batch_invariant_mode,
+from .ops.batch_invariant import (disable_batch_invariant_mode, enable_batch_invariant_mode,
                               is_batch_invariant_mode_enabled, register_batch_invariant_attention,
                               set_batch_invariant_mode, unregister_batch_invariant_attention)
 from .mode import (DeterministicMode, get_deterministic_mode, set_deterministic,
