@@ -158,6 +158,21 @@ def test_varlen_kvpacked_equals_unpacked(device):
     _check_grads_stacked(kv.grad, [k2.grad, v2.grad], 1)
 
 
+def test_packed_padded_torch_compile_fullgraph(device):
+    """The packed unbind and the head-dim padding trace with no graph break; same bits."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(15)
+    qkv0 = _rand(1, 17, 3, 2, 20, dtype=torch.float16, device=device, g=g)
+    fn = lambda t: flash_attn_qkvpacked_func(t, causal=True)  # noqa: E731
+    compiled = torch.compile(fn, backend="aot_eager" if device == "cpu" else "inductor", fullgraph=True)
+    a, b = _leaves(qkv0, qkv0)
+    out_c, out_e = compiled(a), fn(b)
+    assert torch.equal(out_c, out_e)
+    out_c.float().sum().backward()
+    out_e.float().sum().backward()
+    assert torch.equal(a.grad, b.grad)
+
+
 def test_packed_stock_path(device):
     """set_deterministic(False): the packed variants route to stock PyTorch too."""
     g = torch.Generator().manual_seed(4)
