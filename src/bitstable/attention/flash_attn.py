@@ -127,19 +127,78 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
                            alibi_slopes, return_attn_probs)
 
 
-def _gather_pages(pages: torch.Tensor, block_table: torch.Tensor, cu_seqlens_k: torch.Tensor,
-                  seqlens_k, page_size: int) -> torch.Tensor:
-    """Paged keys (or values) [num_blocks, page_size, Hkv, D] gathered into the packed
-    layout [total_k, Hkv, D] that ``cu_seqlens_k`` describes: key ``j`` of sequence ``i``
-    is ``pages[block_table[i, j // page_size], j % page_size]``.  One copy of the used
-    keys, made on the device from the host lengths (no further synchronisation)."""
-    dev = pages.device
+def _page_gather_index(block_table: torch.Tensor, cu_seqlens_k: torch.Tensor, seqlens_k,
+                       page_size: int) -> torch.Tensor:
+    """Where each packed key lives in the pages: key ``j`` of sequence ``i`` (packed
+    position ``cu_seqlens_k[i] + j``) is flat slot ``block_table[i, j // page_size] *
+    page_size + j % page_size``.  int64 [total_k] on the device, built from the host
+    lengths with no further synchronisation."""
+    dev = block_table.device
     lens = torch.tensor(seqlens_k, dtype=torch.long, device=dev)
     total = int(sum(seqlens_k))
     seq = torch.repeat_interleave(torch.arange(len(seqlens_k), device=dev), lens, output_size=total)
     pos = torch.arange(total, device=dev) - cu_seqlens_k.long()[seq]
-    flat = block_table.long()[seq, pos // page_size] * page_size + pos % page_size
-    return pages.reshape(-1, *pages.shape[2:]).index_select(0, flat)
+    return block_table.long()[seq, pos // page_size] * page_size + pos % page_size
+
+
+def _page_layers(table, seqlens_k, page_size: int, flat: torch.Tensor):
+    """The backward's write plan: ``[(dst, src), ...]`` index pairs, one per layer, where
+    layer ``r`` holds every key whose page is being used for the ``r``-th time (in
+    ascending (sequence, page position) order).  Inside a layer no slot repeats, so the
+    scatter of layer ``r`` (added onto layers ``0 .. r-1``) has no race: a slot shared by
+    several sequences sums their gradients in ascending sequence order, on every run."""
+    uses, layer_of_use, offset = {}, [], []
+    for i, n in enumerate(seqlens_k):
+        offset.append(len(layer_of_use))
+        for p in range(-(-n // page_size)):
+            page = table[i][p]
+            layer_of_use.append(uses.get(page, 0))
+            uses[page] = layer_of_use[-1] + 1
+    num_layers = max(uses.values(), default=0)
+    if num_layers <= 1:
+        src = torch.arange(flat.numel(), device=flat.device)
+        return [(flat, src)]
+    dev = flat.device
+    lens = torch.tensor(seqlens_k, dtype=torch.long, device=dev)
+    seq = torch.repeat_interleave(torch.arange(len(seqlens_k), device=dev), lens, output_size=flat.numel())
+    starts = torch.cumsum(lens, 0) - lens
+    pos = torch.arange(flat.numel(), device=dev) - starts[seq]
+    use = torch.tensor(offset, dtype=torch.long, device=dev)[seq] + pos // page_size
+    token_layer = torch.tensor(layer_of_use, dtype=torch.long, device=dev)[use]
+    layers = []
+    for r in range(num_layers):
+        src = (token_layer == r).nonzero().flatten()
+        layers.append((flat[src], src))
+    return layers
+
+
+class _PagedGather(torch.autograd.Function):
+    """pages [num_blocks, page_size, H, D] -> packed keys [total_k, H, D] by ``flat``; the
+    backward scatters the packed gradient back into zeros of the pages' shape, layer by
+    layer (:func:`_page_layers`): deterministic, no atomics; unused slots get 0."""
+
+    @staticmethod
+    def forward(ctx, pages, flat, layers):
+        ctx.pages_shape = pages.shape
+        ctx.layers = layers
+        return pages.reshape(-1, *pages.shape[2:]).index_select(0, flat)
+
+    @staticmethod
+    def backward(ctx, grad):
+        num_blocks, page_size = ctx.pages_shape[:2]
+        out = grad.new_zeros((num_blocks * page_size, *grad.shape[1:]))
+        for r, (dst, src) in enumerate(ctx.layers):
+            vals = grad.index_select(0, src)
+            out[dst] = vals if r == 0 else out[dst] + vals
+        return out.view(ctx.pages_shape), None, None
+
+
+def _gather_pages(pages: torch.Tensor, flat: torch.Tensor, layers) -> torch.Tensor:
+    """Paged keys (or values) gathered into the packed layout (one copy of the used keys);
+    differentiable when ``layers`` (the backward's plan) is given."""
+    if layers is None:
+        return pages.reshape(-1, *pages.shape[2:]).index_select(0, flat)
+    return _PagedGather.apply(pages, flat, layers)
 
 
 def varlen_attention_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
@@ -164,17 +223,16 @@ def varlen_attention_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
     _check_bool("return_attn_probs", return_attn_probs)
     seqlens_k = [b - a for a, b in zip(host_k[:-1], host_k[1:])]
     if paged:
-        page_size = check_block_table(block_table, k, v, num_seqs, seqlens_k, names=names[1:])
-        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            raise NotImplementedError(
-                f"gradients of paged {names[1]}/{names[2]} (block_table) are not implemented; pass "
-                f"detached pages (the gradient of q is supported) or a contiguous {names[1]}/{names[2]}")
+        page_size, table = check_block_table(block_table, k, v, num_seqs, seqlens_k, names=names[1:])
     window = (left, right)
     left, right = normalize_window(causal, left, right, max(max_seqlen_k, 1))
 
     if paged:   # first implementation: one gather into the packed layout per call
-        k = _gather_pages(k, block_table, cu_seqlens_k, seqlens_k, page_size)
-        v = _gather_pages(v, block_table, cu_seqlens_k, seqlens_k, page_size)
+        flat = _page_gather_index(block_table, cu_seqlens_k, seqlens_k, page_size)
+        grads = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
+        layers = _page_layers(table, seqlens_k, page_size, flat) if grads else None
+        k = _gather_pages(k, flat, layers if k.requires_grad else None)
+        v = _gather_pages(v, flat, layers if v.requires_grad else None)
 
     if not get_deterministic_mode().enabled:
         outs, lses = [], []
@@ -227,7 +285,9 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             gathered into the packed layout once per call (a copy of
             2 x total_k x nheads_k x headdim elements, made on the device), then
             the contiguous kernel runs: the bits are those of the contiguous call.
-            Forward and dq only: gradients of paged k/v raise NotImplementedError.
+            Differentiable: the gradients of the pages are the contiguous call's dk/dv
+            at the slots the table uses (zero elsewhere); a slot that several
+            sequences share sums their gradients in ascending sequence order.
         other arguments as :func:`flash_attn_func`; ``alibi_slopes`` may be
         (nheads,) or (num_seqs, nheads).
 

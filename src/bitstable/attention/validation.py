@@ -240,12 +240,12 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     return hosts[0], hosts[1]
 
 
-def check_block_table(block_table, k, v, num_seqs: int, seqlens_k, names: Tuple[str, str] = ("k", "v")
-                      ) -> int:
+def check_block_table(block_table, k, v, num_seqs: int, seqlens_k, names: Tuple[str, str] = ("k", "v")):
     """``block_table`` int32 [num_seqs, max_pages] of pages of k/v [num_blocks, page_size,
     Hkv, D]: page_size a multiple of 16, enough pages for each sequence's keys
     (``seqlens_k``, host ints), every used page index in [0, num_blocks).  Reads the
-    table on the host (one synchronisation).  Returns page_size."""
+    table on the host (one synchronisation).  Returns ``(page_size, table)``, the table
+    as nested lists."""
     nk, nv = names
     if not isinstance(block_table, torch.Tensor):
         raise TypeError(f"block_table must be a torch.Tensor or None, got {type(block_table).__name__}")
@@ -271,4 +271,4 @@ def check_block_table(block_table, k, v, num_seqs: int, seqlens_k, names: Tuple[
         if used and (min(used) < 0 or max(used) >= num_blocks):
             raise ValueError(f"block_table[{i}] holds page index {min(used) if min(used) < 0 else max(used)}"
                              f" outside [0, {num_blocks}) ({nk}/{nv} have {num_blocks} pages)")
-    return page_size
+    return page_size, table
