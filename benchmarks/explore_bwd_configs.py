@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import bitstable
 from bitstable import launch_options
-from bitstable.bench import attention_flops
+from bitstable.cli.bench import attention_flops
 from bitstable.configs import BackwardConfig, arch_key, backward_config
 
 KV = {64: [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2)],

@@ -21,7 +21,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import bitstable
-from bitstable.bench import copy_bandwidth_gbs, sdpa_fn
+from bitstable.cli.bench import copy_bandwidth_gbs, sdpa_fn
 
 from bitstable import launch_options
 
@@ -156,7 +156,7 @@ def tma_probe():
 def forward_split_cost():
     """What the split size costs the prefill: the forward (bf16) on the benchmark's shapes
     at split sizes 2048, 1024 and 512, next to SDPA-cudnn, all in one process."""
-    from bitstable.bench import DEFAULT_SHAPES, attention_flops
+    from bitstable.cli.bench import DEFAULT_SHAPES, attention_flops
     print("| B | H | L | D | causal | split | ms | TFLOP/s | vs cudnn |")
     print("|---|---|---|---|---|---|---|---|---|")
     for B, H, L, D in DEFAULT_SHAPES:

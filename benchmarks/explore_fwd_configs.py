@@ -15,7 +15,7 @@ import triton
 
 from bitstable.launch_options import LaunchOptions
 from bitstable.attention.launch import attention_forward
-from bitstable.bench import attention_flops, sdpa_fn
+from bitstable.cli.bench import attention_flops, sdpa_fn
 from bitstable.configs import AttentionConfig
 
 CANDIDATES = {

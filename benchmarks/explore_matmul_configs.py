@@ -49,7 +49,7 @@ if len(sys.argv) > 1 and sys.argv[1] == "round3":   # small M: longer K blocks p
               (1, 4096, 14336), (64, 14336, 4096), (16, 4096, 4096), (1, 4100, 4104), (33, 1000, 3000)]
 LAYOUTS = ("x@W^T",)
 if len(sys.argv) > 1 and sys.argv[1] == "layouts":   # every operand layout (bench_ops.MATMUL_LAYOUTS)
-    from bitstable.bench_ops import MATMUL_LAYOUTS as LAYOUTS
+    from bitstable.cli.bench_ops import MATMUL_LAYOUTS as LAYOUTS
     SMALL = [None, MatmulConfig(16, 64, 128, 4, 4), MatmulConfig(16, 128, 64, 4, 4),
              MatmulConfig(16, 64, 256, 4, 3), MatmulConfig(32, 64, 128, 4, 4), MatmulConfig(64, 64, 128, 4, 3)]
     LARGE = [None, MatmulConfig(128, 256, 64, 8, 3), MatmulConfig(128, 256, 64, 8, 4),
@@ -101,7 +101,7 @@ def _time(fn):
 
 def main():
     torch.manual_seed(0)
-    from bitstable.bench_ops import matmul_operands
+    from bitstable.cli.bench_ops import matmul_operands
 
     g = torch.Generator(device="cuda").manual_seed(0)
     print("| M | N | K | layout | config | ms | TFLOP/s | cuBLAS ms | vs cuBLAS | same bits |")

@@ -33,7 +33,7 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 import bitstable
-from bitstable.bench import copy_bandwidth_gbs
+from bitstable.cli.bench import copy_bandwidth_gbs
 from bitstable.configs import DECODE_COMBINE_TILE
 
 kv_launch = importlib.import_module("bitstable.attention.kvcache.launch")

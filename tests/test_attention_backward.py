@@ -6,7 +6,7 @@ import torch
 
 import bitstable
 from bitstable import flash_attn_func
-from bitstable.reference import attention_reference
+from bitstable.reference import attention_reference, flash_backward_slack
 from bitstable.testing import Shape, check_backward_batch_invariance, check_backward_run_to_run
 
 from cases import CPU_FEATURES, DTYPE_PARAMS, GPU_FEATURES, cpu_bf16_gpu_marked, make_inputs, matrix, params
@@ -58,15 +58,20 @@ def test_gradients_match_float64_reference(dtype, sizes, kw, device):
         assert not t.isnan().any(), "unwritten (poisoned) or NaN gradient"
     ref = _grads(_reference(torch.float64), q.double(), k.double(), v.double(), dout.double(), dlse, **kw)
     stock = _grads(_reference(dtype), q, k, v, dout, dlse, **kw)
-    for name, a, r, s in zip(("dq", "dk", "dv"), ours, ref, stock):
+    with torch.no_grad():
+        out = flash_attn_func(q, k, v, **kw)
+    slack = flash_backward_slack(q, k, v, out, dout, dlse, **kw)
+    for name, a, r, s, extra in zip(("dq", "dk", "dv"), ours, ref, stock, slack):
         assert a.dtype == dtype and a.shape == r.shape
         err = (a.double() - r).abs().max().item()
         err_stock = (s.double() - r).abs().max().item()
         # The backward recomputes probabilities as exp2(score * scale - lse): an fp32
         # argument of magnitude ~|score| costs a few ulps that the stock (direct
-        # softmax) reference does not pay; that matters only for float32.
+        # softmax) reference does not pay; that matters only for float32.  ``extra``: what
+        # taking Delta from the stored output costs (reference.flash_backward_slack).
         floor = 4 * torch.finfo(dtype).eps * r.abs().max().item()
-        assert err <= 2 * err_stock + floor, f"{name}: max error {err:.3g} vs stock {err_stock:.3g}"
+        tol = 2 * err_stock + floor + extra
+        assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g} (stock {err_stock:.3g})"
 
 
 FEATURES = [pytest.param(dict(causal=True), id="causal"),
@@ -184,3 +189,28 @@ def test_skipping_masks_on_fully_visible_tiles_changes_no_bits(dtype, sizes, kw,
             got[skip] = _grads(_bitstable, q, k, v, dout, **kw)
     for name, a, b in zip("q k v".split(), got[False], got[True]):
         assert torch.equal(a, b), f"d{name} differs with skipped masks"
+
+
+def test_flash_backward_slack_is_the_stored_output_formula():
+    """reference.flash_backward_slack's Delta term equals the FlashAttention formula
+    computed by hand in float64 (Delta = rowsum(dO * out_stored)), and it is what separates
+    that formula from float64 autograd: bf16, softmax_scale 1, D 56 (a peaked softmax, where
+    the term is several times stock's error)."""
+    g = torch.Generator().manual_seed(11)
+    B, L, H, D = 1, 13, 2, 56
+    q, k, v, dout = (torch.randn(B, L, H, D, generator=g) for _ in range(4))
+    out = attention_reference(q.double(), k.double(), v.double(), softmax_scale=1.0, causal=True)[0]
+    stored = out.to(torch.bfloat16)
+    # the formula by hand: P, dP, Delta from the stored output, dS, dq
+    qh, kh, vh, doh = (t.double().transpose(1, 2) for t in (q, k, v, dout))
+    s = (qh @ kh.transpose(-1, -2)).masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+    p = torch.softmax(s, -1)
+    delta = (doh * stored.double().transpose(1, 2)).sum(-1, keepdim=True)
+    dq_formula = ((p * (doh @ vh.transpose(-1, -2) - delta)) @ kh).transpose(1, 2)
+    qr = q.double().requires_grad_(True)
+    o64, _ = attention_reference(qr, k.double(), v.double(), softmax_scale=1.0, causal=True)
+    (dq_exact,) = torch.autograd.grad(o64, qr, dout.double())
+    shift = (dq_formula - dq_exact).abs().max().item()
+    slack_dq = flash_backward_slack(q, k, v, stored, dout, softmax_scale=1.0, causal=True)[0]
+    assert shift > 1e-3                       # the term is real at this shape
+    assert shift <= slack_dq <= shift * 1.01 + 1e-5

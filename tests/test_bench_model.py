@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bitstable import _backend
-from bitstable.bench_model import N_OVERHEAD_CASES, Distinct
+from bitstable.cli.bench_model import N_OVERHEAD_CASES, Distinct
 
 RUNS = 2          # identical runs per case (the bench's default is 3; trimmed for the CPU)
 SIZES = dict(config=dict(num_hidden_layers=1, hidden_size=32, intermediate_size=32, num_attention_heads=2,
@@ -25,7 +25,7 @@ SIZES = dict(config=dict(num_hidden_layers=1, hidden_size=32, intermediate_size=
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    from bitstable.bench import run_bench
+    from bitstable.cli.bench import run_bench
 
     if not _backend.interpreting():
         pytest.skip("CPU-size run of the model pass; on the GPU run `bitstable bench --passes model`")
@@ -131,7 +131,8 @@ def test_distinct_compares_bits():
 
 
 def test_cli_model_flags(monkeypatch, tmp_path):
-    from bitstable import bench, cli
+    from bitstable import cli
+    from bitstable.cli import bench
 
     seen = {}
     monkeypatch.setattr(bench, "run_bench", lambda out, **kw: seen.update(kw, out=out) or [])
@@ -150,7 +151,7 @@ def test_cli_model_flags(monkeypatch, tmp_path):
 
 
 def test_failed_rows_are_shown_with_the_error():
-    from bitstable.bench_model import model_table
+    from bitstable.cli.bench_model import model_table
 
     row = dict(part="generate", case="HF generate", api="hf_generate", B=1, prompt_len=4, new_tokens=2, runs=RUNS,
                stock_tokens_per_s=10.0, bitstable_tokens_per_s=None, ratio_vs_stock=None, stock_identical_runs=1,

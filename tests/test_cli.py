@@ -45,7 +45,7 @@ def test_verify_runs_every_check_and_they_hold(tmp_path, monkeypatch):
     """All of verify's checks, end to end (table, verdict, JSON), with its attention
     scenarios (dtypes, features) at tiny sizes; the decode and ops checks at verify's own
     CPU sizes."""
-    from bitstable import verify
+    from bitstable.cli import verify
     from bitstable.testing import Shape
 
     real = verify._scenarios
@@ -74,7 +74,7 @@ def test_verify_runs_every_check_and_they_hold(tmp_path, monkeypatch):
 
 def test_verify_exits_nonzero_on_a_violation(monkeypatch):
     """A failing bitstable check makes verify exit 1; a failing stock check does not."""
-    from bitstable import verify
+    from bitstable.cli import verify
     from bitstable.testing import CheckResult
 
     monkeypatch.setattr(verify, "check_run_to_run",
@@ -86,7 +86,8 @@ def test_verify_exits_nonzero_on_a_violation(monkeypatch):
 
 
 def test_verify_rejects_unknown_checks(capsys):
-    from bitstable import cli, verify
+    from bitstable import cli
+    from bitstable.cli import verify
 
     with pytest.raises(SystemExit) as e:
         cli.main(["verify", "--checks", "run-to-run,nope"])
@@ -104,7 +105,7 @@ def test_bench_writes_table_json_and_plot(tmp_path):
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     dense = [row for row in rows if row["pass_"] in ("fwd", "fwd+bwd")]
     op_rows = [row for row in rows if row["pass_"] == "ops"]
-    from bitstable.bench_ops import MATMUL_LAYOUTS
+    from bitstable.cli.bench_ops import MATMUL_LAYOUTS
 
     assert [(row["op"], row.get("layout"), row["shape"]) for row in op_rows] == [
         ("mm", lay, shape) for shape in ("3x40x24", "20x16x8") for lay in MATMUL_LAYOUTS] + [

@@ -9,9 +9,9 @@ import bitstable
 
 transformers = pytest.importorskip("transformers")
 
-from bitstable import demo  # noqa: E402
-from bitstable.demo import attention_experiment, build_model, run_demo  # noqa: E402
-from bitstable.generate import Engine, Request, recompute_logprobs  # noqa: E402
+from bitstable.cli import demo  # noqa: E402
+from bitstable.cli.demo import attention_experiment, build_model, run_demo  # noqa: E402
+from bitstable.integrations.generate import Engine, Request, recompute_logprobs  # noqa: E402
 
 #: demo.SIZES["tiny"] narrowed for the interpreter, whose time goes to the matmuls' tiles:
 #: still two layers, GQA (2 query heads, 1 kv head, head dim 16), an MLP wider than the

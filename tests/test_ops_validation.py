@@ -168,7 +168,7 @@ def test_addmm_bad_bias_and_scalars_name_the_argument(device):
 def test_mode_fallback_calls_stock_kernels_without_rebuilding_registrations(monkeypatch):
     """An input the kernels do not take (int64) runs the stock kernel captured at import;
     the overrides stay registered (no teardown/rebuild per fallback)."""
-    from bitstable import batch_invariant as bi
+    from bitstable.ops import batch_invariant as bi
 
     if not bi._STOCK:
         pytest.skip("this torch has no torch.library.get_kernel: fallbacks take stock_ops()")

@@ -4,9 +4,11 @@ Public API only; see DESIGN.md for the invariance contract.
 """
 
 from . import _backend  # noqa: F401  (decides CUDA vs Triton's interpreter before triton loads)
-from .attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from .attention import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
+                        flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
+                        flash_attn_varlen_qkvpacked_func, flash_attn_with_kvcache)
 from . import ops
-from .batch_invariant import (disable_batch_invariant_mode, enable_batch_invariant_mode,
+from .ops.batch_invariant import (disable_batch_invariant_mode, enable_batch_invariant_mode,
                               is_batch_invariant_mode_enabled, register_batch_invariant_attention,
                               set_batch_invariant_mode, unregister_batch_invariant_attention)
 from .mode import (DeterministicMode, get_deterministic_mode, set_deterministic,
@@ -26,7 +28,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
     "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
     "set_deterministic",
     "set_deterministic_mode",

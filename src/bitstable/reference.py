@@ -72,3 +72,58 @@ def attention_reference(q, k, v, softmax_scale: Optional[float] = None, causal: 
     out = torch.matmul(p.to(dt), vh).transpose(1, 2)
     lse = lse.masked_fill(empty, float("inf"))
     return out, lse
+
+
+def _float64_grads(q, k, v, dout, dlse, kw):
+    q, k, v = (t.detach().to(torch.float64).requires_grad_(True) for t in (q, k, v))
+    out, lse = attention_reference(q, k, v, compute_dtype=torch.float64, **kw)
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    grads = torch.autograd.grad((out, lse), (q, k, v), (dout.to(torch.float64), dlse.to(torch.float64)))
+    return out.detach(), grads
+
+
+def flash_backward_slack(q, k, v, out, dout, dlse=None, **kw) -> Tuple[float, float, float]:
+    """What a FlashAttention-style backward may differ from the float64 gradients by,
+    beyond stock PyTorch's own error: one float per gradient (dq, dk, dv), a max-abs.
+
+    Such a backward (bitstable's, FlashAttention's, cuDNN's) forms ``dS = P * (dP - Delta +
+    dlse)`` with ``Delta = rowsum(dO * O)`` taken from the forward's output ``out`` *as
+    stored* (rounded to its dtype), where stock autograd uses ``rowsum(P * dP)``.
+    ``dP - Delta`` cancels (a row that sees one key has exactly 0), so two effects are not
+    proportional to the gradients:
+
+    * the stored output's rounding moves ``Delta`` by ``rowsum(dO * (out - O))``: its exact
+      effect is a ``dlse`` shift of minus that, computed here in float64 (with a peaked
+      softmax, e.g. softmax_scale 1 at D 56 in bf16, it is several times stock's error);
+    * ``dP`` and ``Delta`` are fp32 sums in different orders: one fp32 unit of roundoff of
+      ``P * (|dO| @ |V|^T)``, carried through ``|K|`` (dq) or ``|Q|`` (dk).
+
+    ``dv = P^T @ dO`` has neither (0).  ``q, k, v, dout`` any float dtype, layout
+    (batch, seqlen, heads, headdim); ``out`` the forward output the backward received;
+    ``dlse`` [B, Hq, Lq] or None; ``kw`` attention_reference's keywords.
+    """
+    B, Lq, Hq, D = q.shape
+    Lk, Hk = k.shape[1], k.shape[2]
+    zero = torch.zeros(B, Hq, Lq, dtype=torch.float64, device=q.device)
+    dlse = zero if dlse is None else dlse.to(torch.float64)
+    exact, g_exact = _float64_grads(q, k, v, dout, dlse, kw)
+    delta_err = (dout.to(torch.float64) * (out.to(torch.float64) - exact)).sum(-1).transpose(1, 2)
+    _, g_stored = _float64_grads(q, k, v, dout, dlse - delta_err, kw)
+    # the fp32 accumulation term, from the float64 probabilities
+    g = Hq // Hk
+    scale = kw.get("softmax_scale") or 1.0 / math.sqrt(D)
+    qh, kh, vh, doh = (t.detach().to(torch.float64).transpose(1, 2) for t in (q, k, v, dout))
+    kh, vh = kh.repeat_interleave(g, dim=1), vh.repeat_interleave(g, dim=1)
+    s = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    if kw.get("softcap", 0.0) > 0:
+        s = torch.tanh(s / kw["softcap"]) * kw["softcap"]
+    if kw.get("alibi_slopes") is not None:
+        s = s + alibi_bias(kw["alibi_slopes"], B, Hq, Lq, Lk, torch.float64)
+    ok = visibility(Lq, Lk, kw.get("causal", False), tuple(kw.get("window_size", (-1, -1))), q.device)
+    p = torch.softmax(s.masked_fill(~ok, float("-inf")), dim=-1).masked_fill(~ok.any(-1)[:, None], 0.0)
+    ds = p * torch.matmul(doh.abs(), vh.abs().transpose(-1, -2))
+    mq = scale * torch.matmul(ds, kh.abs()).max().item()
+    mk = scale * torch.matmul(ds.transpose(-1, -2), qh.abs()).reshape(B, Hk, g, Lk, D).sum(2).max().item()
+    eps32 = torch.finfo(torch.float32).eps
+    shift = [(a - b).abs().max().item() if a.numel() else 0.0 for a, b in zip(g_stored, g_exact)]
+    return shift[0] + eps32 * mq, shift[1] + eps32 * mk, 0.0

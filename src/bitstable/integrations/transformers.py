@@ -6,7 +6,7 @@ After :func:`register_bitstable_attention`, a transformers model loaded or built
 * no mask (causal LM without padding): ``flash_attn_func`` with causal aligned
   bottom-right, so a forward over a whole sequence and an incremental decode over a
   ``DynamicCache`` give every token the same bits;
-* inside :func:`kv_cache_context` (bitstable's own generation loop, ``bitstable.generate``):
+* inside :func:`kv_cache_context` (bitstable's own generation loop, ``bitstable.integrations.generate``):
   the layer's new keys/values are appended to bitstable's KV cache and the queries
   attend through ``flash_attn_with_kvcache`` (decode = prefill = training, bitwise,
   batch-invariant);

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
             if bad or not checks:
                 ap.error(f"--checks takes a comma list of {', '.join(CHECKS)}; got {args.checks!r}")
         return run_verify(args.json, checks=checks)
-    from . import _backend
+    from .. import _backend
 
     gpu = not _backend.interpreting()
     if args.cmd == "demo":
