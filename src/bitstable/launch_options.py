@@ -13,7 +13,12 @@ choice", and the :func:`forced` context manager::
         out = flash_attn_func(q, k, v, causal=True)
 
 The launchers read :func:`current` once per call (or take ``options=`` explicitly) and
-key their plan caches on it, so the default costs one global read per call.
+key their plan caches on it, so the default costs one global read per call.  A call
+reads the options in force when it runs: an autograd backward reads them when
+``backward()`` runs, and a CUDA graph keeps the launches it captured.  Which variant a
+call takes can be read from its plan: :func:`bitstable.attention.launch.forward_plan`,
+:func:`bitstable.attention.backward.backward_plan`,
+:func:`bitstable.attention.kvcache.decode_plan`.
 
 Every field but ``bwd_config`` and ``matmul_config`` is launch-only: it changes how an
 output is computed, never which sum it is (the tests prove it bit for bit).  Those two

@@ -84,7 +84,7 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             seqlens, seqlens_int = None, cache_seqlens or 0
         elif not isinstance(cache_seqlens, torch.Tensor):
             raise TypeError(f"cache_seqlens must be a torch.Tensor, got {type(cache_seqlens).__name__}")
-        left, right = window_size
+        left, right = (int(x) for x in window_size)
         out, lse = attn_kvcache(q, k_cache, v_cache, k, v, seqlens, seqlens_int, cache_batch_idx, block_table,
                                 softmax_scale, causal, left, right, float(softcap), alibi_slopes,
                                 mode.split_size if split_size is None else split_size, mode.enabled)
