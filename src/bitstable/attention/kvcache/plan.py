@@ -71,15 +71,15 @@ class _StaticPlan(NamedTuple):
     kwargs: dict
 
 
-#: (device, dtype, head dim, page size (0: contiguous), softcap, alibi, left, right,
+#: (device, dtype, head dim, paged, page size, softcap, alibi, left, right,
 #: split size, launch options) -> _StaticPlan: config lookups, split checks and constexpr
 #: assembly cost host time on every decode step of every layer.
 _STATIC_PLANS: dict = {}
 
 
-def _static_plan(device, dtype, D, page_size, has_softcap, has_alibi, has_left, has_right,
+def _static_plan(device, dtype, D, paged, page_size, has_softcap, has_alibi, has_left, has_right,
                  split_size, options: LaunchOptions) -> _StaticPlan:
-    key = (device.type, device.index, dtype, D, page_size, has_softcap, has_alibi, has_left,
+    key = (device.type, device.index, dtype, D, paged, page_size, has_softcap, has_alibi, has_left,
            has_right, split_size, options)
     plan = _STATIC_PLANS.get(key)
     if plan is not None:
@@ -95,7 +95,6 @@ def _static_plan(device, dtype, D, page_size, has_softcap, has_alibi, has_left, 
     # (its launch overlaps the partial kernel's tail); launch-only.
     pdl = (True if options.decode_pdl is None else options.decode_pdl) and arch == "sm90"
     want_tma = cfg.tma if options.decode_tma is None else options.decode_tma
-    paged = page_size > 0
     kwargs = dict(
         HEAD_DIM=HD, BLOCK_M=dec_m, BLOCK_N=cfg.block_n, SPLIT_BLOCKS=split // cfg.block_n,
         COMPUTE_DTYPE=compute_dtype(dtype), ROWWISE=interpreting(),
@@ -120,7 +119,7 @@ def plan_call(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cal
     left, right = call.left, call.right
     if split_size is None:   # the mode's, resolved before the cache key
         split_size = get_deterministic_mode().split_size
-    st = _static_plan(q.device, q.dtype, D, call.page_size, softcap > 0, alibi_slopes is not None,
+    st = _static_plan(q.device, q.dtype, D, call.block_table is not None, call.page_size, softcap > 0, alibi_slopes is not None,
                       left >= 0, right >= 0, split_size, options)
     # Splits launched: for the longest sequence when the lengths were read on the host,
     # else (CUDA-graph capture) for the cache's capacity.  Splits past a row's length do
