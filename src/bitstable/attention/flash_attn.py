@@ -50,6 +50,23 @@ def _stock_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi
     return out.transpose(1, 2), lse
 
 
+def padded_for_kernels(q, k, v):
+    """(q, k, v, Dv): the three zero-padded on the head dim to what the kernels run at, one
+    head dim for all three: q/k's head dim D rounded up to a multiple of 8 (flash-attn pads
+    the same way), v from its own Dv <= D up to that too.  The padded columns of q and k add
+    exact zeros to every score; those of v give output columns that are sliced off (out keeps
+    Dv).  softmax_scale must already be resolved from the unpadded D.  Differentiable: the
+    gradients are sliced back to the inputs' shapes.  Cost where padding happens: one padded
+    copy of each tensor per call, and the P @ V product at D instead of Dv."""
+    D, Dv = q.shape[-1], v.shape[-1]
+    Dp = padded_to_multiple_of_8(D)
+    if Dp != D:
+        q, k = pad_head_dim(q, Dp), pad_head_dim(k, Dp)
+    if Dv != Dp:
+        v = pad_head_dim(v, Dp)
+    return q, k, v, Dv
+
+
 def _check_bool(name: str, value) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
@@ -71,14 +88,11 @@ def dense_attention(q, k, v, dropout_p, softmax_scale, causal, window_size, soft
                                     need_lse=return_attn_probs)
         return (out, lse, None) if return_attn_probs else out
 
-    D = q.shape[-1]
-    Dp = padded_to_multiple_of_8(D)
-    if Dp != D:   # zero-pad inside (softmax_scale already defaults to 1/sqrt(D))
-        q, k, v = (pad_head_dim(t, Dp) for t in (q, k, v))
+    q, k, v, Dv = padded_for_kernels(q, k, v)
     out, lse = attention(q, k, v, softmax_scale, left, right, float(softcap), alibi_slopes,
                          get_deterministic_mode().split_size)
-    if Dp != D:
-        out = out[..., :D]
+    if out.shape[-1] != Dv:
+        out = out[..., :Dv]
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -91,11 +105,14 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
 
     Args (flash-attn's names and meanings):
         q: (batch, seqlen_q, nheads, headdim), bfloat16 / float16 / float32.
-        k, v: (batch, seqlen_k, nheads_k, headdim); nheads % nheads_k == 0 (GQA/MQA).
+        k: (batch, seqlen_k, nheads_k, headdim); nheads % nheads_k == 0 (GQA/MQA).
             headdim: any size from 1 to 256.  One that is not a multiple of 8 is
             zero-padded inside to the next multiple of 8 (as flash-attn does: one
             padded copy of q, k, v per call); out and the gradients keep the
             inputs' shapes.
+        v: (batch, seqlen_k, nheads_k, headdim_v), headdim_v <= headdim (e.g. 128
+            with q/k at 192, DeepSeek's MLA prefill); v is zero-padded inside to
+            q/k's (padded) head dim, so P @ V runs at headdim, not headdim_v.
         dropout_p: must be 0.0 (dropout is not implemented; raises NotImplementedError).
         softmax_scale: defaults to 1 / sqrt(headdim) (the unpadded headdim).
         causal: causal mask aligned to the bottom-right corner (FlashAttention 2).
@@ -111,7 +128,7 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
             attention-probability matrix, which is never materialised.
 
     Returns:
-        out (batch, seqlen_q, nheads, headdim) in q's dtype; or
+        out (batch, seqlen_q, nheads, headdim_v) in q's dtype; or
         ``(out, softmax_lse, None)`` when ``return_attn_probs``.  Both are
         differentiable (dq, dk, dv; deterministic, batch-invariant); ALiBi
         slopes get no gradient.
@@ -250,15 +267,12 @@ def varlen_attention_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
         lse = torch.cat(lses, 1) if return_attn_probs else None
         return (out, lse, None) if return_attn_probs else out
 
-    D = q.shape[-1]
-    Dp = padded_to_multiple_of_8(D)
-    if Dp != D:   # zero-pad inside (softmax_scale already defaults to 1/sqrt(D))
-        q, k, v = (pad_head_dim(t, Dp) for t in (q, k, v))
+    q, k, v, Dv = padded_for_kernels(q, k, v)
     out, lse = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                 softmax_scale, left, right, float(softcap), alibi_slopes,
                                 get_deterministic_mode().split_size)
-    if Dp != D:
-        out = out[..., :D]
+    if out.shape[-1] != Dv:
+        out = out[..., :Dv]
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -272,9 +286,10 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Attention over packed variable-length sequences, bitwise equal to running each alone.
 
     Args (flash-attn's names and meanings):
-        q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim); any
-            headdim from 1 to 256 (not a multiple of 8: zero-padded inside, as
-            :func:`flash_attn_func`).
+        q: (total_q, nheads, headdim); k: (total_k, nheads_k, headdim); v: (total_k,
+            nheads_k, headdim_v), headdim_v <= headdim; any headdim from 1 to 256 (not a
+            multiple of 8: zero-padded inside, as :func:`flash_attn_func`; so is v up to
+            headdim).
         cu_seqlens_q, cu_seqlens_k: int32 (num_seqs + 1,) cumulative lengths from 0.
         max_seqlen_q, max_seqlen_k: the longest sequence lengths (ints).
         block_table: optional int32 (num_seqs, max_pages_per_seq): paged k/v.  Then
@@ -291,7 +306,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         other arguments as :func:`flash_attn_func`; ``alibi_slopes`` may be
         (nheads,) or (num_seqs, nheads).
 
-    Returns out (total_q, nheads, headdim), or ``(out, softmax_lse, None)`` with
+    Returns out (total_q, nheads, headdim_v), or ``(out, softmax_lse, None)`` with
     lse (nheads, total_q) float32 when ``return_attn_probs``.
 
     Invariance: sequence ``i``'s rows are bitwise equal to
