@@ -14,6 +14,7 @@ import torch
 from ..mode import get_deterministic_mode
 from ..reference import alibi_bias, attention_reference, visibility
 from .ops import attention, varlen_attention
+from .sinks import apply_learnable_sink, check_learnable_sink
 from .validation import (check_block_table, check_options, check_qkv, check_varlen, normalize_window,
                          pad_head_dim, padded_to_multiple_of_8)
 
@@ -73,26 +74,28 @@ def _check_bool(name: str, value) -> None:
 
 
 def dense_attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                    return_attn_probs, names=("q", "k", "v")):
+                    return_attn_probs, names=("q", "k", "v"), learnable_sink=None):
     """flash_attn_func's body; ``names``: q, k, v as the user wrote them (the packed
     variants pass slices of ``qkv`` / ``kv``).  Every check comes before any work."""
     check_qkv(q, k, v, names=names, any_head_dim=True)
     softmax_scale, left, right = check_options(q, dropout_p, softmax_scale, window_size,
                                                softcap, alibi_slopes)
     _check_bool("return_attn_probs", return_attn_probs)
+    check_learnable_sink(learnable_sink, q, q.shape[2])
     window = (left, right)          # as Python ints, whatever form the user gave
     left, right = normalize_window(causal, left, right, k.shape[1])
 
     if not get_deterministic_mode().enabled:
         out, lse = _stock_attention(q, k, v, softmax_scale, causal, window, softcap, alibi_slopes,
-                                    need_lse=return_attn_probs)
-        return (out, lse, None) if return_attn_probs else out
-
-    q, k, v, Dv = padded_for_kernels(q, k, v)
-    out, lse = attention(q, k, v, softmax_scale, left, right, float(softcap), alibi_slopes,
-                         get_deterministic_mode().split_size)
-    if out.shape[-1] != Dv:
-        out = out[..., :Dv]
+                                    need_lse=return_attn_probs or learnable_sink is not None)
+    else:
+        q, k, v, Dv = padded_for_kernels(q, k, v)
+        out, lse = attention(q, k, v, softmax_scale, left, right, float(softcap), alibi_slopes,
+                             get_deterministic_mode().split_size)
+        if out.shape[-1] != Dv:
+            out = out[..., :Dv]
+    if learnable_sink is not None:
+        out, lse = apply_learnable_sink(out, lse, learnable_sink)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -100,7 +103,7 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
                     softmax_scale: Optional[float] = None, causal: bool = False,
                     window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                     alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = True,
-                    return_attn_probs: bool = False):
+                    return_attn_probs: bool = False, *, learnable_sink: Optional[torch.Tensor] = None):
     """Scaled dot-product attention, bitwise reproducible.
 
     Args (flash-attn's names and meanings):
@@ -126,6 +129,10 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
         return_attn_probs: if True, also return the softmax log-sum-exp
             (batch, nheads, seqlen_q) float32 and ``None`` in place of the
             attention-probability matrix, which is never materialised.
+        learnable_sink: keyword-only, (nheads,) float32 or None (FlashAttention 4's
+            argument; gpt-oss's per-head sink): one more logit per head in every row's
+            softmax denominator, with no value; the returned lse includes it; it gets a
+            gradient.  Applied to (out, lse) elementwise (attention/sinks.py).
 
     Returns:
         out (batch, seqlen_q, nheads, headdim_v) in q's dtype; or
@@ -141,7 +148,7 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     log-sum-exp +inf.
     """
     return dense_attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                           alibi_slopes, return_attn_probs)
+                           alibi_slopes, return_attn_probs, learnable_sink=learnable_sink)
 
 
 def _page_gather_index(block_table: torch.Tensor, cu_seqlens_k: torch.Tensor, seqlens_k,
@@ -222,7 +229,7 @@ def varlen_attention_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
                           softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
                           block_table=None, names=("q", "k", "v"),
                           cu_names=("cu_seqlens_q", "cu_seqlens_k"),
-                          max_names=("max_seqlen_q", "max_seqlen_k")):
+                          max_names=("max_seqlen_q", "max_seqlen_k"), learnable_sink=None):
     """flash_attn_varlen_func's body; the names are the arguments as the user wrote them
     (the packed variants pass slices of ``qkv`` / ``kv`` and ``cu_seqlens`` /
     ``max_seqlen``).  Every check comes before any work."""
@@ -238,6 +245,7 @@ def varlen_attention_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
         check_options(q4.expand(num_seqs, *q.shape), 0.0, softmax_scale, window_size, softcap,
                       alibi_slopes)
     _check_bool("return_attn_probs", return_attn_probs)
+    check_learnable_sink(learnable_sink, q, q.shape[1])
     seqlens_k = [b - a for a, b in zip(host_k[:-1], host_k[1:])]
     if paged:
         page_size, table = check_block_table(block_table, k, v, num_seqs, seqlens_k, names=names[1:])
@@ -260,11 +268,14 @@ def varlen_attention_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
                 slopes = slopes[i:i + 1]
             o, l_ = _stock_attention(q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]],
                                      v[None, ck[i]:ck[i + 1]], softmax_scale, causal, window,
-                                     softcap, slopes, need_lse=return_attn_probs)
+                                     softcap, slopes,
+                                     need_lse=return_attn_probs or learnable_sink is not None)
             outs.append(o[0])
             lses.append(None if l_ is None else l_[0])
         out = torch.cat(outs, 0)
-        lse = torch.cat(lses, 1) if return_attn_probs else None
+        lse = torch.cat(lses, 1) if return_attn_probs or learnable_sink is not None else None
+        if learnable_sink is not None:
+            out, lse = apply_learnable_sink(out, lse, learnable_sink)
         return (out, lse, None) if return_attn_probs else out
 
     q, k, v, Dv = padded_for_kernels(q, k, v)
@@ -273,6 +284,8 @@ def varlen_attention_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
                                 get_deterministic_mode().split_size)
     if out.shape[-1] != Dv:
         out = out[..., :Dv]
+    if learnable_sink is not None:
+        out, lse = apply_learnable_sink(out, lse, learnable_sink)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -282,7 +295,8 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            softmax_scale: Optional[float] = None, causal: bool = False,
                            window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                            alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = True,
-                           return_attn_probs: bool = False, block_table: Optional[torch.Tensor] = None):
+                           return_attn_probs: bool = False, block_table: Optional[torch.Tensor] = None,
+                           *, learnable_sink: Optional[torch.Tensor] = None):
     """Attention over packed variable-length sequences, bitwise equal to running each alone.
 
     Args (flash-attn's names and meanings):
@@ -303,8 +317,8 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             Differentiable: the gradients of the pages are the contiguous call's dk/dv
             at the slots the table uses (zero elsewhere); a slot that several
             sequences share sums their gradients in ascending sequence order.
-        other arguments as :func:`flash_attn_func`; ``alibi_slopes`` may be
-        (nheads,) or (num_seqs, nheads).
+        other arguments as :func:`flash_attn_func` (``learnable_sink`` too); ``alibi_slopes``
+        may be (nheads,) or (num_seqs, nheads).
 
     Returns out (total_q, nheads, headdim_v), or ``(out, softmax_lse, None)`` with
     lse (nheads, total_q) float32 when ``return_attn_probs``.
@@ -317,4 +331,4 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     return varlen_attention_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                                 return_attn_probs, block_table=block_table)
+                                 return_attn_probs, block_table=block_table, learnable_sink=learnable_sink)
