@@ -14,6 +14,7 @@ import torch
 from ..mode import get_deterministic_mode
 from ..reference import alibi_bias, attention_reference, visibility
 from .ops import attention, varlen_attention
+from .sinks import apply_learnable_sink, check_learnable_sink
 from .validation import (check_block_table, check_options, check_qkv, check_varlen, normalize_window,
                          pad_head_dim, padded_to_multiple_of_8)
 
@@ -50,35 +51,51 @@ def _stock_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi
     return out.transpose(1, 2), lse
 
 
+def padded_for_kernels(q, k, v):
+    """(q, k, v, Dv): the three zero-padded on the head dim to what the kernels run at, one
+    head dim for all three: q/k's head dim D rounded up to a multiple of 8 (flash-attn pads
+    the same way), v from its own Dv <= D up to that too.  The padded columns of q and k add
+    exact zeros to every score; those of v give output columns that are sliced off (out keeps
+    Dv).  softmax_scale must already be resolved from the unpadded D.  Differentiable: the
+    gradients are sliced back to the inputs' shapes.  Cost where padding happens: one padded
+    copy of each tensor per call, and the P @ V product at D instead of Dv."""
+    D, Dv = q.shape[-1], v.shape[-1]
+    Dp = padded_to_multiple_of_8(D)
+    if Dp != D:
+        q, k = pad_head_dim(q, Dp), pad_head_dim(k, Dp)
+    if Dv != Dp:
+        v = pad_head_dim(v, Dp)
+    return q, k, v, Dv
+
+
 def _check_bool(name: str, value) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
 def dense_attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                    return_attn_probs, names=("q", "k", "v")):
+                    return_attn_probs, names=("q", "k", "v"), learnable_sink=None):
     """flash_attn_func's body; ``names``: q, k, v as the user wrote them (the packed
     variants pass slices of ``qkv`` / ``kv``).  Every check comes before any work."""
     check_qkv(q, k, v, names=names, any_head_dim=True)
     softmax_scale, left, right = check_options(q, dropout_p, softmax_scale, window_size,
                                                softcap, alibi_slopes)
     _check_bool("return_attn_probs", return_attn_probs)
+    check_learnable_sink(learnable_sink, q, q.shape[2])
     window = (left, right)          # as Python ints, whatever form the user gave
     left, right = normalize_window(causal, left, right, k.shape[1])
 
     if not get_deterministic_mode().enabled:
         out, lse = _stock_attention(q, k, v, softmax_scale, causal, window, softcap, alibi_slopes,
-                                    need_lse=return_attn_probs)
-        return (out, lse, None) if return_attn_probs else out
-
-    D = q.shape[-1]
-    Dp = padded_to_multiple_of_8(D)
-    if Dp != D:   # zero-pad inside (softmax_scale already defaults to 1/sqrt(D))
-        q, k, v = (pad_head_dim(t, Dp) for t in (q, k, v))
-    out, lse = attention(q, k, v, softmax_scale, left, right, float(softcap), alibi_slopes,
-                         get_deterministic_mode().split_size)
-    if Dp != D:
-        out = out[..., :D]
+                                    need_lse=return_attn_probs or learnable_sink is not None)
+    else:
+        q, k, v, Dv = padded_for_kernels(q, k, v)
+        out, lse = attention(q, k, v, softmax_scale, left, right, float(softcap), alibi_slopes,
+                             get_deterministic_mode().split_size)
+        if out.shape[-1] != Dv:
+            out = out[..., :Dv]
+    if learnable_sink is not None:
+        out, lse = apply_learnable_sink(out, lse, learnable_sink)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -86,16 +103,19 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
                     softmax_scale: Optional[float] = None, causal: bool = False,
                     window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                     alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = True,
-                    return_attn_probs: bool = False):
+                    return_attn_probs: bool = False, *, learnable_sink: Optional[torch.Tensor] = None):
     """Scaled dot-product attention, bitwise reproducible.
 
     Args (flash-attn's names and meanings):
         q: (batch, seqlen_q, nheads, headdim), bfloat16 / float16 / float32.
-        k, v: (batch, seqlen_k, nheads_k, headdim); nheads % nheads_k == 0 (GQA/MQA).
+        k: (batch, seqlen_k, nheads_k, headdim); nheads % nheads_k == 0 (GQA/MQA).
             headdim: any size from 1 to 256.  One that is not a multiple of 8 is
             zero-padded inside to the next multiple of 8 (as flash-attn does: one
             padded copy of q, k, v per call); out and the gradients keep the
             inputs' shapes.
+        v: (batch, seqlen_k, nheads_k, headdim_v), headdim_v <= headdim (e.g. 128
+            with q/k at 192, DeepSeek's MLA prefill); v is zero-padded inside to
+            q/k's (padded) head dim, so P @ V runs at headdim, not headdim_v.
         dropout_p: must be 0.0 (dropout is not implemented; raises NotImplementedError).
         softmax_scale: defaults to 1 / sqrt(headdim) (the unpadded headdim).
         causal: causal mask aligned to the bottom-right corner (FlashAttention 2).
@@ -109,9 +129,13 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
         return_attn_probs: if True, also return the softmax log-sum-exp
             (batch, nheads, seqlen_q) float32 and ``None`` in place of the
             attention-probability matrix, which is never materialised.
+        learnable_sink: keyword-only, (nheads,) float32 or None (FlashAttention 4's
+            argument; gpt-oss's per-head sink): one more logit per head in every row's
+            softmax denominator, with no value; the returned lse includes it; it gets a
+            gradient.  Applied to (out, lse) elementwise (attention/sinks.py).
 
     Returns:
-        out (batch, seqlen_q, nheads, headdim) in q's dtype; or
+        out (batch, seqlen_q, nheads, headdim_v) in q's dtype; or
         ``(out, softmax_lse, None)`` when ``return_attn_probs``.  Both are
         differentiable (dq, dk, dv; deterministic, batch-invariant); ALiBi
         slopes get no gradient.
@@ -124,7 +148,7 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     log-sum-exp +inf.
     """
     return dense_attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                           alibi_slopes, return_attn_probs)
+                           alibi_slopes, return_attn_probs, learnable_sink=learnable_sink)
 
 
 def _page_gather_index(block_table: torch.Tensor, cu_seqlens_k: torch.Tensor, seqlens_k,
@@ -205,7 +229,7 @@ def varlen_attention_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
                           softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
                           block_table=None, names=("q", "k", "v"),
                           cu_names=("cu_seqlens_q", "cu_seqlens_k"),
-                          max_names=("max_seqlen_q", "max_seqlen_k")):
+                          max_names=("max_seqlen_q", "max_seqlen_k"), learnable_sink=None):
     """flash_attn_varlen_func's body; the names are the arguments as the user wrote them
     (the packed variants pass slices of ``qkv`` / ``kv`` and ``cu_seqlens`` /
     ``max_seqlen``).  Every check comes before any work."""
@@ -221,6 +245,7 @@ def varlen_attention_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
         check_options(q4.expand(num_seqs, *q.shape), 0.0, softmax_scale, window_size, softcap,
                       alibi_slopes)
     _check_bool("return_attn_probs", return_attn_probs)
+    check_learnable_sink(learnable_sink, q, q.shape[1])
     seqlens_k = [b - a for a, b in zip(host_k[:-1], host_k[1:])]
     if paged:
         page_size, table = check_block_table(block_table, k, v, num_seqs, seqlens_k, names=names[1:])
@@ -243,22 +268,24 @@ def varlen_attention_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
                 slopes = slopes[i:i + 1]
             o, l_ = _stock_attention(q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]],
                                      v[None, ck[i]:ck[i + 1]], softmax_scale, causal, window,
-                                     softcap, slopes, need_lse=return_attn_probs)
+                                     softcap, slopes,
+                                     need_lse=return_attn_probs or learnable_sink is not None)
             outs.append(o[0])
             lses.append(None if l_ is None else l_[0])
         out = torch.cat(outs, 0)
-        lse = torch.cat(lses, 1) if return_attn_probs else None
+        lse = torch.cat(lses, 1) if return_attn_probs or learnable_sink is not None else None
+        if learnable_sink is not None:
+            out, lse = apply_learnable_sink(out, lse, learnable_sink)
         return (out, lse, None) if return_attn_probs else out
 
-    D = q.shape[-1]
-    Dp = padded_to_multiple_of_8(D)
-    if Dp != D:   # zero-pad inside (softmax_scale already defaults to 1/sqrt(D))
-        q, k, v = (pad_head_dim(t, Dp) for t in (q, k, v))
+    q, k, v, Dv = padded_for_kernels(q, k, v)
     out, lse = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                 softmax_scale, left, right, float(softcap), alibi_slopes,
                                 get_deterministic_mode().split_size)
-    if Dp != D:
-        out = out[..., :D]
+    if out.shape[-1] != Dv:
+        out = out[..., :Dv]
+    if learnable_sink is not None:
+        out, lse = apply_learnable_sink(out, lse, learnable_sink)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -268,13 +295,15 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            softmax_scale: Optional[float] = None, causal: bool = False,
                            window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                            alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = True,
-                           return_attn_probs: bool = False, block_table: Optional[torch.Tensor] = None):
+                           return_attn_probs: bool = False, block_table: Optional[torch.Tensor] = None,
+                           *, learnable_sink: Optional[torch.Tensor] = None):
     """Attention over packed variable-length sequences, bitwise equal to running each alone.
 
     Args (flash-attn's names and meanings):
-        q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim); any
-            headdim from 1 to 256 (not a multiple of 8: zero-padded inside, as
-            :func:`flash_attn_func`).
+        q: (total_q, nheads, headdim); k: (total_k, nheads_k, headdim); v: (total_k,
+            nheads_k, headdim_v), headdim_v <= headdim; any headdim from 1 to 256 (not a
+            multiple of 8: zero-padded inside, as :func:`flash_attn_func`; so is v up to
+            headdim).
         cu_seqlens_q, cu_seqlens_k: int32 (num_seqs + 1,) cumulative lengths from 0.
         max_seqlen_q, max_seqlen_k: the longest sequence lengths (ints).
         block_table: optional int32 (num_seqs, max_pages_per_seq): paged k/v.  Then
@@ -288,10 +317,10 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             Differentiable: the gradients of the pages are the contiguous call's dk/dv
             at the slots the table uses (zero elsewhere); a slot that several
             sequences share sums their gradients in ascending sequence order.
-        other arguments as :func:`flash_attn_func`; ``alibi_slopes`` may be
-        (nheads,) or (num_seqs, nheads).
+        other arguments as :func:`flash_attn_func` (``learnable_sink`` too); ``alibi_slopes``
+        may be (nheads,) or (num_seqs, nheads).
 
-    Returns out (total_q, nheads, headdim), or ``(out, softmax_lse, None)`` with
+    Returns out (total_q, nheads, headdim_v), or ``(out, softmax_lse, None)`` with
     lse (nheads, total_q) float32 when ``return_attn_probs``.
 
     Invariance: sequence ``i``'s rows are bitwise equal to
@@ -302,4 +331,4 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     return varlen_attention_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                                 return_attn_probs, block_table=block_table)
+                                 return_attn_probs, block_table=block_table, learnable_sink=learnable_sink)

@@ -20,7 +20,9 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def check_qkv(q, k, v, names: Tuple[str, str, str] = ("q", "k", "v"), check_batch: bool = True,
               any_head_dim: bool = False) -> None:
-    """q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D]; one dtype, one device; Hq % Hkv == 0.
+    """q [B, Lq, Hq, D], k [B, Lk, Hkv, D], v [B, Lk, Hkv, Dv]; one dtype, one device;
+    Hq % Hkv == 0.  Dv == D, except with ``any_head_dim`` where 1 <= Dv <= D (the caller
+    zero-pads v to D: a value head dim other than q/k's, as in DeepSeek's MLA prefill).
 
     ``names``: how the caller's user wrote the three arguments (the KV-cache API passes
     ``("q", "k_cache", "v_cache")``), used in every message.  ``check_batch`` False: k/v's
@@ -52,7 +54,11 @@ def check_qkv(q, k, v, names: Tuple[str, str, str] = ("q", "k", "v"), check_batc
         raise ValueError(f"{nq}, {nk}, {nv} must be on one device, got {nq} {q.device}, {nk} {k.device}, "
                          f"{nv} {v.device}")
     B, Lq, Hq, D = q.shape
-    if k.shape != v.shape:
+    if any_head_dim and k.shape[:3] == v.shape[:3] and k.shape[3] != v.shape[3]:
+        if not 1 <= v.shape[3] <= k.shape[3]:
+            raise ValueError(f"{nv} head dim (value head dim) must be in [1, {nk}'s head dim "
+                             f"{k.shape[3]}], got {v.shape[3]}")
+    elif k.shape != v.shape:
         raise ValueError(f"{nk} and {nv} must have the same shape, got {nk} {tuple(k.shape)}, "
                          f"{nv} {tuple(v.shape)}")
     Bk, Lk, Hk, Dk = k.shape
