@@ -81,7 +81,7 @@ def _static_plan(device, dtype, D, paged, page_size, has_softcap, has_alibi, has
                  split_size, options: LaunchOptions) -> _StaticPlan:
     key = (device.type, device.index, dtype, D, paged, page_size, has_softcap, has_alibi, has_left,
            has_right, split_size, options)
-    plan = _STATIC_PLANS.get(key)
+    plan = _STATIC_PLANS.get(key) if type(split_size) is int else None   # else: resolve_split_size raises
     if plan is not None:
         return plan
     arch = arch_key(device)
