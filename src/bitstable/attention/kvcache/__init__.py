@@ -35,15 +35,21 @@ __all__ = ["flash_attn_with_kvcache", "decode_plan", "DecodePlan"]
 
 def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
+                            rotary_cos: Optional[torch.Tensor] = None, rotary_sin: Optional[torch.Tensor] = None,
                             cache_seqlens: Union[int, torch.Tensor, None] = None,
                             cache_batch_idx: Optional[torch.Tensor] = None,
+                            cache_leftpad: Optional[torch.Tensor] = None,
                             block_table: Optional[torch.Tensor] = None,
                             softmax_scale: Optional[float] = None, causal: bool = False,
                             window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                            rotary_interleaved: bool = True,
                             alibi_slopes: Optional[torch.Tensor] = None,
-                            split_size: Optional[int] = None, return_softmax_lse: bool = False,
-                            num_splits: int = 0):
+                            num_splits: int = 0, return_softmax_lse: bool = False, *,
+                            split_size: Optional[int] = None, learnable_sink: Optional[torch.Tensor] = None):
     """Attention of new queries against a KV cache, appending new keys/values first.
+
+    Positional order and names are flash-attn's (2.6+); ``split_size`` and
+    ``learnable_sink`` are bitstable's, keyword-only.
 
     Args (flash-attn's names and meanings):
         q: (batch, seqlen_q, nheads, headdim): the new tokens' queries.
@@ -52,6 +58,16 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             multiple of 16.
         k, v: optional (batch, seqlen_new, nheads_k, headdim), written in place
             into the cache at ``cache_seqlens`` before the attention.
+        rotary_cos, rotary_sin: optional (seqlen_ro, rotary_dim / 2), rotary_dim <= headdim:
+            rotary embedding applied to the new ``k`` at positions ``cache_seqlens + i``
+            and to ``q`` at those positions when ``causal`` or windowed, else all at
+            ``cache_seqlens`` (flash-attn's rule), before the append; float32 math, one
+            rounding, per token (attention/rotary.py): chunked prefill and decode with
+            rotary equal the full forward on the rotated q and k, bitwise.
+        rotary_interleaved: rotate pairs (0, 1), (2, 3), ... (GPT-J) if True (flash-attn's
+            default), else halves (GPT-NeoX).
+        cache_leftpad: must be None (not implemented: raises NotImplementedError before
+            anything is written).
         cache_seqlens: int or int32 (batch,): tokens already in each cache row.
         cache_batch_idx: int32 (batch,): which cache row each batch row uses.
         block_table: int32 (batch, max_pages): the pages of each sequence.
@@ -60,6 +76,9 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         softmax_scale, causal, window_size, softcap, alibi_slopes: as
             :func:`flash_attn_func` (causal aligned bottom-right: query ``i``
             sits at position ``cache_seqlens + seqlen_new - seqlen_q + i``).
+        learnable_sink: (nheads,) float32 or None: a per-head sink logit in every row's
+            denominator (see :func:`flash_attn_func`), applied to (out, lse) exactly as
+            there, so decode with a sink equals the full forward with it, bitwise.
         num_splits: an int >= 0, accepted for flash-attn compatibility and ignored:
             flash-attn picks its split count by this argument (0: a heuristic of the
             batch and the lengths), which changes its bits; bitstable's splits are
@@ -77,6 +96,9 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     (``bitstable::attn_kvcache``) that mutates ``k_cache`` and ``v_cache``.
     """
     check_num_splits(num_splits)
+    if cache_leftpad is not None:
+        raise NotImplementedError("cache_leftpad is not supported yet (each row's keys must start at cache "
+                                  "position 0); nothing was written")
     mode = get_deterministic_mode()
     if torch.compiler.is_compiling():
         seqlens, seqlens_int = cache_seqlens, 0
@@ -87,23 +109,29 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         left, right = (int(x) for x in window_size)
         out, lse = attn_kvcache(q, k_cache, v_cache, k, v, seqlens, seqlens_int, cache_batch_idx, block_table,
                                 softmax_scale, causal, left, right, float(softcap), alibi_slopes,
-                                mode.split_size if split_size is None else split_size, mode.enabled)
+                                mode.split_size if split_size is None else split_size, mode.enabled,
+                                rotary_cos, rotary_sin, rotary_interleaved, learnable_sink)
     else:
         out, lse = kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table,
                                      softmax_scale, causal, window_size, softcap, alibi_slopes, split_size,
-                                     mode.enabled, return_softmax_lse, _current_options())
+                                     mode.enabled, return_softmax_lse, _current_options(), rotary_cos,
+                                     rotary_sin, rotary_interleaved, learnable_sink)
     return (out, lse) if return_softmax_lse else out
 
 
 def decode_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
+                rotary_cos: Optional[torch.Tensor] = None, rotary_sin: Optional[torch.Tensor] = None,
                 cache_seqlens: Union[int, torch.Tensor, None] = None,
                 cache_batch_idx: Optional[torch.Tensor] = None,
+                cache_leftpad: Optional[torch.Tensor] = None,
                 block_table: Optional[torch.Tensor] = None,
                 softmax_scale: Optional[float] = None, causal: bool = False,
                 window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                alibi_slopes: Optional[torch.Tensor] = None, split_size: Optional[int] = None,
-                return_softmax_lse: bool = False, num_splits: int = 0,
+                rotary_interleaved: bool = True,
+                alibi_slopes: Optional[torch.Tensor] = None, num_splits: int = 0,
+                return_softmax_lse: bool = False, *, split_size: Optional[int] = None,
+                learnable_sink: Optional[torch.Tensor] = None,
                 options: Optional[LaunchOptions] = None) -> DecodePlan:
     """The :class:`DecodePlan` that ``flash_attn_with_kvcache`` with these arguments would
     run in the deterministic mode (which partial kernel, its tiles, stages and loads, the

@@ -20,6 +20,8 @@ from ...configs import arch_key, attention_config
 from ...launch_options import LaunchOptions
 from ...launch_options import current as _current_options
 from ..launch import resolve_split_size
+from ..rotary import apply_rotary, check_rotary
+from ..sinks import apply_learnable_sink, check_learnable_sink
 from ..validation import last_dim_contiguous
 from .append import append
 from .launch import launch_decode
@@ -28,15 +30,45 @@ from .stock import stock_kvcache
 from .validation import validate
 
 
+def _rotary_positions(call, length: int, along: bool) -> torch.Tensor:
+    """[B, length] int64 absolute positions: from each row's cache_seqlens on (``along``),
+    or all at cache_seqlens."""
+    base = call.cache_seqlens.long()[:, None]
+    if not along:
+        return base.expand(-1, length)
+    return base + torch.arange(length, device=base.device)[None, :]
+
+
+def _check_rotary_range(call, rotary_cos, q, n_new: int, along: bool) -> None:
+    if call.before is None:     # inside CUDA-graph capture: nothing can be read
+        return
+    need = max(call.before, default=0) + (max(n_new, q.shape[1] if along else 1) if q.shape[0] else 0)
+    if need > rotary_cos.shape[0]:
+        raise ValueError(f"rotary_cos/rotary_sin have {rotary_cos.shape[0]} positions (seqlen_ro), the call "
+                         f"rotates up to position {need - 1}")
+
+
 def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, softmax_scale,
                       causal, window_size, softcap, alibi_slopes, split_size: Optional[int], deterministic: bool,
-                      need_lse: bool, options: LaunchOptions) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``flash_attn_with_kvcache``'s work, in its order: every check (validate, then the
-    plan, which checks the split size), then the append, then the attention (bitstable's
-    kernels when ``deterministic``, else stock PyTorch).  A call that raises has written
+                      need_lse: bool, options: LaunchOptions, rotary_cos=None, rotary_sin=None,
+                      rotary_interleaved: bool = True, learnable_sink=None,
+                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``flash_attn_with_kvcache``'s work, in its order: every check (validate, the rotary
+    tables and the sink, then the plan, which checks the split size), then the rotary of q
+    and the new k (flash-attn's positions: k at cache_seqlens + i; q too when causal or
+    windowed, else all at cache_seqlens), the append, the attention (bitstable's kernels
+    when ``deterministic``, else stock PyTorch) and the sink.  A call that raises has written
     nothing.  Returns (out, lse or None unless ``need_lse`` or ``deterministic``)."""
     call = validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, softmax_scale,
                     causal, window_size, softcap, alibi_slopes)
+    rotary_dim = check_rotary(rotary_cos, rotary_sin, q.shape[3], q.dtype, q.device)
+    if not isinstance(rotary_interleaved, bool):
+        raise TypeError(f"rotary_interleaved must be a bool, got {type(rotary_interleaved).__name__}")
+    check_learnable_sink(learnable_sink, q, q.shape[2])
+    along = bool(causal) or tuple(int(x) for x in window_size) != (-1, -1)
+    if rotary_dim is not None:
+        _check_rotary_range(call, rotary_cos, q, call.n_new, along)
+    need_lse = need_lse or learnable_sink is not None
     if not deterministic and call.before is None:
         raise RuntimeError("the stock (non-deterministic) KV-cache path reads cache_seqlens on the "
                            "host and cannot run inside CUDA graph capture")
@@ -46,15 +78,24 @@ def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
         plan = plan_call(q, k_cache_c, v_cache_c, call, softcap, alibi_slopes, split_size, options)
     else:   # the split size is still checked before the append
         resolve_split_size(attention_config(arch_key(q.device), q.dtype, q.shape[3]).block_n, split_size)
+    if rotary_dim is not None and q.shape[0] > 0:
+        q = apply_rotary(q, rotary_cos, rotary_sin, _rotary_positions(call, q.shape[1], along), rotary_interleaved)
+        if k is not None and call.n_new > 0:
+            k = apply_rotary(k, rotary_cos, rotary_sin, _rotary_positions(call, call.n_new, True),
+                             rotary_interleaved)
     if k is not None and call.n_new > 0 and q.shape[0] > 0:
         append(k_cache, v_cache, k, v, call.cache_seqlens, call.cache_batch_idx, call.block_table,
                call.page_size)
     if not deterministic:
         totals = [s + call.n_new for s in call.before]
-        return stock_kvcache(q, k_cache, v_cache, totals, call.cache_batch_idx, call.block_table,
-                             call.page_size, call.softmax_scale, causal, window_size, softcap, alibi_slopes,
-                             need_lse=need_lse)
-    return launch_decode(plan, last_dim_contiguous(q), k_cache_c, v_cache_c, call, softcap, alibi_slopes)
+        out, lse = stock_kvcache(q, k_cache, v_cache, totals, call.cache_batch_idx, call.block_table,
+                                 call.page_size, call.softmax_scale, causal, window_size, softcap, alibi_slopes,
+                                 need_lse=need_lse)
+    else:
+        out, lse = launch_decode(plan, last_dim_contiguous(q), k_cache_c, v_cache_c, call, softcap, alibi_slopes)
+    if learnable_sink is not None:
+        out, lse = apply_learnable_sink(out, lse, learnable_sink)
+    return out, lse
 
 
 @torch.library.custom_op("bitstable::attn_kvcache", mutates_args=("k_cache", "v_cache"))
@@ -63,20 +104,24 @@ def attn_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  cache_batch_idx: Optional[torch.Tensor], block_table: Optional[torch.Tensor],
                  softmax_scale: Optional[float], causal: bool, window_left: int, window_right: int,
                  softcap: float, alibi_slopes: Optional[torch.Tensor], split_size: int,
-                 deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                 deterministic: bool, rotary_cos: Optional[torch.Tensor] = None,
+                 rotary_sin: Optional[torch.Tensor] = None, rotary_interleaved: bool = True,
+                 learnable_sink: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The op: ``cache_seqlens`` a tensor, or None and ``cache_seqlens_int`` the int every
     row holds (read on the host for free).  Returns (out, lse); ``k_cache``/``v_cache``
     receive ``k``/``v`` in place."""
     seqlens = cache_seqlens if cache_seqlens is not None else cache_seqlens_int
     out, lse = kvcache_attention(q, k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table, softmax_scale,
                                  causal, (window_left, window_right), softcap, alibi_slopes, split_size,
-                                 deterministic, True, _current_options())
+                                 deterministic, True, _current_options(), rotary_cos, rotary_sin,
+                                 rotary_interleaved, learnable_sink)
     return out, lse
 
 
 @attn_kvcache.register_fake
 def _attn_kvcache_fake(q, k_cache, v_cache, k, v, cache_seqlens, cache_seqlens_int, cache_batch_idx, block_table,
                        softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, split_size,
-                       deterministic):
+                       deterministic, rotary_cos=None, rotary_sin=None, rotary_interleaved=True,
+                       learnable_sink=None):
     B, Lq, Hq, D = q.shape
     return q.new_empty((B, Lq, Hq, D)), q.new_empty((B, Hq, Lq), dtype=torch.float32)
