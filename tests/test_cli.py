@@ -25,26 +25,17 @@ class _Sink:
         pass
 
 
-def test_verify_runs_the_checks_named_and_writes_json(tmp_path):
-    """The command line runs the checks ``--checks`` names (here one forward check of each
-    attention scenario and one decode check), next to stock PyTorch, and writes JSON."""
-    path = tmp_path / "verify.json"
-    r = _run("verify", "--checks", "run-to-run,decode-batch", "--json", str(path))
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "ALL bitstable checks hold" in r.stdout
-    data = json.loads(path.read_text())
-    assert data["ok"] is True and data["checks"] == ["run-to-run", "decode-batch"]
-    checks = [row["check"] for row in data["rows"]]
-    assert checks.count("run-to-run") == 2 and checks[-1] == "decode batch invariance", checks
-    assert len(checks) == 3
-    assert all(row["bitstable"] for row in data["rows"])
-    assert all(row["stock"] in (True, False) for row in data["rows"])  # stock PyTorch was run too
-
-
-def test_verify_runs_every_check_and_they_hold(tmp_path, monkeypatch):
-    """All of verify's checks, end to end (table, verdict, JSON), with its attention
-    scenarios (dtypes, features) at tiny sizes; the decode and ops checks at verify's own
-    CPU sizes."""
+@pytest.fixture
+def small_verify(monkeypatch):
+    """``bitstable verify`` at small sizes: its attention scenarios (their dtypes and
+    features) on a tiny shape, its decode checks on a 20-token cache (a prefill chunk, two
+    one-token steps and a chunk across the first key block; one batch of 2).  These tests
+    prove that verify runs the checks it names, reports them next to stock PyTorch and
+    decides its exit code; what the checks prove at larger sizes is proven by the tests of
+    the same properties: tests/test_attention_invariance.py and test_attention_backward.py
+    run the same check functions on flash_attn_func, test_attention_kvcache.py proves
+    decode = training and decode batch invariance over several splits and pages.  (The ops
+    check keeps verify's own CPU sizes: nothing else runs ``testing.ops_checks``.)"""
     from bitstable.cli import verify
     from bitstable.testing import Shape
 
@@ -55,7 +46,41 @@ def test_verify_runs_every_check_and_they_hold(tmp_path, monkeypatch):
         out = real(on_gpu)
         return out if on_gpu else [(name, dtype, tiny, kw, (2,), (1, 5), 2) for name, dtype, _, kw, *_ in out]
 
+    decode = Shape(batch=1, heads_q=4, heads_kv=2, seqlen_q=1, seqlen_k=20, head_dim=16)
+    chunking, batch = verify.check_decode_chunking, verify.check_decode_batch_invariance
     monkeypatch.setattr(verify, "_scenarios", scenarios)
+    monkeypatch.setattr(verify, "check_decode_chunking", lambda kv, full, shape, dtype, device, **kw: chunking(
+        kv, full, decode, dtype, device, **dict(kw, chunk_sizes=(5, 1, 1, 13))))
+    monkeypatch.setattr(verify, "check_decode_batch_invariance", lambda kv, shape, dtype, device, **kw: batch(
+        kv, decode, dtype, device, **dict(kw, batch_sizes=(2,))))
+    return verify
+
+
+def test_verify_runs_the_checks_named_and_writes_json(tmp_path, small_verify, monkeypatch):
+    """The command line runs the checks ``--checks`` names (here one forward check of each
+    attention scenario and one decode check), next to stock PyTorch, and writes JSON.
+    (In this process: ``python -m bitstable`` reaching ``cli.main`` is test_bad_shape_argument's.)"""
+    from bitstable import cli
+
+    out = io.StringIO()
+    run_verify = small_verify.run_verify
+    monkeypatch.setattr(small_verify, "run_verify", lambda *a, **kw: run_verify(*a, stream=out, **kw))
+    path = tmp_path / "verify.json"
+    assert cli.main(["verify", "--checks", "run-to-run,decode-batch", "--json", str(path)]) == 0, out.getvalue()
+    assert "ALL bitstable checks hold" in out.getvalue()
+    data = json.loads(path.read_text())
+    assert data["ok"] is True and data["checks"] == ["run-to-run", "decode-batch"]
+    checks = [row["check"] for row in data["rows"]]
+    assert checks.count("run-to-run") == 2 and checks[-1] == "decode batch invariance", checks
+    assert len(checks) == 3
+    assert all(row["bitstable"] for row in data["rows"])
+    assert all(row["stock"] in (True, False) for row in data["rows"])  # stock PyTorch was run too
+
+
+def test_verify_runs_every_check_and_they_hold(tmp_path, small_verify):
+    """All of verify's checks, end to end (table, verdict, JSON), at small sizes (the
+    ``small_verify`` fixture); the ops check at verify's own CPU sizes."""
+    verify = small_verify
     path = tmp_path / "verify.json"
     out = io.StringIO()
     assert verify.run_verify(str(path), stream=out) == 0, out.getvalue()
@@ -96,12 +121,25 @@ def test_verify_rejects_unknown_checks(capsys):
         verify.run_verify(stream=_Sink(), checks=["nope"])
 
 
-def test_bench_writes_table_json_and_plot(tmp_path):
+def test_bench_writes_table_json_and_plot(tmp_path, monkeypatch):
+    """``bitstable bench``'s flags reach every pass, which write table, JSON and plot.  In
+    this process (``python -m bitstable`` reaching ``cli.main`` is test_bad_shape_argument's),
+    and the decode pass with 8 query heads of 32 (GQA group 4 as its default 32/8) instead
+    of its GPU-sized default 32 heads of 128: under the interpreter a head dim is a tile
+    width, 32 and 128 both whole power-of-two tiles (no masked-d code), and the time goes
+    to the combine's rows (one per query head); the decode kernels' bits are
+    tests/test_attention_kvcache.py's, at D=128 on the GPU."""
     pytest.importorskip("matplotlib")
-    r = _run("bench", "--shape", "1,2,32,32", "--reps", "1", "--out", str(tmp_path),
-             "--decode-batches", "1", "--decode-lengths", "16,40",
-             "--mm-shape", "3,40,24", "--mm-shape", "20,16,8", "--row-shape", "5,70")
-    assert r.returncode == 0, r.stdout + r.stderr
+    from bitstable import bench, cli
+
+    stdout = io.StringIO()
+    run_bench, bench_decode = bench.run_bench, bench.bench_decode
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **kw: run_bench(*a, stream=stdout, **kw))
+    monkeypatch.setattr(bench, "bench_decode",
+                        lambda **kw: bench_decode(**dict(kw, heads_q=8, heads_kv=2, head_dim=32)))
+    assert cli.main(["bench", "--shape", "1,2,32,32", "--reps", "1", "--out", str(tmp_path),
+                     "--decode-batches", "1", "--decode-lengths", "16,40",
+                     "--mm-shape", "3,40,24", "--mm-shape", "20,16,8", "--row-shape", "5,70"]) == 0
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     dense = [row for row in rows if row["pass_"] in ("fwd", "fwd+bwd")]
     op_rows = [row for row in rows if row["pass_"] == "ops"]
@@ -121,7 +159,7 @@ def test_bench_writes_table_json_and_plot(tmp_path):
     assert all(row["bitstable_ms"] > 0 for row in rows)
     assert "| B | H | L | D |" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").stat().st_size > 1000
-    assert "[1/4]" in r.stdout  # progress lines
+    assert "[1/4]" in stdout.getvalue()  # progress lines
 
 
 def test_bad_shape_argument():

@@ -61,15 +61,20 @@ def test_engine_is_batch_invariant_and_training_equals_sampling(tiny):
 
 
 def test_demo_counts_one_unique_completion_and_equal_logprobs(capsys, monkeypatch):
-    monkeypatch.setitem(demo.SIZES, "micro", MICRO)
-    res = run_demo(n=4, new_tokens=4, prompt_len=4, max_batch=4, size="micro",
+    """run_demo's three experiments and its table, stock and bitstable, on a one-layer
+    MICRO model and a small workload (3 copies of a 3-token prompt and 1 other request,
+    2 new tokens, batches of 1..3).  That the Engine's tokens and log-probabilities do
+    not depend on the batch and equal one full forward's, on two layers and more tokens,
+    is test_engine_is_batch_invariant_and_training_equals_sampling's."""
+    monkeypatch.setitem(demo.SIZES, "micro", dict(MICRO, num_hidden_layers=1))
+    res = run_demo(n=3, new_tokens=2, prompt_len=3, max_batch=3, size="micro",
                    implementations=("stock", "bitstable"))
     b = res["bitstable"]
-    assert b["unique"] == 1 and b["completions"] == 4
-    assert b["logprobs_equal"] == b["sequences"] == 6      # 4 copies + 2 other requests
-    assert res["stock"]["completions"] == 4 and res["stock"]["tokens_per_s"] > 0
+    assert b["unique"] == 1 and b["completions"] == 3
+    assert b["logprobs_equal"] == b["sequences"] == 4      # 3 copies + 1 other request
+    assert res["stock"]["completions"] == 3 and res["stock"]["tokens_per_s"] > 0
     out = capsys.readouterr().out
-    assert "| bitstable | 1 of 4 | 6 of 6 |" in out and "generate [" in out
+    assert "| bitstable | 1 of 3 | 4 of 4 |" in out and "generate [" in out
 
 
 def test_attention_experiment_reports_one_output_per_batch_size_for_bitstable():
