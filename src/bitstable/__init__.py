@@ -7,7 +7,7 @@ from . import _backend  # noqa: F401  (decides CUDA vs Triton's interpreter befo
 from .attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from . import ops
 from .ops.batch_invariant import (disable_batch_invariant_mode, enable_batch_invariant_mode,
-                              is_batch_invariant_mode_enabled, register_batch_invariant_attention,
+                              get_tp_tree, is_batch_invariant_mode_enabled, register_batch_invariant_attention,
                               set_batch_invariant_mode, unregister_batch_invariant_attention)
 from .mode import (DeterministicMode, get_deterministic_mode, set_deterministic,
                    set_deterministic_mode)
@@ -36,6 +36,7 @@ __all__ = [
     "enable_batch_invariant_mode",
     "disable_batch_invariant_mode",
     "is_batch_invariant_mode_enabled",
+    "get_tp_tree",
     "register_batch_invariant_attention",
     "unregister_batch_invariant_attention",
     "register_bitstable_attention",
