@@ -54,8 +54,10 @@ def inputs(seed: int = 1, seq: int = 8, vocab: int = TINY["vocab_size"], device=
 def run_step(model, ids, tp_tree: Optional[int], decode_from: Optional[int] = None) -> dict:
     """One training step's logits, loss and parameter gradients (the model's own
     parameter names; sharded ones hold this rank's slice), and with ``decode_from`` the
-    logits of a KV-cache decode of ``ids[:, decode_from:]`` after a prefill of the rest,
-    all under the batch-invariant mode with the K tree ``tp_tree``."""
+    logits of a KV-cache prefill of ``ids[:, :decode_from]`` (its last position) and a
+    decode of each later token but the last, all under the batch-invariant mode with the
+    K tree ``tp_tree``.  By chunking and batch invariance the decode logits are the
+    training forward's ``logits[:, decode_from - 1:-1]``, bitwise."""
     import bitstable
 
     out = {}
@@ -69,12 +71,13 @@ def run_step(model, ids, tp_tree: Optional[int], decode_from: Optional[int] = No
         if decode_from is not None:
             with torch.no_grad():
                 r = model(input_ids=ids[:, :decode_from], use_cache=True)
-                steps, past = [r.logits[:, -1]], r.past_key_values
+                steps, cache = [r.logits[:, -1]], r.past_key_values
                 for t in range(decode_from, ids.shape[1] - 1):
-                    r = model(input_ids=ids[:, t:t + 1], past_key_values=past, use_cache=True)
+                    r = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
                     steps.append(r.logits[:, -1])
-                    past = r.past_key_values
+                    cache = r.past_key_values
             out["decode"] = torch.stack(steps, 1)
+            out["decode_from"] = decode_from
     model.zero_grad(set_to_none=True)
     return out
 
@@ -149,13 +152,18 @@ def run_tp(world: int, job: dict, timeout: float = 120.0) -> list:
 
 
 def compare(ref: dict, ranks: list) -> list:
-    """The names of every tensor (logits, loss, decode, each gradient or its slice) where a
-    TP run differs bitwise from the TP=1 ``ref`` on any rank; [] means bitwise equal."""
+    """The names of every tensor (logits, loss, each gradient or its slice, the decode
+    logits against ``ref``'s forward logits) where a TP run differs bitwise from the TP=1
+    ``ref`` on any rank; [] means bitwise equal."""
     diffs = []
     for r, res in enumerate(ranks):
-        for key in ("logits", "loss", "decode"):
-            if key in ref and not torch.equal(ref[key], res[key]):
+        for key in ("logits", "loss"):
+            if not torch.equal(ref[key], res[key]):
                 diffs.append(f"rank{r}:{key}")
+        if "decode" in res:   # a KV-cache decode at TP=t against the TP=1 training forward
+            d = res["decode_from"]
+            if not torch.equal(ref["logits"][:, d - 1:-1], res["decode"]):
+                diffs.append(f"rank{r}:decode")
         if set(ref["grads"]) != set(res["grads"]):
             diffs.append(f"rank{r}:grad names {sorted(set(ref['grads']) ^ set(res['grads']))}")
         for name, g in res["grads"].items():
