@@ -108,7 +108,8 @@ def _ok(*tensors) -> bool:
 def _mm(a, b):
     if not _ok(a, b) or a.dtype != b.dtype:
         return _stock("mm", torch.mm, a, b)
-    return ops.mm(a, b, tp_tree=_active[2])
+    tree = _active[2]
+    return ops.mm(a, b) if tree is None else ops.mm(a, b, tp_tree=tree)
 
 
 def _bmm(a, b):
@@ -122,7 +123,10 @@ def _addmm(bias, a, b, *, beta=1, alpha=1):
     # another dtype (stock raises too) or shape gets ops.addmm's TypeError / ValueError.
     if not _ok(a, b) or a.dtype != b.dtype:
         return _stock("addmm", torch.addmm, bias, a, b, beta=beta, alpha=alpha)
-    return ops.addmm(bias, a, b, beta=beta, alpha=alpha, tp_tree=_active[2])
+    tree = _active[2]
+    if tree is None:
+        return ops.addmm(bias, a, b, beta=beta, alpha=alpha)
+    return ops.addmm(bias, a, b, beta=beta, alpha=alpha, tp_tree=tree)
 
 
 def _softmax(x, dim, half_to_float):
