@@ -9,6 +9,7 @@ from . import ops
 from .ops.batch_invariant import (disable_batch_invariant_mode, enable_batch_invariant_mode,
                               get_tp_tree, is_batch_invariant_mode_enabled, register_batch_invariant_attention,
                               set_batch_invariant_mode, unregister_batch_invariant_attention)
+from . import parallel  # noqa: E402  (tensor parallelism: docs/TENSOR_PARALLEL.md)
 from .mode import (DeterministicMode, get_deterministic_mode, set_deterministic,
                    set_deterministic_mode)
 
@@ -41,5 +42,6 @@ __all__ = [
     "unregister_batch_invariant_attention",
     "register_bitstable_attention",
     "ops",
+    "parallel",
     "__version__",
 ]
