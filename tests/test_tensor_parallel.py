@@ -200,11 +200,13 @@ def _tp(world):
     from bitstable.parallel import harness
 
     if world not in _RUNS:
-        runs = {"tree": (S, "tree")}
+        # the tree's top as the all-gather of float32 roots at TP=4, as the tree
+        # reduce-scatter + all-gather of rounded chunks at TP=2 (the same bits by design)
+        runs = {"tree": (S, "tree", "reduce_scatter" if world == 2 else "all_gather")}
         if world == 4:
             runs["plain"] = (None, "all_reduce")     # (c): the plain all-reduce TP path
-        _RUNS[world] = harness.run_tp(world, {"runs": runs, "seq": SEQ, "decode_from": DECODE_FROM},
-                                      timeout=240)
+        _RUNS[world] = harness.run_tp(world, {"runs": runs, "seq": SEQ, "decode_from": DECODE_FROM,
+                                              "check_collectives": True}, timeout=240)
     return _RUNS[world]
 
 
@@ -217,6 +219,8 @@ def test_tiny_llama_logits_and_gradients_equal_tp1(world):
     ranks = _tp(world)
     assert len(ref["grads"]) == 2 * 9 + 3          # every parameter got a gradient
     assert compare(ref, [r["tree"] for r in ranks]) == []
+    # both collectives, on a product alone (fp32 and fp16, padded element count)
+    assert all(all(r["collectives"].values()) for r in ranks), [r["collectives"] for r in ranks]
     # the sharded parameters are the sharded ones (7 per layer), the rest replicated
     assert len(ranks[0]["tree"]["slices"]) == 2 * 7
 

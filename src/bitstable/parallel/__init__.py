@@ -10,9 +10,9 @@ Run under ``bitstable.set_batch_invariant_mode(tp_tree=S)``: the unsharded model
 the same mode and every TP size t dividing S give the same logits and gradients.
 """
 
-from .comm import all_gather_stack, world_and_rank
+from .comm import all_gather_stack, tree_reduce_scatter_gather, world_and_rank
 from .layers import ColumnParallelLinear, RowParallelLinear, TPConfig, sharded_k_mm
 from .llama import shard_llama, shard_slices
 
 __all__ = ["shard_llama", "shard_slices", "ColumnParallelLinear", "RowParallelLinear", "TPConfig",
-           "sharded_k_mm", "all_gather_stack", "world_and_rank"]
+           "sharded_k_mm", "all_gather_stack", "tree_reduce_scatter_gather", "world_and_rank"]

@@ -88,6 +88,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _check_collectives(rank: int, world: int, device) -> dict:
+    """On this rank: ``sharded_k_mm`` of a product whose K is sharded over the group, with
+    the all-gather and with the tree reduce-scatter (an element count that is not a
+    multiple of the group size: the padding), against the one-process ``tree_mm`` of the
+    whole K.  {name: bitwise equal}."""
+    from .. import ops
+    from .layers import TPConfig, sharded_k_mm
+
+    g = torch.Generator().manual_seed(11)
+    out = {}
+    for dtype in (torch.float32, torch.float16):
+        a = torch.randn(5, 64, generator=g).to(dtype)
+        b = torch.randn(64, 7, generator=g).to(dtype)
+        if device is not None:
+            a, b = a.to(device), b.to(device)
+        full = ops.tree_mm(a, b, 4)
+        k = 64 // world
+        mine = a[:, rank * k:(rank + 1) * k], b[rank * k:(rank + 1) * k]
+        for collective in ("all_gather", "reduce_scatter"):
+            got = sharded_k_mm(*mine, TPConfig.make(None, 4, "tree", collective))
+            out[f"{collective}:{dtype}"] = torch.equal(got, full)
+    return out
+
+
 def _worker(rank: int, world: int, port: int, outdir: str, job: dict) -> None:
     try:
         import torch.distributed as dist
@@ -103,9 +127,12 @@ def _worker(rank: int, world: int, port: int, outdir: str, job: dict) -> None:
         device = "cuda" if backend == "nccl" else None
         ids = inputs(job.get("input_seed", 1), job.get("seq", 8), device=device)
         results = {}
-        for name, (tree, reduce) in job["runs"].items():
+        if job.get("check_collectives"):
+            results["collectives"] = _check_collectives(rank, world, device)
+        for name, (tree, reduce, *collective) in job["runs"].items():
             model = tiny_llama(job.get("seed", 0), device=device, **job.get("overrides", {}))
-            shard_llama(model, tp_tree=tree if reduce == "tree" else None, reduce=reduce)
+            shard_llama(model, tp_tree=tree if reduce == "tree" else None, reduce=reduce,
+                        collective=collective[0] if collective else "auto")
             results[name] = run_step(model, ids, tree if reduce == "tree" else None, job.get("decode_from"))
             results[name]["slices"] = shard_slices(model)
         torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
@@ -120,8 +147,8 @@ def _worker(rank: int, world: int, port: int, outdir: str, job: dict) -> None:
 def run_tp(world: int, job: dict, timeout: float = 120.0) -> list:
     """Run ``job`` in ``world`` spawned processes (one TP group); return each rank's results.
 
-    ``job``: ``{"runs": {name: (tp_tree, "tree" | "all_reduce")}, "seed", "input_seed", "seq",
-    "decode_from", "overrides", "backend"}``.  Raises ``TimeoutError`` (after killing the
+    ``job``: ``{"runs": {name: (tp_tree, "tree" | "all_reduce"[, collective])}, "seed",
+    "input_seed", "seq", "decode_from", "overrides", "backend", "check_collectives"}``.  Raises ``TimeoutError`` (after killing the
     processes) when they do not finish within ``timeout`` seconds, ``RuntimeError`` with a
     rank's traceback when one fails."""
     import torch.multiprocessing as mp

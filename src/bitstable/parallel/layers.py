@@ -40,26 +40,37 @@ from torch import nn
 from .. import ops
 from ..ops.batch_invariant import get_tp_tree, is_batch_invariant_mode_enabled
 from ..ops.matmul import check_tp_tree, tree_leaves, tree_partials, tree_sum
-from .comm import all_gather_stack, all_reduce_sum, world_and_rank
+from .comm import all_gather_stack, all_reduce_sum, tree_reduce_scatter_gather, world_and_rank
 
 REDUCES = ("tree", "all_reduce")
+COLLECTIVES = ("auto", "all_gather", "reduce_scatter")
+#: ``collective="auto"``: results of fewer bytes than this (float32) take the all-gather
+#: (one collective: latency-bound decode steps), larger ones the tree reduce-scatter
+#: (1.5x a bf16 all-reduce's bytes at any TP size).  Launch-only: both give the same bits.
+AUTO_REDUCE_SCATTER_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
 class TPConfig:
     """How a parallel layer reduces: its process group, world size and rank, the K tree's
-    leaf count S (None for the plain baseline) and ``reduce`` ("tree" or "all_reduce")."""
+    leaf count S (None for the plain baseline), ``reduce`` ("tree" or "all_reduce") and
+    the tree's ``collective`` ("all_gather" of the float32 subtree roots, the tree
+    "reduce_scatter" + all-gather of rounded chunks, or "auto": by size; same bits)."""
 
     group: Optional[object]
     world: int
     rank: int
     tp_tree: Optional[int]
     reduce: str = "tree"
+    collective: str = "auto"
 
     @staticmethod
-    def make(group=None, tp_tree: Optional[int] = None, reduce: str = "tree") -> "TPConfig":
+    def make(group=None, tp_tree: Optional[int] = None, reduce: str = "tree",
+             collective: str = "auto") -> "TPConfig":
         if reduce not in REDUCES:
             raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
+        if collective not in COLLECTIVES:
+            raise ValueError(f"collective must be one of {COLLECTIVES}, got {collective!r}")
         world, rank = world_and_rank(group)
         if reduce == "tree":
             if tp_tree is None:
@@ -70,7 +81,7 @@ class TPConfig:
                                  f"(both powers of two): each rank holds tp_tree/{world} leaves")
         elif tp_tree is not None:
             raise ValueError("reduce='all_reduce' is the plain baseline: leave tp_tree None")
-        return TPConfig(group, world, rank, tp_tree, reduce)
+        return TPConfig(group, world, rank, tp_tree, reduce, collective)
 
 
 def sharded_k_mm(a: torch.Tensor, b: torch.Tensor, cfg: TPConfig) -> torch.Tensor:
@@ -82,7 +93,12 @@ def sharded_k_mm(a: torch.Tensor, b: torch.Tensor, cfg: TPConfig) -> torch.Tenso
         return ops.mm(a, b, tp_tree=cfg.tp_tree)
     leaves = tree_leaves(a.shape[1], cfg.tp_tree // cfg.world)
     root = tree_sum(tree_partials(a, b, leaves))              # this rank's subtree, float32
-    return tree_sum(all_gather_stack(root, cfg.group)).to(a.dtype)   # the top of the tree
+    collective = cfg.collective
+    if collective == "auto":
+        collective = "all_gather" if root.numel() * 4 < AUTO_REDUCE_SCATTER_BYTES else "reduce_scatter"
+    if collective == "all_gather":
+        return tree_sum(all_gather_stack(root, cfg.group)).to(a.dtype)   # the top of the tree
+    return tree_reduce_scatter_gather(root, cfg.group, a.dtype)
 
 
 def _check_mode(cfg: TPConfig) -> None:

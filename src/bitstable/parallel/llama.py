@@ -40,16 +40,18 @@ def _layers(model: nn.Module):
 
 
 def shard_llama(model: nn.Module, group=None, *, tp_tree: Optional[int] = None,
-                reduce: str = "tree") -> nn.Module:
+                reduce: str = "tree", collective: str = "auto") -> nn.Module:
     """Shard ``model`` (every rank passes the same full model) over ``group`` (default:
     the default process group; none initialised: a group of one) in place and return it.
 
     ``tp_tree``: the K tree's leaf count S, a power of two that the TP size divides
     (the largest TP size the model will ever run at: 8 on one 8-GPU node).
     ``reduce="all_reduce"`` (with ``tp_tree=None``) builds the plain baseline instead.
+    ``collective``: how the tree's top runs across ranks ("auto", "all_gather",
+    "reduce_scatter"; ``TPConfig``), a speed choice that changes no bits.
     """
     world, rank = world_and_rank(group)
-    cfg = TPConfig.make(group, tp_tree, reduce)
+    cfg = TPConfig.make(group, tp_tree, reduce, collective)
     config = model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     if heads % world or kv_heads % world:
