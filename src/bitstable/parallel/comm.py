@@ -84,11 +84,10 @@ def tree_reduce_scatter_gather(root: torch.Tensor, group: Optional[object], out_
         keep = buf[lo:lo + half] if keep_first else buf[lo + half:lo + size]
         send = buf[lo + half:lo + size] if keep_first else buf[lo:lo + half]
         recv = torch.empty_like(keep)
-        reqs = [dist.isend(send.contiguous(), dist.get_global_rank(group, partner) if group is not None else partner,
-                           group=group),
-                dist.irecv(recv, dist.get_global_rank(group, partner) if group is not None else partner,
-                           group=group)]
-        for q in reqs:
+        peer = dist.get_global_rank(group, partner) if group is not None else partner
+        # one batch (an NCCL group call): both peers send and receive without ordering deadlock
+        for q in dist.batch_isend_irecv([dist.P2POp(dist.isend, send.contiguous(), peer, group),
+                                         dist.P2POp(dist.irecv, recv, peer, group)]):
             q.wait()
         keep += recv                      # node = left + right (IEEE addition commutes)
         lo, size = (lo if keep_first else lo + half), half
