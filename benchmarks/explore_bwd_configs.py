@@ -16,7 +16,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import bitstable
-from bitstable.attention import backward as bwd_mod
+from bitstable import launch_options
 from bitstable.cli.bench import attention_flops
 from bitstable.configs import BackwardConfig, arch_key, backward_config
 
@@ -53,19 +53,16 @@ def main():
                 return torch.autograd.grad(o, (q, k, v), do)
 
             base = backward_config(arch_key(q.device), q.dtype, D)
-            bwd_mod._CONFIG_OVERRIDE = None
             ref = ours()
 
             def trial(cfg):
-                bwd_mod._CONFIG_OVERRIDE = cfg
                 try:
-                    got = ours()
-                    ms = triton.testing.do_bench(ours, return_mode="median")
+                    with launch_options.forced(bwd_config=cfg):
+                        got = ours()
+                        ms = triton.testing.do_bench(ours, return_mode="median")
                 except Exception as e:  # noqa: BLE001 - a config that fails is reported, not fatal
                     print(f"| {D} | {causal} | {cfg} | failed: {type(e).__name__}: {str(e)[:80]} |", flush=True)
                     return None
-                finally:
-                    bwd_mod._CONFIG_OVERRIDE = None
                 same = all(torch.equal(a, b) for a, b in zip(got, ref))
                 tf = flops / ms / 1e9
                 print(f"| {D} | {causal} | {cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} "
@@ -75,12 +72,9 @@ def main():
 
             if len(sys.argv) > 1 and sys.argv[1] == "skip":   # mask skipping on the table's tiles
                 for skip in (False, True):
-                    bwd_mod._SKIP_OVERRIDE = skip
-                    try:
+                    with launch_options.forced(bwd_skip_full_masks=skip):
                         got = ours()
                         ms = triton.testing.do_bench(ours, return_mode="median")
-                    finally:
-                        bwd_mod._SKIP_OVERRIDE = None
                     same = all(torch.equal(a, b) for a, b in zip(got, ref))
                     print(f"| {D} | {causal} | table, skip_full_masks={skip} | | {ms:.3f} | {flops / ms / 1e9:.0f} "
                           f"| {flops / cud / 1e9:.0f} | {cud / ms:.2f}x | {same} |", flush=True)

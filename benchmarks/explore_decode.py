@@ -14,7 +14,6 @@ part of the reduction order (DESIGN.md), shown only to size its cost.
 
 ``splits``: what the split size costs the prefill forward instead.
 """
-import importlib
 import sys
 
 import torch
@@ -24,10 +23,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import bitstable
 from bitstable.cli.bench import copy_bandwidth_gbs, sdpa_fn
 
-kv_mod = importlib.import_module("bitstable.attention.kvcache")
+from bitstable import launch_options
+
 CASES = [(1, 4096), (1, 16384), (1, 65536), (1, 131072), (8, 4096), (8, 16384), (64, 4096), (64, 16384)]
-# (split, launch options forced over the table's)
-VARIANTS = [(1024, {}), (1024, {"pdl": False}), (2048, {})]
+# (split, launch options forced over the table's: bitstable.launch_options.LaunchOptions fields)
+VARIANTS = [(1024, {}), (1024, {"decode_pdl": False}), (2048, {})]
 
 
 def kernel_times(fn):
@@ -49,8 +49,8 @@ def kernel_times(fn):
 def main():
     global VARIANTS
     if sys.argv[1:2] == ["wgmma"]:   # the Gluon one-token kernel against the Triton one
-        VARIANTS = [(1024, {}), (1024, {"wgmma": False}), (1024, {"wgmma": True}),
-                    (1024, {"wgmma": True, "stages": 3})]
+        VARIANTS = [(1024, {}), (1024, {"decode_gluon": False}), (1024, {"decode_gluon": True}),
+                    (1024, {"decode_gluon": True, "decode_stages": 3})]
     copy = copy_bandwidth_gbs()
     print(f"device copy bandwidth: {copy:.0f} GB/s")
     print("| B | KV len | split | launch | ms | K+V GB/s | of copy | SDPA-flash ms | vs flash | same bits | kernels |")
@@ -70,20 +70,17 @@ def main():
         kv_bytes = 2 * kc.numel() * kc.element_size()
         refs = {}
         for split, force in VARIANTS:
-            kv_mod._DECODE_LAUNCH_OVERRIDE = force
-
             def ours():
                 return bitstable.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True,
                                                          split_size=split)
             try:
-                out = ours()
-                ms = triton.testing.do_bench_cudagraph(ours, return_mode="median")
-                kt_us = kernel_times(ours) if B == 1 else {}
+                with launch_options.forced(**force):
+                    out = ours()
+                    ms = triton.testing.do_bench_cudagraph(ours, return_mode="median")
+                    kt_us = kernel_times(ours) if B == 1 else {}
             except Exception as e:  # noqa: BLE001
                 print(f"| {B} | {L} | {split} | {force} | failed: {type(e).__name__}: {str(e)[:80]} |")
                 continue
-            finally:
-                kv_mod._DECODE_LAUNCH_OVERRIDE = {}
             ref = refs.setdefault(split, out)
             same = torch.equal(out, ref)
             gbs = kv_bytes / (ms * 1e-3) / 1e9
@@ -147,15 +144,11 @@ def tma_probe():
                 args = (kc.reshape(n, page, 8, 128)[perm.argsort()], vc.reshape(n, page, 8, 128)[perm.argsort()])
                 table = perm.to(torch.int32).reshape(B, L // page)
             for tma in (True, False):
-                kv_mod._DECODE_LAUNCH_OVERRIDE = {"tma": tma}
-
                 def ours():
                     return bitstable.flash_attn_with_kvcache(q, *args, cache_seqlens=lens, block_table=table,
                                                              causal=True)
-                try:
+                with launch_options.forced(decode_tma=tma):
                     ts = [triton.testing.do_bench_cudagraph(ours, return_mode="median") * 1e3 for _ in range(3)]
-                finally:
-                    kv_mod._DECODE_LAUNCH_OVERRIDE = {}
                 print(f"| {B} | {L} | {page or 'contiguous'} | {tma} | {' / '.join(f'{t:.1f}' for t in ts)} "
                       f"| {fl:.1f} |", flush=True)
 

@@ -13,7 +13,7 @@ import sys
 import torch
 import triton
 
-from bitstable.attention import launch
+from bitstable.launch_options import LaunchOptions
 from bitstable.attention.launch import attention_forward
 from bitstable.cli.bench import attention_flops, sdpa_fn
 from bitstable.configs import AttentionConfig
@@ -40,13 +40,12 @@ def main():
             todo = [(c, lp, SPLITS[0], tma) for c in cands for lp in LOOPS for tma in TMAS]
             todo += [(cands[0], lp, sp, tma) for lp in LOOPS for sp in SPLITS[1:] for tma in TMAS]
             for (bm, bn, w, s), loop, split, tma in todo:
-                launch._LOOP_OVERRIDE = loop
-                launch._TMA_OVERRIDE = tma
+                opts = LaunchOptions(fwd_loop=loop, fwd_tma=tma)
                 cfg = AttentionConfig(bm, bn, w, s)
                 try:
                     ms = triton.testing.do_bench(
                         lambda: attention_forward(q, k, v, D ** -0.5, -1, 0 if causal else -1, 0.0, None,
-                                                  split_size=split, config=cfg), return_mode="median")
+                                                  split_size=split, config=cfg, options=opts), return_mode="median")
                 except Exception as e:  # out of shared memory etc.
                     print(f"D={D} causal={causal} {cfg}: failed {type(e).__name__}: {str(e)[:100]}")
                     continue

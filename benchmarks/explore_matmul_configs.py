@@ -15,6 +15,7 @@ import importlib
 import torch
 import triton
 
+from bitstable import launch_options
 from bitstable.configs import MatmulConfig
 
 mm_mod = importlib.import_module("bitstable.ops.matmul")   # the module (bitstable.ops.matmul is also a function)
@@ -79,13 +80,12 @@ def probe():
             for kname, kern in (("plain", plain), ("no-spec M", nospec)):
                 for rows, x in (("M", a), ("padded", pad)):
                     mm_mod.matmul_kernel = kern
-                    mm_mod._CONFIG_OVERRIDE = cfg
                     try:
-                        out = mm_mod.mm(x, b)[:M]
-                        ms = _time(lambda: mm_mod.mm(x, b))
+                        with launch_options.forced(matmul_config=cfg):
+                            out = mm_mod.mm(x, b)[:M]
+                            ms = _time(lambda: mm_mod.mm(x, b))
                     finally:
                         mm_mod.matmul_kernel = plain
-                        mm_mod._CONFIG_OVERRIDE = None
                     ref = out if ref is None else ref
                     c = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
                     print(f"| {M} | {c} | {kname} | {rows} | {ms:.4f} | {cub:.4f} | {cub / ms:.2f}x | "
@@ -113,16 +113,14 @@ def main():
             cands = SMALL if M <= 128 else LARGE
             ref = None
             for cfg in cands + ([SMALL[0]] if M > 128 else LARGE[:1]):
-                mm_mod._CONFIG_OVERRIDE = cfg
                 try:
-                    out = mm_mod.mm(a, b)
-                    row0 = mm_mod.mm(a[:1], b)
-                    ms = _time(lambda: mm_mod.mm(a, b))
+                    with launch_options.forced(matmul_config=cfg):
+                        out = mm_mod.mm(a, b)
+                        row0 = mm_mod.mm(a[:1], b)
+                        ms = _time(lambda: mm_mod.mm(a, b))
                 except Exception as e:  # noqa: BLE001 - a config that does not fit is reported, not fatal
                     print(f"| {M} | {N} | {K} | {layout} | {cfg} | failed: {type(e).__name__}: {str(e)[:80]} |")
                     continue
-                finally:
-                    mm_mod._CONFIG_OVERRIDE = None
                 if ref is None:
                     ref = out
                 same = torch.equal(out, ref) and torch.equal(row0, ref[:1])

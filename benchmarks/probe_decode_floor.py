@@ -15,15 +15,14 @@ same size.  Timed as CUDA-graph replays, next to:
   kernel alone and the whole decode step;
 * a read-only pass over a large tensor (``torch.sum``) next to the copy bandwidth.
 
-``timeline``: the Gluon partial kernel's own timestamps (its ``TIMELINE`` switch) at 4k and
-16k keys: when each program starts and ends, when its first scores are ready, and per key
-block how long it waited for the next block and how long the block's softmax and products
-took.
+The ``timeline`` mode (per-program timestamps of the Gluon partial kernel) is gone: it
+needed a ``TIMELINE`` switch inside the production kernel.  Its recorded results are in
+``results/2026-12-01-h200-session7/probes/``; to run it again, check out commit bdef6fd
+(the kernel with the switch, and this script's ``timeline()``).
 
-    PYTHONPATH=src python benchmarks/probe_decode_floor.py [timeline]
+    PYTHONPATH=src python benchmarks/probe_decode_floor.py
 """
 import importlib
-import sys
 
 import torch
 import triton
@@ -35,8 +34,9 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 import bitstable
 from bitstable.cli.bench import copy_bandwidth_gbs
+from bitstable.configs import DECODE_COMBINE_TILE
 
-kv_mod = importlib.import_module("bitstable.attention.kvcache")
+kv_launch = importlib.import_module("bitstable.attention.kvcache.launch")
 dw_mod = importlib.import_module("bitstable.attention.decode_wgmma")
 cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
@@ -148,7 +148,7 @@ def main():
                                    USE_PDL=pdl, FUSED=fused, NUM_HEADS_KV=H, num_warps=4)
 
         def combine(pdl=True):
-            kv_mod._launch_combine(ws_acc, ws_ml, out, lse, lens, SPLIT, 0, D, "sm90", pdl=pdl, force={})
+            kv_launch.launch_combine(ws_acc, ws_ml, out, lse, lens, SPLIT, 0, D, DECODE_COMBINE_TILE["sm90"], pdl=pdl)
 
         def step():
             return bitstable.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True)
@@ -184,52 +184,5 @@ def main():
         torch.cuda.empty_cache()
 
 
-def _stats(x):
-    x = sorted(x)
-    return f"{x[0]:.2f} / {x[len(x) // 2]:.2f} / {x[-1]:.2f}"
-
-
-def timeline():
-    """Per-program timeline of the Gluon partial kernel (batch 1, 8 KV heads, d=128, split
-    1024, 4 stages), the last of 20 back-to-back launches; microseconds, min / median / max
-    over programs.  Cycle counts are turned into time with each program's own ratio of
-    device-timer to cycle-counter ticks."""
-    H, D, BN, SPLIT = 8, 128, 64, 1024
-    print("\n| KV len | programs | start offset | end offset | first scores ready | wait for block i+1 "
-          "(mean per block) | block softmax+products (mean) | last block -> end | span |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for L in (4096, 16384):
-        ns = L // SPLIT
-        kc = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16)
-        vc = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16)
-        q = torch.randn(1, 1, 32, D, device="cuda", dtype=torch.bfloat16)
-        lens = torch.full((1,), L, dtype=torch.int32, device="cuda")
-        ws_acc = torch.empty(ns, 1, 32, 1, D, device="cuda", dtype=torch.float32)
-        ws_ml = torch.empty(ns, 1, 32, 1, 2, device="cuda", dtype=torch.float32)
-        times = torch.zeros(ns * H, 40, device="cuda", dtype=torch.int64)
-        for _ in range(20):
-            dw_mod.launch_partial_wgmma(q, kc, vc, ws_acc, ws_ml, lens, None, num_splits=ns,
-                                        split_blocks=SPLIT // BN, block_m=64, block_n=BN, stages=4,
-                                        n_new=0, qk_scale=0.1275, pdl=False, times=times)
-        torch.cuda.synchronize()
-        t = times.cpu().double()
-        t0 = t[:, 0].min()
-        ns_per_clk = (t[:, 1] - t[:, 0]) / (t[:, 36] - t[:, 2])
-        us = lambda a, b: ((t[:, b] - t[:, a]) * ns_per_clk / 1e3).tolist()   # noqa: E731
-        nb = SPLIT // BN
-        waits = [sum(((t[p, 4 + 2 * i] - (t[p, 3] if i == 0 else t[p, 3 + 2 * i])) * ns_per_clk[p]).item()
-                     for i in range(nb)) / nb / 1e3 for p in range(t.shape[0])]
-        work = [sum(((t[p, 5 + 2 * i] - t[p, 4 + 2 * i]) * ns_per_clk[p]).item() for i in range(nb)) / nb / 1e3
-                for p in range(t.shape[0])]
-        print(f"| {L} | {ns * H} | {_stats(((t[:, 0] - t0) / 1e3).tolist())} | {_stats(((t[:, 1] - t0) / 1e3).tolist())} "
-              f"| {_stats(us(2, 3))} | {_stats(waits)} | {_stats(work)} | {_stats(us(5 + 2 * (nb - 1), 36))} "
-              f"| {_stats(((t[:, 1] - t[:, 0]) / 1e3).tolist())} |", flush=True)
-        del kc, vc
-        torch.cuda.empty_cache()
-
-
 if __name__ == "__main__":
-    if sys.argv[1:] == ["timeline"]:
-        timeline()
-    else:
-        main()
+    main()

@@ -6,9 +6,11 @@ import torch
 
 import bitstable
 
-kv_mod = importlib.import_module("bitstable.attention.kvcache")
+from bitstable import launch_options
+
+kv_launch = importlib.import_module("bitstable.attention.kvcache.launch")
 captured = []
-_orig = kv_mod._launch_combine
+_orig = kv_launch.launch_combine
 
 
 def _capture(ws_acc, ws_ml, *args, **kw):
@@ -16,7 +18,7 @@ def _capture(ws_acc, ws_ml, *args, **kw):
     return _orig(ws_acc, ws_ml, *args, **kw)
 
 
-kv_mod._launch_combine = _capture
+kv_launch.launch_combine = _capture   # the decode launcher looks it up in its module
 for B, L, D in ((1, 65536, 128), (8, 16384, 64)):
     kc = torch.randn(B, L, 8, D, device="cuda", dtype=torch.bfloat16)
     vc = torch.randn(B, L, 8, D, device="cuda", dtype=torch.bfloat16)
@@ -24,18 +26,15 @@ for B, L, D in ((1, 65536, 128), (8, 16384, 64)):
     lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
 
     def run(force):
-        kv_mod._DECODE_LAUNCH_OVERRIDE = force
         captured.clear()
-        try:
+        with launch_options.forced(**force):
             bitstable.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True)
-        finally:
-            kv_mod._DECODE_LAUNCH_OVERRIDE = {}
         torch.cuda.synchronize()
         return captured[0]
-    ref_acc, ref_ml = run({"wgmma": False})          # [S, B, Hq, 1, D], [S, B, Hq, 1, 2]
+    ref_acc, ref_ml = run({"decode_gluon": False})          # [S, B, Hq, 1, D], [S, B, Hq, 1, 2]
     for stages in (3, 4):
         for rep in range(3):
-            acc, ml = run({"wgmma": True, "stages": stages})
+            acc, ml = run({"decode_gluon": True, "decode_stages": stages})
             bad_ml = (ml != ref_ml).any(-1).any(-1)          # [S, B, Hq]
             bad_acc = (acc != ref_acc).any(-1).any(-1)
             bad = bad_ml | bad_acc

@@ -177,17 +177,16 @@ def test_cuda_graph_captures_forward_and_backward():
 def test_skipping_masks_on_fully_visible_tiles_changes_no_bits(dtype, sizes, kw, device):
     """The backward's loop over fully visible tiles without mask work (launch option
     ``skip_full_masks``) gives the same (dq, dk, dv) bits as masking every tile."""
-    from bitstable.attention import backward as bwd
+    from bitstable import launch_options
+    from bitstable.attention.backward import backward_plan
 
     q, k, v, kw = make_inputs(sizes, kw, dtype, device, seed=5)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).to(dtype).to(device)
     got = {}
     for skip in (False, True):
-        bwd._SKIP_OVERRIDE = skip
-        try:
+        with launch_options.forced(bwd_skip_full_masks=skip):
+            assert backward_plan(q).skip_full_masks == skip
             got[skip] = _grads(_bitstable, q, k, v, dout, **kw)
-        finally:
-            bwd._SKIP_OVERRIDE = None
     for name, a, b in zip("q k v".split(), got[False], got[True]):
         assert torch.equal(a, b), f"d{name} differs with skipped masks"
 

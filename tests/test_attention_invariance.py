@@ -129,7 +129,8 @@ def test_checks_detect_a_batch_dependent_function(device):
 def test_loop_structures_give_identical_bits(feature, shape, device):
     """The forward kernel's loop structures and K/V load paths (launch-only choices)
     compute one reduction order, bit for bit."""
-    from bitstable.attention import launch
+    from bitstable import launch_options
+    from bitstable.attention.launch import forward_plan
 
     g = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(2, L, h, shape.head_dim, generator=g).to(torch.float16).to(device)
@@ -142,11 +143,10 @@ def test_loop_structures_give_identical_bits(feature, shape, device):
     if not interpreting():
         variants += [("branch", True), ("nested", True)]
     outs = []
-    try:
-        for style, tma in variants:
-            launch._LOOP_OVERRIDE, launch._TMA_OVERRIDE = style, tma
+    for style, tma in variants:
+        with launch_options.forced(fwd_loop=style, fwd_tma=tma):
+            plan = forward_plan(q, k, **kw)
+            assert (plan.loop, plan.want_tma) == (style, tma), f"forced {style}/{tma}, planned {plan[:5]}"
             outs.append(flash_attn_func(q, k, v, **kw))
-    finally:
-        launch._LOOP_OVERRIDE = launch._TMA_OVERRIDE = None
     for (style, tma), out in zip(variants[1:], outs[1:]):
         assert torch.equal(out, outs[0]), f"loop={style} tma={tma} differs from loop=branch tma=False"

@@ -8,7 +8,9 @@ import torch
 
 import bitstable
 from bitstable import flash_attn_func, flash_attn_with_kvcache
+from bitstable import launch_options
 from bitstable._backend import interpreting
+from bitstable.attention.kvcache import decode_plan
 
 from cases import matrix
 
@@ -58,16 +60,18 @@ def _chunks(L, rng, decode_tail):
     return sizes + [1] * decode_tail
 
 
-def _run_through_cache(q, k, v, sizes, kw, cache, block_table=None, start=0):
+def _run_through_cache(q, k, v, sizes, kw, cache, block_table=None, start=0, plans=None):
     """The outputs of calls of ``sizes`` new tokens each, from position ``start`` (the
-    cache already holding the keys and values before it)."""
+    cache already holding the keys and values before it); ``plans``: a list that receives
+    each call's launch plan (kvcache.decode_plan with the call's arguments)."""
     k_cache, v_cache = cache
     pos, outs = start, []
     for c in sizes:
         seqlens = torch.tensor([pos], dtype=torch.int32, device=q.device)
-        outs.append(flash_attn_with_kvcache(q[:, pos:pos + c], k_cache, v_cache, k=k[:, pos:pos + c],
-                                           v=v[:, pos:pos + c], cache_seqlens=seqlens,
-                                           block_table=block_table, **kw))
+        args = dict(k=k[:, pos:pos + c], v=v[:, pos:pos + c], cache_seqlens=seqlens, block_table=block_table, **kw)
+        if plans is not None:
+            plans.append(decode_plan(q[:, pos:pos + c], k_cache, v_cache, **args))
+        outs.append(flash_attn_with_kvcache(q[:, pos:pos + c], k_cache, v_cache, **args))
         pos += c
     return torch.cat(outs, dim=1)
 
@@ -145,12 +149,8 @@ def test_decode_steps_equal_the_full_forward_per_head_dim(sz, feature, device):
     with whole key blocks loaded through the copy engine (where the GPU has one) or not,
     and one-token steps through the Hopper Gluon kernel (where the config table enables it)
     or not."""
-    import importlib
-
     from bitstable.configs import arch_key, attention_config
 
-    kv_mod = importlib.import_module("bitstable.attention.kvcache")
-    wgmma_mod = importlib.import_module("bitstable.attention.decode_wgmma")
     L = sz["L"]
     for D, group, dtype in sz["cases"]:
         size = dict(L=L, Hq=2 * group, Hk=2, D=D, split=sz["split"])
@@ -161,25 +161,24 @@ def test_decode_steps_equal_the_full_forward_per_head_dim(sz, feature, device):
             full = flash_attn_func(q, k, v, **kw)
             # Under the interpreter there is neither a Gluon kernel nor a copy engine: the
             # forced variants would rerun the default launch.
-            for force in ({},) if interpreting() else ({}, {"wgmma": False}, {"tma": False}):
-                kv_mod._DECODE_LAUNCH_OVERRIDE = force
-                launches = wgmma_mod.LAUNCHES[0]
-                try:
+            for force in ({},) if interpreting() else ({}, {"decode_gluon": False}, {"decode_tma": False}):
+                plans = []
+                with launch_options.forced(**force):
                     shape = (1, L + 3, 2, D)
                     cache = (torch.zeros(shape, dtype=dtype, device=device),
                              torch.zeros(shape, dtype=dtype, device=device))
                     # the prefix as a prefill chunk appends it (its outputs are another test's)
                     cache[0][:, :pre], cache[1][:, :pre] = k[:, :pre], v[:, :pre]
-                    got = _run_through_cache(q, k, v, steps, kw, cache, start=pre)
-                finally:
-                    kv_mod._DECODE_LAUNCH_OVERRIDE = {}
+                    got = _run_through_cache(q, k, v, steps, kw, cache, start=pre, plans=plans)
                 assert torch.equal(got, full[:, pre:]), \
                     f"D={D} group={group} {dtype} {force}: decode steps differ from the full forward"
-                gluon_ran = wgmma_mod.LAUNCHES[0] > launches
+                gluon_ran = any(p.kernel == "gluon" for p in plans)
                 expected = (not force and device != "cpu" and "softcap" not in kw and D in (64, 128)
                             and arch_key(torch.device(device)) == "sm90"
                             and bool(attention_config("sm90", dtype, D).decode_wgmma_waves))
                 assert gluon_ran == expected, f"D={D} {force}: Gluon kernel ran {gluon_ran}, expected {expected}"
+                if force.get("decode_tma") is False:
+                    assert not any(p.tma for p in plans), f"D={D}: forced pointer loads, planned copy-engine ones"
 
 
 @pytest.mark.parametrize("n_splits,split", [pytest.param(21, 16, id="cpu-size"),
@@ -248,12 +247,8 @@ def test_gluon_decode_kernel_equals_the_triton_kernel(case, device):
     states of the batch-1 64k case): lengths include 1, a block multiple, a split
     multiple and random ones, a permuted cache_batch_idx and one appended token; GQA
     groups of 1, 4 and 8."""
-    import importlib
-
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon decode kernel is Hopper-only")
-    kv_mod = importlib.import_module("bitstable.attention.kvcache")
-    wgmma_mod = importlib.import_module("bitstable.attention.decode_wgmma")
     g = torch.Generator().manual_seed(17)
     B, Lmax, Hq, Hk, D, dtype = (case[k] for k in ("B", "L", "Hq", "Hk", "D", "dtype"))
     lens = torch.randint(0, Lmax, (B,), generator=g).to(torch.int32)
@@ -269,22 +264,22 @@ def test_gluon_decode_kernel_equals_the_triton_kernel(case, device):
     idx = torch.randperm(B + 3, generator=g)[:B].to(torch.int32).to(device)
 
     def step(force):
-        kv_mod._DECODE_LAUNCH_OVERRIDE = force
-        launches = wgmma_mod.LAUNCHES[0]
-        try:
-            out = flash_attn_with_kvcache(q, kc.clone(), vc.clone(), k=k_new, v=v_new,
-                                          cache_seqlens=lens.to(device), cache_batch_idx=idx,
-                                          causal=True, return_softmax_lse=True)
-        finally:
-            kv_mod._DECODE_LAUNCH_OVERRIDE = {}
-        assert (wgmma_mod.LAUNCHES[0] > launches) == force["wgmma"]
+        args = dict(k=k_new, v=v_new, cache_seqlens=lens.to(device), cache_batch_idx=idx, causal=True,
+                    return_softmax_lse=True)
+        with launch_options.forced(**force):
+            kc2, vc2 = kc.clone(), vc.clone()
+            plan = decode_plan(q, kc2, vc2, **args)
+            out = flash_attn_with_kvcache(q, kc2, vc2, **args)
+        assert (plan.kernel == "gluon") == force["decode_gluon"], f"{force}: planned {plan.kernel}"
+        if force["decode_gluon"]:
+            assert plan.stages == force["decode_stages"], f"{force}: planned {plan.stages} stages"
         return out
 
     with bitstable.set_deterministic_mode(True, split_size=1024):
-        ref = step({"wgmma": False})
+        ref = step({"decode_gluon": False})
         for stages in case["stages"]:
             for rep in range(2):
-                got = step({"wgmma": True, "stages": stages})
+                got = step({"decode_gluon": True, "decode_stages": stages})
                 assert torch.equal(got[0], ref[0]), f"{stages} stages, run {rep}: outputs differ"
                 assert torch.equal(got[1], ref[1]), f"{stages} stages, run {rep}: LSE differs"
 
@@ -394,9 +389,13 @@ def test_decode_step_captures_in_a_cuda_graph_and_host_lengths_need_no_sync(devi
 # The interpreter ignores num_warps and num_stages, has no copy engine (USE_TMA is False)
 # and no programmatic launch (USE_PDL is False off sm90), and its combine tile is (16, 4):
 # there, only masked-d loads and a combine block_m of 1 are code of their own.
-_DECODE_LAUNCH_FORCES = ([{}, {"even_d": False}, {"combine": (1, 4)}] if interpreting() else
-                         [{}, {"even_d": False}, {"stages": 2}, {"combine": (1, 1)}, {"combine": (1, 4)},
-                          {"combine": (16, 4)}, {"tma": False}, {"pdl": False}])
+_DECODE_LAUNCH_FORCES = ([{}, {"decode_even_d": False}, {"decode_combine": (1, 4)}] if interpreting() else
+                         [{}, {"decode_even_d": False}, {"decode_stages": 2}, {"decode_combine": (1, 1)},
+                          {"decode_combine": (1, 4)}, {"decode_combine": (16, 4)}, {"decode_tma": False},
+                          {"decode_pdl": False}])
+#: What each forced option reads as in a DecodePlan.
+_PLAN_FIELDS = {"decode_even_d": "even_d", "decode_stages": "stages", "decode_combine": "combine",
+                "decode_tma": "tma", "decode_pdl": "pdl"}
 
 
 @pytest.mark.parametrize("sz", SIZES)
@@ -404,9 +403,6 @@ def test_decode_launch_options_change_no_bits(sz, device):
     """The launch-only options of the decode kernels (16-byte or masked-d loads, pipeline
     depth, the combine kernel's tile, copy-engine loads or not, the combine launched as
     the partial kernel's programmatic dependent or after it) give the same bits."""
-    import importlib
-
-    kv_mod = importlib.import_module("bitstable.attention.kvcache")
     dtype = torch.bfloat16 if device != "cpu" else torch.float16
     q, k, v = _seq(sz, dtype, device, seed=3)
     L = sz["L"]
@@ -416,13 +412,70 @@ def test_decode_launch_options_change_no_bits(sz, device):
     results = []
     with bitstable.set_deterministic_mode(True, split_size=_split(sz, dtype, device)):
         for force in _DECODE_LAUNCH_FORCES:
-            kv_mod._DECODE_LAUNCH_OVERRIDE = force
-            try:
+            plans = []
+            with launch_options.forced(**force):
                 cache = (torch.zeros(shape, dtype=dtype, device=device),
                          torch.zeros(shape, dtype=dtype, device=device))
-                results.append((force, _run_through_cache(q, k, v, sizes, kw, cache)))
-            finally:
-                kv_mod._DECODE_LAUNCH_OVERRIDE = {}
+                results.append((force, _run_through_cache(q, k, v, sizes, kw, cache, plans=plans)))
+            for name, value in force.items():   # the forced variant is the one that ran
+                got = {getattr(p, _PLAN_FIELDS[name]) for p in plans}
+                assert got == {value}, f"forced {name}={value}, the calls planned {got}"
         full = flash_attn_func(q, k, v, **kw)
     for force, got in results:
         assert torch.equal(got, full), f"decode with launch options {force} differs from the full forward"
+
+
+def test_torch_compile_fullgraph_traces_the_kvcache_op(device):
+    """``torch.compile(fullgraph=True)`` of a decode step (append, then attention) traces
+    ``bitstable::attn_kvcache`` with no graph break: same output bits and same caches as
+    eager, for a tensor and an int ``cache_seqlens``."""
+    torch._dynamo.reset()
+    dtype = torch.float16
+    sz = dict(L=24, Hq=4, Hk=2, D=32)
+    q, k, v = _seq(sz, dtype, device, seed=21)
+    pre = 21
+
+    def step(q, k_cache, v_cache, k, v, seqlens):
+        return flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=seqlens, causal=True,
+                                       return_softmax_lse=True)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    with bitstable.set_deterministic_mode(True, split_size=_split(dict(sz, split=16), dtype, device)):
+        for seqlens in (torch.tensor([pre], dtype=torch.int32, device=device), pre):
+            got = []
+            for fn in (step, compiled):
+                kc = torch.zeros(1, sz["L"], sz["Hk"], sz["D"], dtype=dtype, device=device)
+                vc = torch.zeros_like(kc)
+                kc[:, :pre], vc[:, :pre] = k[:, :pre], v[:, :pre]
+                out, lse = fn(q[:, pre:pre + 2], kc, vc, k[:, pre:pre + 2], v[:, pre:pre + 2], seqlens)
+                got.append((out, lse, kc, vc))
+            for name, a, b in zip(("out", "lse", "k_cache", "v_cache"), *got):
+                assert torch.equal(a, b), f"cache_seqlens={type(seqlens).__name__}: compiled {name} differs"
+
+
+def test_num_splits_changes_no_bits(device):
+    """flash-attn's ``num_splits`` is accepted and ignored: the splits are fixed by
+    ``split_size``, so outputs, LSE and the appended cache are the same bits for every
+    value; a bad value raises before the cache is touched."""
+    dtype = torch.float16
+    sz = dict(L=40, Hq=4, Hk=2, D=32, split=16)
+    q, k, v = _seq(sz, dtype, device, seed=23)
+    pre = 37
+    with bitstable.set_deterministic_mode(True, split_size=_split(sz, dtype, device)):
+        got = []
+        for n in (0, 1, 3, 16):
+            kc = torch.zeros(1, sz["L"], sz["Hk"], sz["D"], dtype=dtype, device=device)
+            vc = torch.zeros_like(kc)
+            kc[:, :pre], vc[:, :pre] = k[:, :pre], v[:, :pre]
+            out, lse = flash_attn_with_kvcache(q[:, pre:], kc, vc, k=k[:, pre:], v=v[:, pre:], cache_seqlens=pre,
+                                               causal=True, return_softmax_lse=True, num_splits=n)
+            got.append((n, out, lse, kc))
+        for n, out, lse, kc in got[1:]:
+            assert torch.equal(out, got[0][1]) and torch.equal(lse, got[0][2]) and torch.equal(kc, got[0][3]), \
+                f"num_splits={n} changed the bits"
+        for bad, err in ((-1, ValueError), (1.5, TypeError), (True, TypeError)):
+            before = kc.clone()
+            with pytest.raises(err, match="num_splits"):
+                flash_attn_with_kvcache(q[:, pre:], kc, vc, k=k[:, pre:], v=v[:, pre:], cache_seqlens=pre,
+                                        causal=True, num_splits=bad)
+            assert torch.equal(kc, before), f"num_splits={bad!r} raised after writing the cache"

@@ -42,10 +42,12 @@ def test_bad_shapes(device):
         flash_attn_func(q, k[..., :16], v[..., :16])
 
 
-@pytest.mark.parametrize("D", [12, 264, 512])
+@pytest.mark.parametrize("D", [264, 512])
 def test_bad_head_dim(device, D):
+    """Any head dim from 1 to 256 runs (not a multiple of 8: zero-padded inside,
+    tests/test_flash_attn_api.py); past 256 raises."""
     q, k, v = qkv(device, D=D)
-    with pytest.raises(ValueError, match=r"head dim \(q.shape\[-1\]\) must be a multiple of 8 in \[8, 256\]"):
+    with pytest.raises(ValueError, match=r"head dim \(q.shape\[-1\]\) must be in \[1, 256\]"):
         flash_attn_func(q, k, v)
 
 

@@ -103,7 +103,9 @@ def test_bad_cu_seqlens(device):
         flash_attn_varlen_func(q, k, v, cu_q, cu_k, 10, 20)
     with pytest.raises(ValueError, match=r"q must have shape \(total_tokens, heads, headdim\)"):
         flash_attn_varlen_func(q[None], k, v, cu_q, cu_k, 20, 20)
-    with pytest.raises(NotImplementedError, match="block_table"):
+    # block_table is supported (tests/test_flash_attn_api.py); with it k/v must be pages
+    with pytest.raises(ValueError, match=r"k must have shape \(num_blocks, page_size, heads, headdim\) "
+                                         r"with block_table"):
         flash_attn_varlen_func(q, k, v, cu_q, cu_k, 20, 20, block_table=cu_q)
 
 

@@ -51,9 +51,9 @@ def build(fn, const, p16=(), p32=(), pi32=(), floats=(), desc=None, **opts):
     return triton.compile(ASTSource(fn, sig, cst), target=GPUTarget("cuda", 90, 32), options=opts)
 
 
-def build_gluon_decode(d: int, batch_idx: bool, timeline: bool) -> None:
+def build_gluon_decode(d: int, batch_idx: bool) -> None:
     """One variant of the Gluon one-token decode kernel (kernels/attention_decode_wgmma.py):
-    head dim ``d``, with or without a cache batch index, with or without the timeline probe."""
+    head dim ``d``, with or without a cache batch index."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -70,12 +70,12 @@ def build_gluon_decode(d: int, batch_idx: bool, timeline: bool) -> None:
     layout = gl.NVMMASharedLayout.get_default_for([64, d], gl.bfloat16)
     desc = mangle_type(TensorDescriptor(_Base(), [4096, 8 * d], [8 * d, 1], [64, d], layout))
     const = dict(HEAD_DIM=d, BLOCK_M=64, BLOCK_N=64, SPLIT_BLOCKS=16, HAS_BATCH_IDX=batch_idx,
-                 STAGES=3 + batch_idx, USE_PDL=not batch_idx, TIMELINE=timeline)
+                 STAGES=3 + batch_idx, USE_PDL=not batch_idx)
     sig = {}
     for name in fn.arg_names:
         sig[name] = ("constexpr" if name in const else desc if name in ("K_DESC", "V_DESC")
                      else "*bf16" if name in ("Q", "K", "V") else "*fp32" if name.startswith("WS_")
-                     else "*i32" if name in ("CACHE_SEQLENS", "BATCH_IDX") else "*i64" if name == "TIMES"
+                     else "*i32" if name in ("CACHE_SEQLENS", "BATCH_IDX")
                      else "fp32" if name == "qk_scale"
                      else "i32")
     triton.compile(GluonASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
@@ -90,7 +90,7 @@ _TL = {"bf16": tl.bfloat16, "fp32": tl.float32}
 
 def variants(full: bool):
     """Every variant to compile, as picklable jobs: ("triton", kernel name, constexprs
-    (dtypes by name), build args, options) or ("gluon", head dim, batch index, timeline)."""
+    (dtypes by name), build args, options) or ("gluon", head dim, batch index)."""
     feats = list(itertools.product([False, True], repeat=3)) if full else [(False, False, False), (True, True, True)]
     jobs = []
 
@@ -147,7 +147,7 @@ def variants(full: bool):
     job(layer_norm_kernel, dict(HAS_W=True, HAS_B=True, RMS=False, BLOCK=1024), ("X", "W", "Bias", "Y"),
         ("MEAN", "RSTD"), floats=("eps",), num_warps=4)
     if HAVE_GLUON:
-        jobs += [("gluon", 128, False, False), ("gluon", 64, True, False), ("gluon", 128, False, True)]
+        jobs += [("gluon", 128, False), ("gluon", 64, True)]
     return jobs
 
 

@@ -4,7 +4,9 @@ Public API only; see DESIGN.md for the invariance contract.
 """
 
 from . import _backend  # noqa: F401  (decides CUDA vs Triton's interpreter before triton loads)
-from .attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from .attention import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
+                        flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
+                        flash_attn_varlen_qkvpacked_func, flash_attn_with_kvcache)
 from . import ops
 from .ops.batch_invariant import (disable_batch_invariant_mode, enable_batch_invariant_mode,
                               get_tp_tree, is_batch_invariant_mode_enabled, register_batch_invariant_attention,
@@ -27,7 +29,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
     "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
     "set_deterministic",
     "set_deterministic_mode",

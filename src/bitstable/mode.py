@@ -9,6 +9,14 @@ DESIGN.md): configuration, chosen once, never derived from the input.  It must
 be a positive multiple of the key block ``block_n`` of every config in use
 (the default, 1024, is a multiple of all of them).
 
+``reduction_tree`` names the order in which a row's split states are merged.
+bitstable has one: ``"sequential"`` (splits merged one after another in ascending
+key order into a running total, the same chain in the prefill kernel's registers
+and in the decode combine kernel; docs/CONTRACT.md section 3).  The deterministic
+flash-attn fork's ``"pairwise"`` (a balanced tree over the splits) is a different
+order and is not implemented: it raises ``NotImplementedError`` (see
+:data:`REDUCTION_TREES`).
+
 Each setter returns a handle that restores the previous mode when used as a
 context manager::
 
@@ -80,10 +88,52 @@ def set_deterministic(enabled: bool) -> _Restore:
     return _set(DeterministicMode(enabled, _mode.split_size))
 
 
-def set_deterministic_mode(enabled: bool, split_size: Optional[int] = None) -> _Restore:
-    """Set determinism and the split size (``None`` restores the default, 1024)."""
+#: The values of ``set_deterministic_mode(reduction_tree=...)`` and what they mean.
+REDUCTION_TREES = {
+    "sequential": "implemented (the default and only order): a row's split states are merged "
+                  "one after another in ascending split order, from the first split on",
+    "pairwise": "not implemented: a balanced binary tree over the splits.  A tree whose shape "
+                "depends only on the row's own splits (which training, chunked prefill and "
+                "decode agree on) could keep training = prefill = decode, but bitstable's "
+                "kernels merge splits as a running fold; a tree needs kernel work (a stack of "
+                "up to log2(num_splits) partial states per row in the prefill kernel, a tree "
+                "in the decode combine kernel) that has not been done",
+}
+
+#: The one order bitstable's kernels compute.
+REDUCTION_TREE = "sequential"
+
+
+def check_reduction_tree(reduction_tree) -> str:
+    """``reduction_tree`` checked: None or ``"sequential"`` pass (returns ``"sequential"``);
+    ``"pairwise"`` raises ``NotImplementedError``, any other string ``ValueError``, any
+    other type ``TypeError``, each naming ``reduction_tree``."""
+    if reduction_tree is None:
+        return REDUCTION_TREE
+    if not isinstance(reduction_tree, str):
+        raise TypeError(f"reduction_tree must be a str or None, got {type(reduction_tree).__name__}")
+    if reduction_tree == REDUCTION_TREE:
+        return reduction_tree
+    if reduction_tree in REDUCTION_TREES:
+        raise NotImplementedError(
+            f"reduction_tree={reduction_tree!r} is {REDUCTION_TREES[reduction_tree]}; "
+            f"pass reduction_tree={REDUCTION_TREE!r} (bitstable's order)")
+    raise ValueError(f"reduction_tree must be {REDUCTION_TREE!r} (bitstable's split merge order: "
+                     f"ascending, one split after another), got {reduction_tree!r}")
+
+
+def set_deterministic_mode(enabled: bool, split_size: Optional[int] = None,
+                           reduction_tree: Optional[str] = REDUCTION_TREE) -> _Restore:
+    """Set determinism and the split size (``None`` restores the default, 1024).
+
+    ``reduction_tree``: the order of the merge of split states; only ``"sequential"``
+    (bitstable's order; ``None`` means the same) is accepted.  ``"pairwise"`` (the
+    deterministic flash-attn fork's default) raises ``NotImplementedError``; see
+    :data:`REDUCTION_TREES`.  All arguments are checked before the mode changes.
+    """
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    check_reduction_tree(reduction_tree)
     size = DEFAULT_SPLIT_SIZE if split_size is None else _check_split_size(split_size)
     return _set(DeterministicMode(enabled, size))
 

@@ -45,12 +45,14 @@ def alibi_bias(alibi_slopes: torch.Tensor, batch: int, heads: int, seqlen_q: int
 
 def attention_reference(q, k, v, softmax_scale: Optional[float] = None, causal: bool = False,
                         window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
-                        compute_dtype: Optional[torch.dtype] = None,
+                        compute_dtype: Optional[torch.dtype] = None, learnable_sink=None,
                         ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Eager attention. Returns (out [B, Lq, Hq, D] in ``compute_dtype``, lse [B, Hq, Lq]).
+    """Eager attention. Returns (out [B, Lq, Hq, Dv] in ``compute_dtype``, lse [B, Hq, Lq]).
 
     Rows that see no key get out = 0 and lse = +inf, like the kernels.
-    ``compute_dtype`` defaults to q's dtype.
+    ``compute_dtype`` defaults to q's dtype.  ``learnable_sink`` [Hq]: one more logit per
+    head in every row's softmax, with no value (a row that sees no key then gets out 0 and
+    lse = its sink).
     """
     dt = compute_dtype or q.dtype
     B, Lq, Hq, D = q.shape
@@ -66,9 +68,15 @@ def attention_reference(q, k, v, softmax_scale: Optional[float] = None, causal: 
         s = s + alibi_bias(alibi_slopes, B, Hq, Lq, Lk, dt)
     ok = visibility(Lq, Lk, causal, window_size, q.device)
     s = s.masked_fill(~ok, float("-inf"))
-    lse = torch.logsumexp(s.float() if dt != torch.float64 else s, dim=-1)
     empty = ~ok.any(dim=-1)                                     # [Lq]
-    p = torch.softmax(s, dim=-1).masked_fill(empty[:, None], 0.0)
+    if learnable_sink is not None:
+        sink = learnable_sink.to(s.dtype).view(1, Hq, 1, 1).expand(B, Hq, Lq, 1)
+        s = torch.cat([s, sink], dim=-1)
+    lse = torch.logsumexp(s.float() if dt != torch.float64 else s, dim=-1)
+    empty = empty[None, :].expand(Hq, Lq)                      # [Hq, Lq]
+    if learnable_sink is not None:                              # a finite sink is always seen
+        empty = empty & torch.isneginf(learnable_sink)[:, None].to(empty.device)
+    p = torch.softmax(s, dim=-1).masked_fill(empty[..., None], 0.0)[..., :Lk]
     out = torch.matmul(p.to(dt), vh).transpose(1, 2)
     lse = lse.masked_fill(empty, float("inf"))
     return out, lse

@@ -8,23 +8,51 @@ forward: each program's sums depend only on its own sequence.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 
 from .. import _poison as poison
+from .. import launch_options as _launch_options
 from .._backend import interpreting
-from ..configs import arch_key, backward_config, padded_head_dim
+from ..configs import BackwardConfig, arch_key, backward_config, padded_head_dim
 from ..kernels.attention_bwd import (attention_bwd_dkdv_kernel, attention_bwd_dq_kernel,
                                      attention_bwd_preprocess_kernel)
+from ..launch_options import LaunchOptions
 from .launch import alibi_args, compute_dtype, score_scales
 from .validation import last_dim_contiguous
 
 
-#: Offline exploration only (benchmarks/explore_bwd_configs.py): force one config.
-_CONFIG_OVERRIDE = None
-_SKIP_OVERRIDE = None
+class BackwardPlan(NamedTuple):
+    """The backward's config (tiles: ``block_n`` and the dq tiles are numeric) and whether
+    fully visible tiles skip the mask work (``skip_full_masks``, launch-only)."""
+
+    config: BackwardConfig
+    skip_full_masks: bool
+
+
+#: (device, dtype, head dim, launch options) -> BackwardPlan (a config lookup per call
+#: costs host time in every layer's backward).
+_BACKWARD_PLANS: dict = {}
+
+
+def backward_plan(q: torch.Tensor, options: Optional[LaunchOptions] = None) -> BackwardPlan:
+    """The plan the backward of attention on ``q`` (dense [B, L, H, D] or packed [T, H, D])
+    launches with, under the launch options in force (or ``options``)."""
+    return _backward_plan(q.device, q.dtype, q.shape[-1], _launch_options.current() if options is None else options)
+
+
+def _backward_plan(device, dtype, D, options: LaunchOptions) -> BackwardPlan:
+    key = (device.type, device.index, dtype, D, options)
+    plan = _BACKWARD_PLANS.get(key)
+    if plan is None:
+        cfg = options.bwd_config or backward_config(arch_key(device), dtype, D)
+        skip = cfg.skip_full_masks if options.bwd_skip_full_masks is None else options.bwd_skip_full_masks
+        plan = BackwardPlan(cfg, skip)
+        if device.index is not None or interpreting():
+            _BACKWARD_PLANS[key] = plan
+    return plan
 
 
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -34,13 +62,18 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        cu_seqlens_q: Optional[torch.Tensor] = None,
                        cu_seqlens_k: Optional[torch.Tensor] = None,
                        max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+                       options: Optional[LaunchOptions] = None,
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``flash_attn_func`` w.r.t. q, k, v (and through its lse if ``dlse``).
 
     Dense: dout/out/q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D], lse/dlse [B, Hq, Lq]
     float32.  Varlen (``cu_seqlens_q/k``): packed [total, H, D] tensors and
     lse/dlse [Hq, total_q].  Returns dq, dk, dv in the inputs' dtype and shapes.
+    ``options``: forced launch choices (default: :func:`bitstable.launch_options.current`):
+    ``bwd_skip_full_masks`` (launch-only) and ``bwd_config`` (explorations only: another
+    block size is another reduction order).
     """
+    opts = _launch_options.current() if options is None else options
     dout, q, k, v, out = (last_dim_contiguous(t) for t in (dout, q, k, v, out))
     varlen = cu_seqlens_q is not None
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -56,7 +89,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         B, Lq, Lk, total_q = cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, q.shape[1]
     else:
         B, Lq, Lk, total_q = q.shape[0], q.shape[1], k.shape[1], 0
-    cfg = _CONFIG_OVERRIDE or backward_config(arch_key(q.device), q.dtype, D)
+    plan = _backward_plan(q.device, q.dtype, D, opts)
+    cfg = plan.config
     HD = padded_head_dim(D)
     delta = torch.empty((1, Hq, total_q) if varlen else (B, Hq, Lq), dtype=torch.float32,
                         device=q.device)
@@ -74,7 +108,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     common = dict(COMPUTE_DTYPE=compute_dtype(q.dtype), ROWWISE=interpreting(),
                   HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
                   HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-                  SKIP_FULL_MASKS=cfg.skip_full_masks if _SKIP_OVERRIDE is None else _SKIP_OVERRIDE)
+                  SKIP_FULL_MASKS=plan.skip_full_masks)
     scalars = (qk_scale, softcap_scaled, softmax_scale, max(window_left, 0), max(window_right, 0))
 
     pre_b, pre_l = (1, total_q) if varlen else (B, Lq)   # every packed row at once

@@ -31,10 +31,6 @@ _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 #: (tools/compile_check_sm90.py); older releases keep the Triton kernel.
 _TRITON_OK = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 6)
 
-#: Number of launches so far (tests check that steps in scope took this kernel).
-LAUNCHES = [0]
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -74,11 +70,10 @@ def wgmma_decode_eligible(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 def launch_partial_wgmma(q, k_cache, v_cache, ws_acc, ws_ml, cache_seqlens, cache_batch_idx: Optional[torch.Tensor],
                          *, num_splits: int, split_blocks: int, block_m: int, block_n: int, stages: int,
-                         n_new: int, qk_scale: float, pdl: bool, times: Optional[torch.Tensor] = None) -> None:
+                         n_new: int, qk_scale: float, pdl: bool) -> None:
     """Launch the kernel over ``num_splits`` splits of every (sequence, KV head), with
     ``stages`` (at least 3) key blocks in flight; ``pdl``: the combine kernel follows as
-    its programmatic dependent; ``times`` (offline probes only): int64 [programs, 40] that
-    receives the kernel's timeline.  Call only when :func:`wgmma_decode_eligible` holds."""
+    its programmatic dependent.  Call only when :func:`wgmma_decode_eligible` holds."""
     B, _, Hq, D = q.shape
     Bc, L, Hk, _ = k_cache.shape
     layout = gl.NVMMASharedLayout.get_default_for([block_n, D], getattr(gl, _GL_DTYPES[q.dtype]))
@@ -89,12 +84,9 @@ def launch_partial_wgmma(q, k_cache, v_cache, ws_acc, ws_ml, cache_seqlens, cach
         return GluonTensorDescriptor(flat, rows, list(flat.stride()), [block_n, D], layout)
 
     bidx = cache_batch_idx if cache_batch_idx is not None else cache_seqlens
-    LAUNCHES[0] += 1
     attention_decode_wgmma_kernel[(num_splits, B * Hk)](
         q, k_cache, v_cache, desc(k_cache), desc(v_cache), ws_acc, ws_ml, cache_seqlens, bidx,
-        times if times is not None else ws_ml,   # TIMES: unused unless TIMELINE
         q.stride(0), q.stride(2), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         L, Hq, Hq // Hk, B, n_new, qk_scale,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_BLOCKS=split_blocks,
-        HAS_BATCH_IDX=cache_batch_idx is not None, STAGES=max(stages, 3), USE_PDL=pdl,
-        TIMELINE=times is not None, num_warps=4)
+        HAS_BATCH_IDX=cache_batch_idx is not None, STAGES=max(stages, 3), USE_PDL=pdl, num_warps=4)

@@ -14,7 +14,9 @@ import torch
 from ..mode import get_deterministic_mode
 from ..reference import alibi_bias, attention_reference, visibility
 from .ops import attention, varlen_attention
-from .validation import check_options, check_qkv, check_varlen, normalize_window
+from .sinks import apply_learnable_sink, check_learnable_sink
+from .validation import (check_block_table, check_options, check_qkv, check_varlen, normalize_window,
+                         pad_head_dim, padded_to_multiple_of_8)
 
 
 def _stock_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes,
@@ -49,20 +51,76 @@ def _stock_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi
     return out.transpose(1, 2), lse
 
 
+def padded_for_kernels(q, k, v):
+    """(q, k, v, Dv): the three zero-padded on the head dim to what the kernels run at, one
+    head dim for all three: q/k's head dim D rounded up to a multiple of 8 (flash-attn pads
+    the same way), v from its own Dv <= D up to that too.  The padded columns of q and k add
+    exact zeros to every score; those of v give output columns that are sliced off (out keeps
+    Dv).  softmax_scale must already be resolved from the unpadded D.  Differentiable: the
+    gradients are sliced back to the inputs' shapes.  Cost where padding happens: one padded
+    copy of each tensor per call, and the P @ V product at D instead of Dv."""
+    D, Dv = q.shape[-1], v.shape[-1]
+    Dp = padded_to_multiple_of_8(D)
+    if Dp != D:
+        q, k = pad_head_dim(q, Dp), pad_head_dim(k, Dp)
+    if Dv != Dp:
+        v = pad_head_dim(v, Dp)
+    return q, k, v, Dv
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def dense_attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                    return_attn_probs, names=("q", "k", "v"), learnable_sink=None):
+    """flash_attn_func's body; ``names``: q, k, v as the user wrote them (the packed
+    variants pass slices of ``qkv`` / ``kv``).  Every check comes before any work."""
+    check_qkv(q, k, v, names=names, any_head_dim=True)
+    softmax_scale, left, right = check_options(q, dropout_p, softmax_scale, window_size,
+                                               softcap, alibi_slopes)
+    _check_bool("return_attn_probs", return_attn_probs)
+    check_learnable_sink(learnable_sink, q, q.shape[2])
+    window = (left, right)          # as Python ints, whatever form the user gave
+    left, right = normalize_window(causal, left, right, k.shape[1])
+
+    if not get_deterministic_mode().enabled:
+        out, lse = _stock_attention(q, k, v, softmax_scale, causal, window, softcap, alibi_slopes,
+                                    need_lse=return_attn_probs or learnable_sink is not None)
+    else:
+        q, k, v, Dv = padded_for_kernels(q, k, v)
+        out, lse = attention(q, k, v, softmax_scale, left, right, float(softcap), alibi_slopes,
+                             get_deterministic_mode().split_size)
+        if out.shape[-1] != Dv:
+            out = out[..., :Dv]
+    if learnable_sink is not None:
+        out, lse = apply_learnable_sink(out, lse, learnable_sink)
+    return (out, lse, None) if return_attn_probs else out
+
+
 def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
                     softmax_scale: Optional[float] = None, causal: bool = False,
                     window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                     alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = True,
-                    return_attn_probs: bool = False):
+                    return_attn_probs: bool = False, *, learnable_sink: Optional[torch.Tensor] = None):
     """Scaled dot-product attention, bitwise reproducible.
 
     Args (flash-attn's names and meanings):
         q: (batch, seqlen_q, nheads, headdim), bfloat16 / float16 / float32.
-        k, v: (batch, seqlen_k, nheads_k, headdim); nheads % nheads_k == 0 (GQA/MQA).
+        k: (batch, seqlen_k, nheads_k, headdim); nheads % nheads_k == 0 (GQA/MQA).
+            headdim: any size from 1 to 256.  One that is not a multiple of 8 is
+            zero-padded inside to the next multiple of 8 (as flash-attn does: one
+            padded copy of q, k, v per call); out and the gradients keep the
+            inputs' shapes.
+        v: (batch, seqlen_k, nheads_k, headdim_v), headdim_v <= headdim (e.g. 128
+            with q/k at 192, DeepSeek's MLA prefill); v is zero-padded inside to
+            q/k's (padded) head dim, so P @ V runs at headdim, not headdim_v.
         dropout_p: must be 0.0 (dropout is not implemented; raises NotImplementedError).
-        softmax_scale: defaults to 1 / sqrt(headdim).
+        softmax_scale: defaults to 1 / sqrt(headdim) (the unpadded headdim).
         causal: causal mask aligned to the bottom-right corner (FlashAttention 2).
-        window_size: (left, right) sliding window; -1 is unbounded.
+        window_size: (left, right) sliding window; -1 is unbounded.  A tuple, a
+            list or a 2-element integer tensor (read on the host).
         softcap: if > 0, scores become softcap * tanh(scores / softcap).
         alibi_slopes: (nheads,) or (batch, nheads) float32; adds
             -slope * |i + seqlen_k - seqlen_q - j| to the score of query i, key j.
@@ -71,9 +129,13 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
         return_attn_probs: if True, also return the softmax log-sum-exp
             (batch, nheads, seqlen_q) float32 and ``None`` in place of the
             attention-probability matrix, which is never materialised.
+        learnable_sink: keyword-only, (nheads,) float32 or None (FlashAttention 4's
+            argument; gpt-oss's per-head sink): one more logit per head in every row's
+            softmax denominator, with no value; the returned lse includes it; it gets a
+            gradient.  Applied to (out, lse) elementwise (attention/sinks.py).
 
     Returns:
-        out (batch, seqlen_q, nheads, headdim) in q's dtype; or
+        out (batch, seqlen_q, nheads, headdim_v) in q's dtype; or
         ``(out, softmax_lse, None)`` when ``return_attn_probs``.  Both are
         differentiable (dq, dk, dv; deterministic, batch-invariant); ALiBi
         slopes get no gradient.
@@ -85,20 +147,145 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     Rows that see no key (e.g. causal with seqlen_q > seqlen_k) are 0, with
     log-sum-exp +inf.
     """
-    check_qkv(q, k, v)
-    softmax_scale, left, right = check_options(q, dropout_p, softmax_scale, window_size,
-                                               softcap, alibi_slopes)
-    if not isinstance(return_attn_probs, bool):
-        raise TypeError(f"return_attn_probs must be a bool, got {type(return_attn_probs).__name__}")
-    left, right = normalize_window(causal, left, right, k.shape[1])
+    return dense_attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, return_attn_probs, learnable_sink=learnable_sink)
+
+
+def _page_gather_index(block_table: torch.Tensor, cu_seqlens_k: torch.Tensor, seqlens_k,
+                       page_size: int) -> torch.Tensor:
+    """Where each packed key lives in the pages: key ``j`` of sequence ``i`` (packed
+    position ``cu_seqlens_k[i] + j``) is flat slot ``block_table[i, j // page_size] *
+    page_size + j % page_size``.  int64 [total_k] on the device, built from the host
+    lengths with no further synchronisation."""
+    dev = block_table.device
+    lens = torch.tensor(seqlens_k, dtype=torch.long, device=dev)
+    total = int(sum(seqlens_k))
+    seq = torch.repeat_interleave(torch.arange(len(seqlens_k), device=dev), lens, output_size=total)
+    pos = torch.arange(total, device=dev) - cu_seqlens_k.long()[seq]
+    return block_table.long()[seq, pos // page_size] * page_size + pos % page_size
+
+
+def _page_layers(table, seqlens_k, page_size: int, flat: torch.Tensor):
+    """The backward's write plan: ``[(dst, src), ...]`` index pairs, one per layer, where
+    layer ``r`` holds every key whose page is being used for the ``r``-th time (in
+    ascending (sequence, page position) order).  Inside a layer no slot repeats, so the
+    scatter of layer ``r`` (added onto layers ``0 .. r-1``) has no race: a slot shared by
+    several sequences sums their gradients in ascending sequence order, on every run."""
+    uses, layer_of_use, offset = {}, [], []
+    for i, n in enumerate(seqlens_k):
+        offset.append(len(layer_of_use))
+        for p in range(-(-n // page_size)):
+            page = table[i][p]
+            layer_of_use.append(uses.get(page, 0))
+            uses[page] = layer_of_use[-1] + 1
+    num_layers = max(uses.values(), default=0)
+    if num_layers <= 1:
+        src = torch.arange(flat.numel(), device=flat.device)
+        return [(flat, src)]
+    dev = flat.device
+    lens = torch.tensor(seqlens_k, dtype=torch.long, device=dev)
+    seq = torch.repeat_interleave(torch.arange(len(seqlens_k), device=dev), lens, output_size=flat.numel())
+    starts = torch.cumsum(lens, 0) - lens
+    pos = torch.arange(flat.numel(), device=dev) - starts[seq]
+    use = torch.tensor(offset, dtype=torch.long, device=dev)[seq] + pos // page_size
+    token_layer = torch.tensor(layer_of_use, dtype=torch.long, device=dev)[use]
+    layers = []
+    for r in range(num_layers):
+        src = (token_layer == r).nonzero().flatten()
+        layers.append((flat[src], src))
+    return layers
+
+
+class _PagedGather(torch.autograd.Function):
+    """pages [num_blocks, page_size, H, D] -> packed keys [total_k, H, D] by ``flat``; the
+    backward scatters the packed gradient back into zeros of the pages' shape, layer by
+    layer (:func:`_page_layers`): deterministic, no atomics; unused slots get 0."""
+
+    @staticmethod
+    def forward(ctx, pages, flat, layers):
+        ctx.pages_shape = pages.shape
+        ctx.layers = layers
+        return pages.reshape(-1, *pages.shape[2:]).index_select(0, flat)
+
+    @staticmethod
+    def backward(ctx, grad):
+        num_blocks, page_size = ctx.pages_shape[:2]
+        out = grad.new_zeros((num_blocks * page_size, *grad.shape[1:]))
+        for r, (dst, src) in enumerate(ctx.layers):
+            vals = grad.index_select(0, src)
+            out[dst] = vals if r == 0 else out[dst] + vals
+        return out.view(ctx.pages_shape), None, None
+
+
+def _gather_pages(pages: torch.Tensor, flat: torch.Tensor, layers) -> torch.Tensor:
+    """Paged keys (or values) gathered into the packed layout (one copy of the used keys);
+    differentiable when ``layers`` (the backward's plan) is given."""
+    if layers is None:
+        return pages.reshape(-1, *pages.shape[2:]).index_select(0, flat)
+    return _PagedGather.apply(pages, flat, layers)
+
+
+def varlen_attention_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                          softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
+                          block_table=None, names=("q", "k", "v"),
+                          cu_names=("cu_seqlens_q", "cu_seqlens_k"),
+                          max_names=("max_seqlen_q", "max_seqlen_k"), learnable_sink=None):
+    """flash_attn_varlen_func's body; the names are the arguments as the user wrote them
+    (the packed variants pass slices of ``qkv`` / ``kv`` and ``cu_seqlens`` /
+    ``max_seqlen``).  Every check comes before any work."""
+    paged = block_table is not None
+    host_q, host_k = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  names=names, cu_names=cu_names, max_names=max_names,
+                                  any_head_dim=True, paged=paged)
+    num_seqs = cu_seqlens_q.numel() - 1
+    q4 = q.unsqueeze(0)
+    softmax_scale, left, right = check_options(q4, dropout_p, softmax_scale, window_size,
+                                               softcap, None)
+    if alibi_slopes is not None:
+        check_options(q4.expand(num_seqs, *q.shape), 0.0, softmax_scale, window_size, softcap,
+                      alibi_slopes)
+    _check_bool("return_attn_probs", return_attn_probs)
+    check_learnable_sink(learnable_sink, q, q.shape[1])
+    seqlens_k = [b - a for a, b in zip(host_k[:-1], host_k[1:])]
+    if paged:
+        page_size, table = check_block_table(block_table, k, v, num_seqs, seqlens_k, names=names[1:])
+    window = (left, right)
+    left, right = normalize_window(causal, left, right, max(max_seqlen_k, 1))
+
+    if paged:   # first implementation: one gather into the packed layout per call
+        flat = _page_gather_index(block_table, cu_seqlens_k, seqlens_k, page_size)
+        grads = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
+        layers = _page_layers(table, seqlens_k, page_size, flat) if grads else None
+        k = _gather_pages(k, flat, layers if k.requires_grad else None)
+        v = _gather_pages(v, flat, layers if v.requires_grad else None)
 
     if not get_deterministic_mode().enabled:
-        out, lse = _stock_attention(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                                    need_lse=return_attn_probs)
+        outs, lses = [], []
+        cq, ck = host_q, host_k
+        for i in range(num_seqs):
+            slopes = alibi_slopes
+            if slopes is not None and slopes.dim() == 2:
+                slopes = slopes[i:i + 1]
+            o, l_ = _stock_attention(q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]],
+                                     v[None, ck[i]:ck[i + 1]], softmax_scale, causal, window,
+                                     softcap, slopes,
+                                     need_lse=return_attn_probs or learnable_sink is not None)
+            outs.append(o[0])
+            lses.append(None if l_ is None else l_[0])
+        out = torch.cat(outs, 0)
+        lse = torch.cat(lses, 1) if return_attn_probs or learnable_sink is not None else None
+        if learnable_sink is not None:
+            out, lse = apply_learnable_sink(out, lse, learnable_sink)
         return (out, lse, None) if return_attn_probs else out
 
-    out, lse = attention(q, k, v, softmax_scale, left, right, float(softcap), alibi_slopes,
-                        get_deterministic_mode().split_size)
+    q, k, v, Dv = padded_for_kernels(q, k, v)
+    out, lse = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                softmax_scale, left, right, float(softcap), alibi_slopes,
+                                get_deterministic_mode().split_size)
+    if out.shape[-1] != Dv:
+        out = out[..., :Dv]
+    if learnable_sink is not None:
+        out, lse = apply_learnable_sink(out, lse, learnable_sink)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -108,58 +295,40 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            softmax_scale: Optional[float] = None, causal: bool = False,
                            window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                            alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = True,
-                           return_attn_probs: bool = False, block_table: Optional[torch.Tensor] = None):
+                           return_attn_probs: bool = False, block_table: Optional[torch.Tensor] = None,
+                           *, learnable_sink: Optional[torch.Tensor] = None):
     """Attention over packed variable-length sequences, bitwise equal to running each alone.
 
     Args (flash-attn's names and meanings):
-        q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim).
+        q: (total_q, nheads, headdim); k: (total_k, nheads_k, headdim); v: (total_k,
+            nheads_k, headdim_v), headdim_v <= headdim; any headdim from 1 to 256 (not a
+            multiple of 8: zero-padded inside, as :func:`flash_attn_func`; so is v up to
+            headdim).
         cu_seqlens_q, cu_seqlens_k: int32 (num_seqs + 1,) cumulative lengths from 0.
         max_seqlen_q, max_seqlen_k: the longest sequence lengths (ints).
-        other arguments as :func:`flash_attn_func`; ``alibi_slopes`` may be
-        (nheads,) or (num_seqs, nheads); ``block_table`` (paged k/v) is not
-        supported here yet and must be None.
+        block_table: optional int32 (num_seqs, max_pages_per_seq): paged k/v.  Then
+            k, v are (num_blocks, page_size, nheads_k, headdim), page_size a
+            multiple of 16, and key ``j`` of sequence ``i`` is
+            ``k[block_table[i, j // page_size], j % page_size]`` (its length still
+            comes from cu_seqlens_k).  First implementation: the used pages are
+            gathered into the packed layout once per call (a copy of
+            2 x total_k x nheads_k x headdim elements, made on the device), then
+            the contiguous kernel runs: the bits are those of the contiguous call.
+            Differentiable: the gradients of the pages are the contiguous call's dk/dv
+            at the slots the table uses (zero elsewhere); a slot that several
+            sequences share sums their gradients in ascending sequence order.
+        other arguments as :func:`flash_attn_func` (``learnable_sink`` too); ``alibi_slopes``
+        may be (nheads,) or (num_seqs, nheads).
 
-    Returns out (total_q, nheads, headdim), or ``(out, softmax_lse, None)`` with
+    Returns out (total_q, nheads, headdim_v), or ``(out, softmax_lse, None)`` with
     lse (nheads, total_q) float32 when ``return_attn_probs``.
 
     Invariance: sequence ``i``'s rows are bitwise equal to
     ``flash_attn_func(q_i[None], k_i[None], v_i[None], ...)[0]`` (same keys,
     same absolute positions, causal aligned bottom-right per sequence),
-    whatever else is packed with it; so are its own dq, dk, dv.
+    whatever else is packed with it; so are its own dq, dk, dv.  Paged and
+    contiguous k/v give the same bits (layout invariance).
     """
-    if block_table is not None:
-        raise NotImplementedError("block_table (paged k/v) is not supported by "
-                                  "flash_attn_varlen_func yet; pass block_table=None")
-    check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    num_seqs = cu_seqlens_q.numel() - 1
-    q4 = q.unsqueeze(0)
-    softmax_scale, left, right = check_options(q4, dropout_p, softmax_scale, window_size,
-                                               softcap, None)
-    if alibi_slopes is not None:
-        check_options(q4.expand(num_seqs, *q.shape), 0.0, softmax_scale, window_size, softcap,
-                      alibi_slopes)
-    if not isinstance(return_attn_probs, bool):
-        raise TypeError(f"return_attn_probs must be a bool, got {type(return_attn_probs).__name__}")
-    left, right = normalize_window(causal, left, right, max(max_seqlen_k, 1))
-
-    if not get_deterministic_mode().enabled:
-        outs, lses = [], []
-        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-        for i in range(num_seqs):
-            slopes = alibi_slopes
-            if slopes is not None and slopes.dim() == 2:
-                slopes = slopes[i:i + 1]
-            o, l_ = _stock_attention(q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]],
-                                     v[None, ck[i]:ck[i + 1]], softmax_scale, causal, window_size,
-                                     softcap, slopes, need_lse=return_attn_probs)
-            outs.append(o[0])
-            lses.append(None if l_ is None else l_[0])
-        out = torch.cat(outs, 0)
-        lse = torch.cat(lses, 1) if return_attn_probs else None
-        return (out, lse, None) if return_attn_probs else out
-
-    out, lse = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                               softmax_scale,
-                               left, right, float(softcap), alibi_slopes,
-                               get_deterministic_mode().split_size)
-    return (out, lse, None) if return_attn_probs else out
+    return varlen_attention_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                 dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                                 return_attn_probs, block_table=block_table, learnable_sink=learnable_sink)

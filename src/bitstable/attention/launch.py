@@ -22,13 +22,11 @@ from ..configs import AttentionConfig, arch_key, attention_config, padded_head_d
 from ..kernels.attention_fwd import attention_fwd_kernel
 from ..mode import check_split_size, get_deterministic_mode
 from .. import _poison as poison
-from .validation import last_dim_contiguous
+from .. import launch_options as _launch_options
+from ..launch_options import LaunchOptions
+from .validation import last_dim_contiguous, normalize_window
 
 _LOOP_CODES = {"branch": 0, "nested": 1}
-#: Tests and the exploration script force a loop structure / load path here
-#: (None: the config's choice).
-_LOOP_OVERRIDE: Optional[str] = None
-_TMA_OVERRIDE: Optional[bool] = None
 
 
 def tma_eligible(*tensors: torch.Tensor) -> bool:
@@ -43,12 +41,19 @@ def tma_eligible(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def tma_usable(k: torch.Tensor, v: torch.Tensor, wanted: bool) -> bool:
+    """Whether :func:`kv_descriptors` makes descriptors for k/v: ``wanted`` and the copy
+    engine can take these tensors (a GPU, triton's host descriptors, 16-byte aligned
+    strides)."""
+    return bool(wanted and TensorDescriptor is not None and not interpreting() and tma_eligible(k, v))
+
+
 def kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, head_dim_tile: int, wanted: bool):
     """``(k_arg, v_arg, used)``: host-made 4-d TMA descriptors over k/v (boxes of
-    ``[1, block_n, 1, head_dim_tile]``) when ``wanted`` and the copy engine can take
-    these tensors (a GPU, triton's host descriptors, 16-byte aligned strides), else the
-    tensors themselves for pointer loads.  Launch-only: the kernels load the same values."""
-    if not (wanted and TensorDescriptor is not None and not interpreting() and tma_eligible(k, v)):
+    ``[1, block_n, 1, head_dim_tile]``) when :func:`tma_usable` (``wanted`` and the copy
+    engine can take these tensors), else the tensors themselves for pointer loads.
+    Launch-only: the kernels load the same values."""
+    if not tma_usable(k, v, wanted):
         return k, v, False
     box = [1, block_n, 1, head_dim_tile]
     return (TensorDescriptor(k, list(k.shape), list(k.stride()), box),
@@ -89,6 +94,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
                       config: Optional[AttentionConfig] = None,
                       cu_seqlens_q: Optional[torch.Tensor] = None,
                       cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_q: int = 0,
+                      options: Optional[LaunchOptions] = None,
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel on validated inputs.
 
@@ -102,7 +108,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
 
     ``config`` overrides the table's entry; it exists for the GPU probes and
     the config exploration script only (a different block_n is a different
-    reduction order).
+    reduction order).  ``options``: forced launch choices (default: the options in
+    force, :func:`bitstable.launch_options.current`); launch-only.
     """
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     varlen = cu_seqlens_q is not None
@@ -124,7 +131,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
         result = (out, lse)
     split = get_deterministic_mode().split_size if split_size is None else split_size
     plan = _forward_plan(q.device, q.dtype, D, split, varlen, window_left >= 0, window_right >= 0,
-                         softcap > 0, alibi_slopes is not None, config)
+                         softcap > 0, alibi_slopes is not None, config,
+                         _launch_options.current() if options is None else options)
     poison.fill(out, lse)
     if B == 0 or Lq == 0 or Hq == 0:
         return result
@@ -146,34 +154,58 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     return result
 
 
-class _ForwardPlan(NamedTuple):
-    """What a forward launch takes besides shapes, strides, scales and tensors."""
+class ForwardPlan(NamedTuple):
+    """What a forward launch takes besides shapes, strides, scales and tensors: the key
+    block ``block_n`` (numeric), and launch-only choices: the query tile ``block_m``, the
+    block-loop structure ``loop`` ("branch" or "nested"), ``want_tma`` (whole K/V
+    blocks through the copy engine, where the tensors allow it: :func:`kv_descriptors`),
+    and the kernel's constexprs and launch options ``kwargs``."""
 
     block_m: int
     block_n: int
     head_dim_tile: int
+    loop: str
     want_tma: bool
     kwargs: dict
 
 
-#: (device, dtype, head_dim, split, varlen, left, right, softcap, alibi, loop and TMA
-#: overrides) -> _ForwardPlan, built once: per-call config lookups, split checks and
-#: constexpr assembly cost host time on every layer of an eager model.
+_ForwardPlan = ForwardPlan   # the name this module used before
+
+
+#: (device, dtype, head_dim, split, varlen, left, right, softcap, alibi, launch options)
+#: -> ForwardPlan, built once: per-call config lookups, split checks and constexpr
+#: assembly cost host time on every layer of an eager model.
 _FORWARD_PLANS: dict = {}
 
 
+def forward_plan(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False,
+                 window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                 alibi_slopes: Optional[torch.Tensor] = None, split_size: Optional[int] = None,
+                 varlen: bool = False, options: Optional[LaunchOptions] = None) -> ForwardPlan:
+    """The plan ``flash_attn_func(q, k, v, causal=..., window_size=..., softcap=...,
+    alibi_slopes=...)`` launches with (``varlen``: the varlen function's, with k packed
+    [total_k, Hkv, D]), under the launch options in force (or ``options``): the loop
+    structure, copy-engine loads or not, the tiles.  For tests and explorations; the
+    arguments are those calls'."""
+    left, right = normalize_window(causal, window_size[0], window_size[1], k.shape[-3])
+    split = get_deterministic_mode().split_size if split_size is None else split_size
+    return _forward_plan(q.device, q.dtype, q.shape[-1], split, varlen, left >= 0, right >= 0,
+                         softcap > 0, alibi_slopes is not None, None,
+                         _launch_options.current() if options is None else options)
+
+
 def _forward_plan(device, dtype, D, split_size, varlen, has_left, has_right, has_softcap, has_alibi,
-                  config) -> _ForwardPlan:
+                  config, options: LaunchOptions) -> ForwardPlan:
     key = (device.type, device.index, dtype, D, split_size, varlen, has_left, has_right, has_softcap,
-           has_alibi, _LOOP_OVERRIDE, _TMA_OVERRIDE)
+           has_alibi, options)
     plan = _FORWARD_PLANS.get(key) if config is None else None
     if plan is not None:
         return plan
     cfg = config or attention_config(arch_key(device), dtype, D)
     split = resolve_split_size(cfg.block_n, split_size)
     causal_like = has_right
-    loop = _LOOP_OVERRIDE or (cfg.loop_causal if causal_like else cfg.loop)
-    use_tma = cfg.tma if _TMA_OVERRIDE is None else _TMA_OVERRIDE
+    loop = options.fwd_loop or (cfg.loop_causal if causal_like else cfg.loop)
+    use_tma = cfg.tma if options.fwd_tma is None else options.fwd_tma
     HD = padded_head_dim(D)
     kwargs = dict(
         HEAD_DIM=HD, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -182,7 +214,7 @@ def _forward_plan(device, dtype, D, split_size, varlen, has_left, has_right, has
         HAS_LEFT=has_left, HAS_RIGHT=has_right, EVEN_D=HD == D, WRITE_LSE=True,
         REVERSE_M=causal_like, LOOP=_LOOP_CODES[loop], VARLEN=varlen,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    plan = _ForwardPlan(cfg.block_m, cfg.block_n, HD, use_tma and not varlen, kwargs)
+    plan = ForwardPlan(cfg.block_m, cfg.block_n, HD, loop, use_tma and not varlen, kwargs)
     if config is None and (device.index is not None or interpreting()):
         _FORWARD_PLANS[key] = plan
     return plan

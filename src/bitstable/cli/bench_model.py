@@ -60,10 +60,10 @@ TRAIN_COVERS = ("one training step: forward, cross-entropy on shifted labels (fp
                 "(all parameter grads, bitwise) over `runs` identical steps")
 TRAIN_NOT_COVERED = ("optimizer step, autocast/mixed precision, gradient accumulation; batch invariance "
                      "(each row runs one batch; `bitstable verify` checks it)")
-COMPILE_NOT_COVERED = ("; torch.compile: inductor emits its own matmul (cuBLAS mm.out / Triton), norm, softmax "
-                       "and embedding-backward kernels, so the batch-invariant mode's aten overrides do not reach "
-                       "the compiled graph (bitstable's attention, a torch.library custom op, and the eager loss "
-                       "do run bitstable's kernels); causal mask 'skip': no [B, 1, L, L] mask, as in eager "
+COMPILE_NOT_COVERED = ("; torch.compile: the mode's matmuls, norms, softmaxes and reductions over dims are "
+                       "bitstable custom ops in the compiled graph (ops/traced.py); elementwise code, "
+                       "embedding backward and full reductions (sum()/mean() with no dim) are inductor's "
+                       "kernels; causal mask 'skip': no [B, 1, L, L] mask, as in eager "
                        "(before torch 2.14 transformers builds one under torch.compile; 'transformers' keeps it, "
                        "and bitstable's attention then reads it on the host through graph breaks)")
 ENGINE_COVERS = ("bitstable.integrations.generate.Engine: each request prefilled alone, then decoded in one batch of B, "

@@ -85,6 +85,8 @@ def _scenarios(on_gpu: bool):
             ("fp16 non-causal d64", torch.float16, mid, {}, (2, 3, 8), (1, 65, 999), 20),
             ("bf16 window+softcap d64", torch.bfloat16, mid, dict(window_size=(256, 0), softcap=30.0),
              (2, 3, 8), (1, 130), 20),
+            ("bf16 causal + learnable sink d64", torch.bfloat16, mid,
+             dict(causal=True, learnable_sink=torch.linspace(-2.0, 2.0, 8, device="cuda")), (2, 3, 8), (1, 130), 20),
         ]
     small = Shape(batch=2, heads_q=2, heads_kv=1, seqlen_q=33, seqlen_k=40, head_dim=32)
     return [

@@ -57,23 +57,13 @@ if HAVE_GLUON:
         return acc * a[:, None]
 
     @gluon.jit
-    def _clock(GLOBAL: gl.constexpr):
-        """The SM's cycle counter, or (``GLOBAL``) the device's nanosecond timer."""
-        if GLOBAL:
-            return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64,
-                                             is_pure=False, pack=1)
-        else:
-            return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=gl.int64,
-                                             is_pure=False, pack=1)
-
-    @gluon.jit
     def attention_decode_wgmma_kernel(
-        Q, K, V, K_DESC, V_DESC, WS_ACC, WS_ML, CACHE_SEQLENS, BATCH_IDX, TIMES,
+        Q, K, V, K_DESC, V_DESC, WS_ACC, WS_ML, CACHE_SEQLENS, BATCH_IDX,
         stride_qb, stride_qh, stride_kp, stride_kn, stride_vp, stride_vn,
         cache_len, num_heads_q, group_size, batch, n_new, qk_scale,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
         SPLIT_BLOCKS: gl.constexpr, HAS_BATCH_IDX: gl.constexpr, STAGES: gl.constexpr,
-        USE_PDL: gl.constexpr, TIMELINE: gl.constexpr = False,
+        USE_PDL: gl.constexpr,
     ):
         """Grid: (num_splits, B * Hkv); 4 warps.  One split of the rows ``g < group_size``
         (the GQA group of KV head ``h_kv``, one query token) into the workspace, as
@@ -84,11 +74,7 @@ if HAVE_GLUON:
         ``STAGES`` (>= 3) key blocks are in shared memory or on their way: block j+1 must
         have been requested before block j's softmax, and block j-1's stage is refilled
         only after it.  ``USE_PDL``: the combine kernel is launched as this kernel's
-        programmatic dependent.  ``TIMELINE`` (offline probe only,
-        benchmarks/probe_decode_floor.py): each program writes timestamps to ``TIMES``
-        (int64 [programs, 40]: the device timer at its start and end, the SM's cycle
-        counter at its start, when block 0's scores are ready, and per block i when block
-        i+1 has arrived and when block i's products are done); changes nothing else.
+        programmatic dependent.
         """
         gl.static_assert(STAGES >= 3, "the schedule needs three or more stages")
         DTYPE: gl.constexpr = K.dtype.element_ty
@@ -107,10 +93,6 @@ if HAVE_GLUON:
                                       is_pure=False, pack=1)
         split = gl.program_id(0)
         pid_bh = gl.program_id(1)
-        if TIMELINE:
-            t_row = TIMES + (pid_bh * gl.num_programs(0) + split).to(gl.int64) * 40
-            gl.store(t_row, _clock(True))
-            gl.store(t_row + 2, _clock(False))
         num_heads_kv = num_heads_q // group_size
         b = pid_bh // num_heads_kv
         h_kv = pid_bh % num_heads_kv
@@ -167,15 +149,11 @@ if HAVE_GLUON:
         mbarrier.wait(bars.index(0), 0, pred=n_full > 0)
         s_tok = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s_cur = warpgroup_mma_wait(0, deps=[s_tok])
-        if TIMELINE:
-            gl.store(t_row + 3, _clock(False))
         for i in range(0, n_full):
             slot = i % STAGES
             nxt = (i + 1) % STAGES
             # 1. scores of block i+1 (a wasted product on the last block, never read)
             mbarrier.wait(bars.index(nxt), ((i + 1) // STAGES) & 1, pred=i + 1 < n_full)
-            if TIMELINE:
-                gl.store(t_row + 4 + 2 * i, _clock(False), mask=i < 16)
             s_tok = warpgroup_mma(q_smem, k_bufs.index(nxt).permute((1, 0)), s_zero, use_acc=False,
                                   is_async=True)
             # 2. softmax of block i, overlapping the products in flight
@@ -186,8 +164,6 @@ if HAVE_GLUON:
             #    registers are free for reuse (block i's softmax temporaries) while the
             #    product still reads them (seen on the device: wrong accumulators at 3 stages)
             acc, s_nxt, p_prev = warpgroup_mma_wait(0, deps=[acc_tok, s_tok, p_prev])
-            if TIMELINE:
-                gl.store(t_row + 5 + 2 * i, _clock(False), mask=i < 16)
             refill = (i >= 1) & (i - 1 + STAGES < n_full)
             prev = (i + STAGES - 1) % STAGES
             r = (row0 + (i - 1 + STAGES) * BLOCK_N).to(gl.int32)
@@ -234,6 +210,3 @@ if HAVE_GLUON:
         row_s = ((split * batch + b) * num_heads_q + h_kv * group_size + g_s).to(gl.int64)
         gl.store(WS_ML + row_s * 2, m, mask=live_s)
         gl.store(WS_ML + row_s * 2 + 1, l, mask=live_s)
-        if TIMELINE:
-            gl.store(t_row + 36, _clock(False))
-            gl.store(t_row + 1, _clock(True))

@@ -35,6 +35,7 @@ import torch
 from .. import ops
 from .matmul import check_tp_tree
 from .._backend import interpreting
+from . import traced
 from ..attention.sdpa import batch_invariant_sdpa, set_stock_guard
 
 #: The ops the mode replaces, by the names ``exclude`` takes.
@@ -74,6 +75,9 @@ def stock_ops():
 #: rebuilds of every override per fallback).  Empty on torch without
 #: ``torch.library.get_kernel`` (< 2.9): fallbacks then take :func:`stock_ops`.
 _STOCK: dict = {}
+#: The stock *autograd* kernels of the non-composite ops (name -> kernel): the autograd-key
+#: entries (:data:`_AUTOGRAD_IMPLS`) hand eager calls back to them.
+_STOCK_AUTOGRAD: dict = {}
 
 
 def _capture_stock_kernels() -> None:
@@ -85,6 +89,8 @@ def _capture_stock_kernels() -> None:
         try:
             _STOCK[name] = (torch.library.get_kernel("aten::" + name, k),
                             torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, k)))
+            if k == key:
+                _STOCK_AUTOGRAD[name] = torch.library.get_kernel("aten::" + name, "Autograd" + key)
         except Exception:  # noqa: BLE001 - an op this torch build lacks keeps the slow path
             pass
 
@@ -170,9 +176,7 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, normalized_shape, weight, eps):
-        from .norms import _norm
-
-        y, _, rstd = _norm(x, normalized_shape, weight, None, eps, rms=True)
+        y, rstd = traced.rms_norm_forward(x, normalized_shape, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         ctx.dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
         return y
@@ -201,16 +205,88 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, 
     return batch_invariant_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 
+def _autograd_entry(name: str, traced_fn, takes):
+    """The autograd-key entry of ``name``: eager calls go back to the stock autograd kernel
+    (which records aten's formula and reaches the backend-key override), so eager bits are
+    unchanged; traced calls (torch.compile) whose inputs the kernels take run
+    ``traced_fn`` (ops/traced.py: custom ops the compiled graph keeps)."""
+    stock = _STOCK_AUTOGRAD[name]
+    key = _dispatch_key()
+    # the autograd kernel redispatches to ``keys & after_autograd``: the backend key (none of
+    # these ops is a view or in-place, so ADInplaceOrView would only fall through)
+    keys = (torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, "Autograd" + key))
+            | torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key)))
+
+    def entry(x, *args, **kwargs):
+        if traced.tracing(x) and takes(x, *args, **kwargs):
+            return traced_fn(x, *args, **kwargs)
+        return stock.call_boxed(keys, x, *args, **kwargs)
+
+    return entry
+
+
+def _mm_takes(a, b):
+    return _ok(a, b) and a.dtype == b.dtype
+
+
+def _addmm_takes(bias, a, b, *, beta=1, alpha=1):
+    return _ok(a, b) and a.dtype == b.dtype and isinstance(beta, (int, float)) and isinstance(alpha, (int, float))
+
+
+def _softmax_takes(x, dim, half_to_float):
+    return _ok(x) and not (half_to_float and x.dtype != torch.float16)
+
+
+def _reduce_takes(x, dim=None, keepdim=False, *, dtype=None):
+    return _ok(x) and (dtype is None or dtype in _DTYPES)
+
+
+def _layer_norm_takes(x, normalized_shape, weight, bias, eps):
+    return _ok(x)
+
+
+_TRACED = {
+    "mm": (traced.mm, _mm_takes),
+    "bmm": (traced.bmm, _mm_takes),
+    "addmm": (lambda bias, a, b, *, beta=1, alpha=1: traced.addmm(bias, a, b, beta, alpha), _addmm_takes),
+    "_softmax": (lambda x, dim, h: traced.softmax(x, dim, h, False), _softmax_takes),
+    "_log_softmax": (lambda x, dim, h: traced.softmax(x, dim, h, True), _softmax_takes),
+    "mean.dim": (lambda x, dim=None, keepdim=False, *, dtype=None: traced.reduce(x, dim, keepdim, dtype, True),
+                 _reduce_takes),
+    "sum.dim_IntList": (lambda x, dim=None, keepdim=False, *, dtype=None:
+                        traced.reduce(x, dim, keepdim, dtype, False), _reduce_takes),
+    "native_layer_norm": (traced.native_layer_norm, _layer_norm_takes),
+}
+
+
 #: Composite ops: registered at the autograd key too (their kernels handle gradients).
 _COMPOSITE = ("rms_norm", "scaled_dot_product_attention")
 
 _capture_stock_kernels()
 set_stock_guard(stock_ops)
 
+#: name -> autograd-key entry (torch.compile); empty on torch without get_kernel (< 2.9)
+_AUTOGRAD_IMPLS = {name: _autograd_entry(name, fn, takes) for name, (fn, takes) in _TRACED.items()
+                   if name in _STOCK_AUTOGRAD}
+
 _IMPLS = {"mm": _mm, "addmm": _addmm, "bmm": _bmm, "_softmax": _softmax,
           "_log_softmax": _log_softmax, "mean.dim": _mean, "sum.dim_IntList": _sum,
           "native_layer_norm": _native_layer_norm, "rms_norm": _rms_norm,
           "scaled_dot_product_attention": _sdpa}
+
+
+def _overload(name: str):
+    op, _, overload = name.partition(".")
+    return getattr(getattr(torch.ops.aten, op), overload or "default")
+
+
+def _uncache_python_dispatch() -> None:
+    """Forget the Python dispatcher's cached kernels of the replaced ops.  Tracing
+    (torch.compile) resolves kernels through ``OpOverload._dispatch_cache``, which
+    registering or destroying a ``torch.library`` impl does not clear: without this a graph
+    traced after the mode ends would still find the mode's autograd entry, or none."""
+    for name in OPS:
+        _overload(name)._dispatch_cache.clear()
 
 
 def _apply(state: _State) -> None:
@@ -233,6 +309,9 @@ def _apply(state: _State) -> None:
                 _lib.impl(name, fn, key)
                 if name in _COMPOSITE:
                     _lib.impl(name, fn, "Autograd" + key)
+                elif name in _AUTOGRAD_IMPLS:
+                    _lib.impl(name, _AUTOGRAD_IMPLS[name], "Autograd" + key)
+    _uncache_python_dispatch()
     _active = state
 
 
@@ -329,6 +408,7 @@ def register_batch_invariant_attention() -> None:
         lib.impl("scaled_dot_product_attention", _sdpa, key)
         lib.impl("scaled_dot_product_attention", _sdpa, "Autograd" + key)
         _attention_lib = lib
+        _uncache_python_dispatch()
 
 
 def unregister_batch_invariant_attention() -> None:
@@ -338,3 +418,4 @@ def unregister_batch_invariant_attention() -> None:
         if _attention_lib is not None:
             _attention_lib._destroy()
             _attention_lib = None
+            _uncache_python_dispatch()

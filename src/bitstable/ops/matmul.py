@@ -26,9 +26,7 @@ from .. import _poison
 from .._backend import compute_dtype, interpreting, kernel_device_type
 from ..configs import arch_key, matmul_classes, matmul_config
 from ..kernels.matmul import matmul_kernel
-
-#: Offline exploration only (benchmarks/explore_matmul_configs.py): force one config.
-_CONFIG_OVERRIDE = None
+from ..launch_options import _ACTIVE as _LAUNCH_OPTIONS
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -88,12 +86,14 @@ def _plan(device: torch.device, dtype: torch.dtype):
 
 
 def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, Bt: int, M: int, N: int, K: int,
-            sa, sb, sc) -> torch.Tensor:
+            sa, sb, sc, options=None) -> torch.Tensor:
     """c [Bt, M, N] = a [Bt, M, K] @ b [Bt, K, N] for checked tensors of one dtype given with
     their (batch, row, column) strides ``sa``/``sb``/``sc`` (batch stride 0 for 2-d), any
     layout with a unit stride in each matrix.  Tiles from the config table by (arch, dtype,
     M class, B's major dim); the sum over K runs in ascending order whatever the tiles and
-    layouts (kernels/matmul.py)."""
+    layouts (kernels/matmul.py).  ``options``: a :class:`bitstable.launch_options.LaunchOptions`
+    whose ``matmul_config`` replaces the table's tiles (explorations only; default: the
+    options in force)."""
     if Bt == 0 or M == 0 or N == 0:
         return c
     if K == 0:
@@ -108,8 +108,9 @@ def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, Bt: int, M: int, 
     if N == 1:
         sbn = K * sbk if sbk else 1
     b_n_major = sbn == 1 and sbk != 1
-    if _CONFIG_OVERRIDE is not None:
-        cfg = _CONFIG_OVERRIDE
+    forced = (_LAUNCH_OPTIONS[0] if options is None else options).matmul_config
+    if forced is not None:
+        cfg = forced
         kwargs = _kwargs(cfg, a.dtype)
     else:
         for bound, pair in _plan(a.device, a.dtype):

@@ -1,0 +1,117 @@
+"""``flash_attn_with_kvcache``: decode and chunked prefill against a KV cache.
+
+New keys/values are appended in place at ``cache_seqlens``; the queries then
+attend to the cache through the split-KV kernels (attention_decode), whose
+output is bitwise the output the full-sequence ``flash_attn_func`` gives the
+same query at the same absolute position.
+
+One module per job: :mod:`.validation` (every check, before anything is written),
+:mod:`.plan` (which kernels, tiles and loads a call uses: :func:`decode_plan`),
+:mod:`.append` (the new tokens into the cache), :mod:`.launch` (the partial and combine
+kernels), :mod:`.stock` (stock PyTorch, outside the deterministic mode) and :mod:`.ops`
+(the whole step, and the ``bitstable::attn_kvcache`` custom op for ``torch.compile``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from ...launch_options import LaunchOptions
+from ...launch_options import current as _current_options
+from ...mode import get_deterministic_mode
+from ..validation import last_dim_contiguous
+from .append import append as _append  # noqa: F401  (the names this module had)
+from .launch import launch_combine as _launch_combine  # noqa: F401
+from .ops import attn_kvcache, kvcache_attention
+from .plan import DecodePlan, plan_call
+from .stock import stock_kvcache as _stock_kvcache  # noqa: F401
+from .validation import check_cache_args as _validate  # noqa: F401
+from .validation import check_num_splits, validate
+
+__all__ = ["flash_attn_with_kvcache", "decode_plan", "DecodePlan"]
+
+
+def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
+                            cache_seqlens: Union[int, torch.Tensor, None] = None,
+                            cache_batch_idx: Optional[torch.Tensor] = None,
+                            block_table: Optional[torch.Tensor] = None,
+                            softmax_scale: Optional[float] = None, causal: bool = False,
+                            window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                            alibi_slopes: Optional[torch.Tensor] = None,
+                            split_size: Optional[int] = None, return_softmax_lse: bool = False,
+                            num_splits: int = 0):
+    """Attention of new queries against a KV cache, appending new keys/values first.
+
+    Args (flash-attn's names and meanings):
+        q: (batch, seqlen_q, nheads, headdim): the new tokens' queries.
+        k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, headdim), or with
+            ``block_table`` (num_pages, page_size, nheads_k, headdim), page_size a
+            multiple of 16.
+        k, v: optional (batch, seqlen_new, nheads_k, headdim), written in place
+            into the cache at ``cache_seqlens`` before the attention.
+        cache_seqlens: int or int32 (batch,): tokens already in each cache row.
+        cache_batch_idx: int32 (batch,): which cache row each batch row uses.
+        block_table: int32 (batch, max_pages): the pages of each sequence.
+        split_size: keys per split (default: the deterministic mode's); a
+            different split size is a different reduction order.
+        softmax_scale, causal, window_size, softcap, alibi_slopes: as
+            :func:`flash_attn_func` (causal aligned bottom-right: query ``i``
+            sits at position ``cache_seqlens + seqlen_new - seqlen_q + i``).
+        num_splits: an int >= 0, accepted for flash-attn compatibility and ignored:
+            flash-attn picks its split count by this argument (0: a heuristic of the
+            batch and the lengths), which changes its bits; bitstable's splits are
+            fixed by ``split_size`` (keys per split from key 0), so ``num_splits``
+            changes neither the bits nor the launch.
+    Returns out (batch, seqlen_q, nheads, headdim), and the lse (batch, nheads,
+    seqlen_q) float32 if ``return_softmax_lse``.
+
+    Invariance: a query's output is bitwise what ``flash_attn_func`` gives it in
+    the full-sequence forward with the same keys and positions, whatever the
+    chunking, the cache layout (contiguous or paged, any page size) or the
+    other requests in the batch.  Bad input raises before the cache is touched.
+
+    ``torch.compile(fullgraph=True)`` traces it as one custom op
+    (``bitstable::attn_kvcache``) that mutates ``k_cache`` and ``v_cache``.
+    """
+    check_num_splits(num_splits)
+    mode = get_deterministic_mode()
+    if torch.compiler.is_compiling():
+        seqlens, seqlens_int = cache_seqlens, 0
+        if cache_seqlens is None or (isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool)):
+            seqlens, seqlens_int = None, cache_seqlens or 0
+        elif not isinstance(cache_seqlens, torch.Tensor):
+            raise TypeError(f"cache_seqlens must be a torch.Tensor, got {type(cache_seqlens).__name__}")
+        left, right = (int(x) for x in window_size)
+        out, lse = attn_kvcache(q, k_cache, v_cache, k, v, seqlens, seqlens_int, cache_batch_idx, block_table,
+                                softmax_scale, causal, left, right, float(softcap), alibi_slopes,
+                                mode.split_size if split_size is None else split_size, mode.enabled)
+    else:
+        out, lse = kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table,
+                                     softmax_scale, causal, window_size, softcap, alibi_slopes, split_size,
+                                     mode.enabled, return_softmax_lse, _current_options())
+    return (out, lse) if return_softmax_lse else out
+
+
+def decode_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
+                cache_seqlens: Union[int, torch.Tensor, None] = None,
+                cache_batch_idx: Optional[torch.Tensor] = None,
+                block_table: Optional[torch.Tensor] = None,
+                softmax_scale: Optional[float] = None, causal: bool = False,
+                window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                alibi_slopes: Optional[torch.Tensor] = None, split_size: Optional[int] = None,
+                return_softmax_lse: bool = False, num_splits: int = 0,
+                options: Optional[LaunchOptions] = None) -> DecodePlan:
+    """The :class:`DecodePlan` that ``flash_attn_with_kvcache`` with these arguments would
+    run in the deterministic mode (which partial kernel, its tiles, stages and loads, the
+    split count, the combine tile), under the launch options in force (or ``options``).
+    Validates the arguments as the call does; writes nothing.  For tests and explorations:
+    it tells which launch variant a call really takes."""
+    check_num_splits(num_splits)
+    call = validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, softmax_scale,
+                    causal, window_size, softcap, alibi_slopes)
+    return plan_call(q, last_dim_contiguous(k_cache), last_dim_contiguous(v_cache), call, softcap, alibi_slopes,
+                     split_size, _current_options() if options is None else options)

@@ -1,0 +1,176 @@
+"""Validation of ``flash_attn_with_kvcache``'s arguments: every check, before the cache is
+touched (a call that raises leaves the cache bit for bit as it was).  Errors name the
+argument as the caller wrote it (``k_cache``, ``cache_seqlens``, ...)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+
+from ..validation import check_options, check_qkv, normalize_window
+
+
+def _check_int32_vector(name: str, t, length: int, device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {t.dtype}")
+    if t.shape != (length,):
+        raise ValueError(f"{name} must have shape ({length},), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected q's device {device}")
+    return t
+
+
+def _capturing(device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def check_cache_args(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table):
+    """Check everything before the cache is touched; returns (seqlens_before [B] int32 tensor
+    on q's device, their host list or None, the new-token count, page size or 0).
+
+    Value checks (lengths against the cache, page ids, cache_batch_idx) read the
+    values on the host: free when ``cache_seqlens`` is an int or a CPU tensor, one
+    device sync for a device tensor, and skipped while a CUDA graph is being
+    captured (nothing can be read then; shapes and dtypes are still checked).
+    """
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 4:
+        raise ValueError("q must be a 4-d tensor (batch, seqlen_q, heads, headdim)")
+    B = q.shape[0]
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-d tensor (batch_or_pages, seqlen_or_page_size, "
+                             f"heads_k, headdim)")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} "
+                         f"and {tuple(v_cache.shape)}")
+    # dtype / device / head checks through the dense validator, under the caller's names
+    # (the cache's first dim is its rows or pages, not q's batch).
+    check_qkv(q, k_cache, v_cache, names=("q", "k_cache", "v_cache"), check_batch=False)
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (new tokens to append) or both be None")
+    n_new = 0
+    if k is not None:
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if k.dim() != 4 or k.shape != v.shape or k.shape[0] != B or k.shape[2:] != k_cache.shape[2:]:
+            raise ValueError(f"k/v must have shape (batch={B}, seqlen_new, heads_k={k_cache.shape[2]}, "
+                             f"headdim={k_cache.shape[3]}), got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
+            raise TypeError(f"k/v dtype must match the cache's {k_cache.dtype}, got {k.dtype}/{v.dtype}")
+        if k.device != q.device or v.device != q.device:
+            raise ValueError(f"k/v must be on q's device {q.device}")
+        n_new = k.shape[1]
+    if cache_seqlens is None:
+        cache_seqlens = 0
+    host = None
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        host = [cache_seqlens] * B
+        cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
+    elif isinstance(cache_seqlens, torch.Tensor) and cache_seqlens.device.type == "cpu" \
+            and q.device.type != "cpu":
+        _check_int32_vector("cache_seqlens", cache_seqlens, B, cache_seqlens.device)
+        host = cache_seqlens.tolist()
+        cache_seqlens = cache_seqlens.to(q.device, non_blocking=True)
+    _check_int32_vector("cache_seqlens", cache_seqlens, B, q.device)
+    check_values = not _capturing(q.device)
+    if host is None and check_values:
+        host = cache_seqlens.tolist()
+    before = host
+    if before is not None and min(before, default=0) < 0:
+        raise ValueError(f"cache_seqlens must be >= 0, got {before}")
+    totals = [s + n_new for s in before] if before is not None else None
+
+    page_size = 0
+    if block_table is not None:
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx cannot be combined with block_table (paged cache)")
+        if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32:
+            raise TypeError("block_table must be an int32 tensor (batch, max_pages_per_sequence)")
+        if block_table.dim() != 2 or block_table.shape[0] != B:
+            raise ValueError(f"block_table must have shape ({B}, max_pages), got {tuple(block_table.shape)}")
+        if block_table.device != q.device:
+            raise ValueError(f"block_table is on {block_table.device}, expected {q.device}")
+        page_size = k_cache.shape[1]
+        if page_size % 16 != 0:
+            raise ValueError(f"page size (k_cache.shape[1]) must be a multiple of 16, got {page_size}")
+        capacity = block_table.shape[1] * page_size
+        for b, total in enumerate(totals or ()):
+            if total > capacity:
+                raise ValueError(f"cache too small: sequence {b} needs {total} slots after the append, "
+                                 f"block_table gives {capacity}")
+        # Check the pages in use on the device (the table can be large; copy only a verdict).
+        if totals is None:
+            return cache_seqlens, before, n_new, page_size
+        pages_used = torch.tensor([triton.cdiv(t, page_size) for t in totals], device=q.device)
+        in_use = torch.arange(block_table.shape[1], device=q.device)[None, :] < pages_used[:, None]
+        bad = in_use & ((block_table < 0) | (block_table >= k_cache.shape[0]))
+        if bool(bad.any()):
+            b = int(bad.any(dim=1).nonzero()[0])
+            used = block_table[b, : int(pages_used[b])].tolist()
+            raise ValueError(f"block_table row {b} names pages outside [0, {k_cache.shape[0]}): {used}")
+    else:
+        if cache_batch_idx is not None:
+            _check_int32_vector("cache_batch_idx", cache_batch_idx, B, q.device)
+            idx = cache_batch_idx.tolist() if check_values else []
+            if any(i < 0 or i >= k_cache.shape[0] for i in idx):
+                raise ValueError(f"cache_batch_idx entries must be in [0, {k_cache.shape[0]}), got {idx}")
+            if n_new > 0 and len(set(idx)) != len(idx):
+                rows = sorted({i for i in idx if idx.count(i) > 1})
+                raise ValueError(f"cache_batch_idx names cache rows {rows} for more than one batch row while "
+                                 f"k/v append new tokens (they would overwrite each other), got {idx}")
+        elif k_cache.shape[0] < B:
+            raise ValueError(f"k_cache has {k_cache.shape[0]} rows for a batch of {B}")
+        for b, total in enumerate(totals or ()):
+            if total > k_cache.shape[1]:
+                raise ValueError(f"cache too small: sequence {b} needs {total} slots after the append, "
+                                 f"the cache holds {k_cache.shape[1]}")
+    return cache_seqlens, before, n_new, page_size
+
+
+def check_num_splits(num_splits) -> None:
+    """``num_splits`` (flash-attn's split count; ignored by bitstable) must be an int >= 0."""
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int):
+        raise TypeError(f"num_splits must be an int, got {type(num_splits).__name__}")
+    if num_splits < 0:
+        raise ValueError(f"num_splits must be >= 0 (0: flash-attn's heuristic), got {num_splits}")
+
+
+class CheckedCall(NamedTuple):
+    """A validated call: ``cache_seqlens`` [B] int32 on q's device (contiguous), ``before``
+    (their host list, or None inside CUDA-graph capture), ``n_new`` (tokens appended),
+    ``page_size`` (0: contiguous cache), ``capacity`` (keys a row can hold), the resolved
+    ``softmax_scale`` and the normalised window ``left``/``right`` (-1: unbounded;
+    causal is right = 0), and the contiguous ``cache_batch_idx``/``block_table``."""
+
+    cache_seqlens: torch.Tensor
+    before: Optional[list]
+    n_new: int
+    page_size: int
+    capacity: int
+    softmax_scale: float
+    left: int
+    right: int
+    cache_batch_idx: Optional[torch.Tensor]
+    block_table: Optional[torch.Tensor]
+
+
+def validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, softmax_scale,
+             causal, window_size, softcap, alibi_slopes) -> CheckedCall:
+    """Every argument check of ``flash_attn_with_kvcache`` (the split size is checked with
+    the plan, also before the append)."""
+    cache_seqlens, before, n_new, page_size = check_cache_args(q, k_cache, v_cache, k, v, cache_seqlens,
+                                                               cache_batch_idx, block_table)
+    softmax_scale, left, right = check_options(q, 0.0, softmax_scale, window_size, softcap, alibi_slopes)
+    capacity = block_table.shape[1] * page_size if block_table is not None else k_cache.shape[1]
+    left, right = normalize_window(causal, left, right, max(capacity, 1))
+    return CheckedCall(cache_seqlens.contiguous(), before, n_new, page_size, capacity, softmax_scale, left,
+                       right, None if cache_batch_idx is None else cache_batch_idx.contiguous(),
+                       None if block_table is None else block_table.contiguous())

@@ -1,0 +1,102 @@
+"""The batch-invariant mode under torch.compile: the compiled graph keeps bitstable's ops.
+
+Without the autograd-key entries (ops/traced.py), AOTAutograd traces aten.mm & co. and the
+compiled graph runs inductor's / cuBLAS's kernels: the mode silently does not apply.  On
+CPU the backend is ``aot_eager`` (the interpreter's kernels cannot be compiled), on the GPU
+``inductor`` as well.
+"""
+
+import pytest
+import torch
+from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+from bitstable import ops
+from bitstable.ops.batch_invariant import set_batch_invariant_mode
+
+#: aten ops that must not appear in a compiled graph under the mode (bitstable's stand in)
+REPLACED = ("aten.mm.", "aten.addmm.", "aten.bmm.", "aten._softmax.", "aten._log_softmax.",
+            "aten.native_layer_norm.", "aten.native_layer_norm_backward.", "aten._softmax_backward_data.",
+            "aten._log_softmax_backward_data.", "aten.sum.dim_IntList", "aten.mean.dim")
+
+
+class Block(torch.nn.Module):
+    """Linear, LayerNorm, RMSNorm, an attention-like bmm + softmax, reductions over a dim."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.inp = torch.nn.Linear(d, 3 * d)
+        self.ln = torch.nn.LayerNorm(d)
+        self.rms = torch.nn.RMSNorm(d)
+        self.out = torch.nn.Linear(d, 8, bias=False)
+
+    def forward(self, x):                                  # x [B, L, d]
+        q, k, v = self.inp(self.ln(x)).chunk(3, dim=-1)
+        p = torch.softmax(q @ k.transpose(1, 2), dim=-1)
+        h = self.rms(x + p @ v)
+        y = self.out(h)
+        return torch.log_softmax(y, -1).sum(-1).mean(0) + y.mean(dim=(0, 1)).sum(0)
+
+
+def _step(model, x):
+    model.zero_grad()
+    loss = model(x).sum()
+    loss.backward()
+    return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.gpu)])
+def test_compiled_step_under_the_mode_equals_eager(backend, device):
+    """Loss and every gradient of a compiled step equal eager's bitwise; with aot_eager the
+    recorded graphs hold bitstable's custom ops and none of the aten ops they replace."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Block().to(device)
+    x = torch.randn(3, 5, 16, device=device)
+    recorder = AotEagerAndRecordGraphs() if backend == "aot_eager" else "inductor"
+    with set_batch_invariant_mode():
+        eager = _step(model, x)
+        compiled = _step(torch.compile(model, backend=recorder, fullgraph=True), x)
+    for i, (a, b) in enumerate(zip(eager, compiled)):
+        assert torch.equal(a, b), f"output {i} (0 = loss, then parameter grads) differs"
+    if backend == "aot_eager":
+        code = "\n".join(g.code for g in recorder.fw_graphs + recorder.bw_graphs)
+        assert "bitstable.mode_mm" in code and "bitstable.mode_layer_norm" in code
+        present = [op for op in REPLACED if "torch.ops." + op in code]
+        assert not present, f"stock ops left in the compiled graph: {present}"
+
+
+def test_compiled_graph_without_the_mode_keeps_stock_ops(device):
+    """The negative control: outside the mode the same model's graph has aten.mm."""
+    torch._dynamo.reset()
+    model = Block().to(device)
+    recorder = AotEagerAndRecordGraphs()
+    _step(torch.compile(model, backend=recorder, fullgraph=True), torch.randn(2, 3, 16, device=device))
+    code = "\n".join(g.code for g in recorder.fw_graphs + recorder.bw_graphs)
+    assert "bitstable.mode_" not in code and "torch.ops.aten.mm." in code
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.gpu)])
+def test_dynamic_shapes_take_the_runtime_m(backend, device):
+    """torch.compile(dynamic=True): one graph for every M, and each call's rows are those of
+    the eager kernel at that M (the matmul's shape class follows the runtime M, not the M
+    seen at trace time: on the GPU M 1-64 and M > 64 take different tiles)."""
+    torch._dynamo.reset()
+    dtype = torch.float16 if device == "cpu" else torch.bfloat16
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(96, 64, generator=g).to(dtype).to(device)
+    fn = torch.compile(lambda x: torch.nn.functional.linear(x, w), backend=backend, dynamic=True, fullgraph=True)
+    counts = []
+    with set_batch_invariant_mode():
+        for m in (300, 1, 7, 64, 65):
+            x = torch.randn(m, 64, generator=g).to(dtype).to(device)
+            assert torch.equal(fn(x), ops.mm(x, w.t())), f"M={m}"
+            counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert counts[-1] == counts[1], f"recompiled for a new M: {counts}"
+
+
+def test_inference_mode_still_takes_the_mode(device):
+    """Inference tensors skip the autograd key: the backend-key override still applies."""
+    g = torch.Generator().manual_seed(2)
+    a, b = (torch.randn(9, 33, generator=g).to(device) for _ in range(2))
+    with set_batch_invariant_mode(), torch.inference_mode():
+        assert torch.equal(a @ b.t(), ops.mm(a, b.t()))

@@ -1,0 +1,65 @@
+"""attention/rotary.py: flash-attn's rotary semantics, and per-token bits."""
+
+import pytest
+import torch
+
+from bitstable.attention.rotary import apply_rotary, check_rotary
+
+
+def _tables(seqlen, rotary_dim, base=10000.0):
+    inv = 1.0 / base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    ang = torch.arange(seqlen, dtype=torch.float64)[:, None] * inv[None, :]
+    return ang.cos().float(), ang.sin().float()
+
+
+def _reference(x, cos, sin, pos, interleaved):
+    """Complex multiplication in float64: the pair (x1, x2) as x1 + i x2 times e^{i theta}."""
+    r = 2 * cos.shape[1]
+    xd = x.double()
+    if interleaved:
+        x1, x2 = xd[..., 0:r:2], xd[..., 1:r:2]
+    else:
+        x1, x2 = xd[..., :r // 2], xd[..., r // 2:r]
+    z = torch.complex(x1, x2) * torch.polar(torch.ones_like(cos.double()[pos]), torch.atan2(
+        sin.double()[pos], cos.double()[pos]))[:, :, None, :]
+    y = xd.clone()
+    if interleaved:
+        y[..., 0:r:2], y[..., 1:r:2] = z.real, z.imag
+    else:
+        y[..., :r // 2], y[..., r // 2:r] = z.real, z.imag
+    return y
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["halves", "interleaved"])
+@pytest.mark.parametrize("rotary_dim", [16, 32])
+def test_matches_the_rotation(interleaved, rotary_dim):
+    g = torch.Generator().manual_seed(50)
+    x = torch.randn(2, 7, 3, 32, generator=g).to(torch.float16)
+    cos, sin = _tables(64, rotary_dim)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [40, 41, 42, 43, 44, 45, 46]])
+    out = apply_rotary(x, cos, sin, pos, interleaved)
+    ref = _reference(x, cos, sin, pos, interleaved)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert (out.double() - ref).abs().max().item() <= 2 * torch.finfo(torch.float16).eps * ref.abs().max().item()
+    assert torch.equal(out[..., rotary_dim:], x[..., rotary_dim:])   # the rest passes through
+
+
+def test_a_token_alone_has_its_bits_in_any_chunk():
+    g = torch.Generator().manual_seed(51)
+    x = torch.randn(1, 20, 2, 16, generator=g).to(torch.bfloat16)
+    cos, sin = _tables(32, 16)
+    pos = torch.arange(20)[None]
+    full = apply_rotary(x, cos, sin, pos)
+    for a, b in ((0, 1), (3, 11), (19, 20)):
+        assert torch.equal(apply_rotary(x[:, a:b], cos, sin, pos[:, a:b]), full[:, a:b])
+
+
+def test_errors():
+    cos, sin = _tables(8, 8)
+    with pytest.raises(ValueError, match="rotary_cos and rotary_sin must be given together"):
+        check_rotary(cos, None, 16, torch.float16, cos.device)
+    with pytest.raises(ValueError, match=r"rotary_dim \(2 \* rotary_cos.shape\[1\] = 8\) must be in \[2, head dim 4\]"):
+        check_rotary(cos, sin, 4, torch.float16, cos.device)
+    with pytest.raises(ValueError, match="rotary_cos must have shape"):
+        check_rotary(cos[0], sin[0], 16, torch.float16, cos.device)
+    assert check_rotary(cos, sin, 16, torch.float16, cos.device) == 8
