@@ -9,8 +9,9 @@ from .attention import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qk
                         flash_attn_varlen_qkvpacked_func, flash_attn_with_kvcache)
 from . import ops
 from .ops.batch_invariant import (disable_batch_invariant_mode, enable_batch_invariant_mode,
-                              is_batch_invariant_mode_enabled, register_batch_invariant_attention,
+                              get_tp_tree, is_batch_invariant_mode_enabled, register_batch_invariant_attention,
                               set_batch_invariant_mode, unregister_batch_invariant_attention)
+from . import parallel  # noqa: E402  (tensor parallelism: docs/TENSOR_PARALLEL.md)
 from .mode import (DeterministicMode, get_deterministic_mode, set_deterministic,
                    set_deterministic_mode)
 
@@ -42,9 +43,11 @@ __all__ = [
     "enable_batch_invariant_mode",
     "disable_batch_invariant_mode",
     "is_batch_invariant_mode_enabled",
+    "get_tp_tree",
     "register_batch_invariant_attention",
     "unregister_batch_invariant_attention",
     "register_bitstable_attention",
     "ops",
+    "parallel",
     "__version__",
 ]

@@ -16,6 +16,12 @@ The mode nests: ``with set_batch_invariant_mode():`` inside another block, or
 ``set_batch_invariant_mode(False)`` to turn it off inside an enabled block;
 ``exclude=[...]`` leaves chosen ops stock.  Leaving a block (also through an
 exception) restores the state before it.
+
+``tp_tree=S`` (a power of two, off by default) turns on the K tree of ``mm`` and
+``addmm`` (``bitstable.ops.tree_mm``): the reduction over K that tensor parallelism
+up to S ranks computes (``bitstable.parallel``), so a one-process model and every
+TP size dividing S give the same bits.  Like ``exclude`` it belongs to the block:
+an inner block without ``tp_tree`` runs without the tree.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Iterable, List, Optional, Tuple
 import torch
 
 from .. import ops
+from .matmul import check_tp_tree
 from .._backend import interpreting
 from . import traced
 from ..attention.sdpa import batch_invariant_sdpa, set_stock_guard
@@ -36,10 +43,13 @@ OPS = ("mm", "addmm", "bmm", "_softmax", "_log_softmax", "mean.dim", "sum.dim_In
        "native_layer_norm", "rms_norm", "scaled_dot_product_attention")
 
 _lock = threading.RLock()
-_base: Tuple[bool, frozenset] = (False, frozenset())
-_stack: List[Tuple[bool, frozenset]] = []
+#: A mode state: (enabled, excluded op names, tp_tree or None).
+_State = Tuple[bool, frozenset, Optional[int]]
+_OFF: _State = (False, frozenset(), None)
+_base: _State = _OFF
+_stack: List[_State] = []
 _lib: Optional[torch.library.Library] = None
-_active: Tuple[bool, frozenset] = (False, frozenset())
+_active: _State = _OFF
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -52,7 +62,7 @@ def stock_ops():
     """Run stock kernels for a moment (inputs the batch-invariant kernels do not take)."""
     with _lock:
         saved = _active
-        _apply((False, frozenset()))
+        _apply(_OFF)
         try:
             yield
         finally:
@@ -104,7 +114,8 @@ def _ok(*tensors) -> bool:
 def _mm(a, b):
     if not _ok(a, b) or a.dtype != b.dtype:
         return _stock("mm", torch.mm, a, b)
-    return ops.mm(a, b)
+    tree = _active[2]
+    return ops.mm(a, b) if tree is None else ops.mm(a, b, tp_tree=tree)
 
 
 def _bmm(a, b):
@@ -118,7 +129,10 @@ def _addmm(bias, a, b, *, beta=1, alpha=1):
     # another dtype (stock raises too) or shape gets ops.addmm's TypeError / ValueError.
     if not _ok(a, b) or a.dtype != b.dtype:
         return _stock("addmm", torch.addmm, bias, a, b, beta=beta, alpha=alpha)
-    return ops.addmm(bias, a, b, beta=beta, alpha=alpha)
+    tree = _active[2]
+    if tree is None:
+        return ops.addmm(bias, a, b, beta=beta, alpha=alpha)
+    return ops.addmm(bias, a, b, beta=beta, alpha=alpha, tp_tree=tree)
 
 
 def _softmax(x, dim, half_to_float):
@@ -275,15 +289,18 @@ def _uncache_python_dispatch() -> None:
         _overload(name)._dispatch_cache.clear()
 
 
-def _apply(state: Tuple[bool, frozenset]) -> None:
-    """Make the registered overrides match ``state`` (enabled, excluded op names)."""
+def _apply(state: _State) -> None:
+    """Make the registered overrides match ``state`` (enabled, excluded op names, tp_tree)."""
     global _lib, _active
     if state == _active:
+        return
+    if state[:2] == _active[:2]:   # only the tree changed: the overrides read it per call
+        _active = state
         return
     if _lib is not None:
         _lib._destroy()
         _lib = None
-    enabled, exclude = state
+    enabled, exclude, _ = state
     if enabled:
         _lib = torch.library.Library("aten", "IMPL")
         key = _dispatch_key()
@@ -298,7 +315,7 @@ def _apply(state: Tuple[bool, frozenset]) -> None:
     _active = state
 
 
-def _current() -> Tuple[bool, frozenset]:
+def _current() -> _State:
     return _stack[-1] if _stack else _base
 
 
@@ -310,14 +327,25 @@ def _check_exclude(exclude: Iterable[str]) -> frozenset:
     return names
 
 
+def _check_tree(tp_tree, enabled: bool) -> Optional[int]:
+    if tp_tree is None:
+        return None
+    check_tp_tree(tp_tree)
+    if not enabled:
+        raise ValueError("tp_tree needs the batch-invariant mode on (enabled=True)")
+    return tp_tree
+
+
 class set_batch_invariant_mode:
     """Context manager: batch-invariant ``aten`` ops inside the block (``enabled=False``
-    turns them off inside an enabled block); ``exclude`` leaves chosen ops stock."""
+    turns them off inside an enabled block); ``exclude`` leaves chosen ops stock;
+    ``tp_tree=S`` (a power of two) reduces K of ``mm``/``addmm`` as the fixed tree of
+    S leaves that tensor parallelism up to S ranks computes (docs/TENSOR_PARALLEL.md)."""
 
-    def __init__(self, enabled: bool = True, exclude: Iterable[str] = ()):
+    def __init__(self, enabled: bool = True, exclude: Iterable[str] = (), tp_tree: Optional[int] = None):
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
-        self._state = (enabled, _check_exclude(exclude))
+        self._state = (enabled, _check_exclude(exclude), _check_tree(tp_tree, enabled))
 
     def __enter__(self):
         with _lock:
@@ -332,11 +360,12 @@ class set_batch_invariant_mode:
         return False
 
 
-def enable_batch_invariant_mode(exclude: Iterable[str] = ()) -> None:
-    """Turn the mode on for the process (outside any ``with`` block)."""
+def enable_batch_invariant_mode(exclude: Iterable[str] = (), tp_tree: Optional[int] = None) -> None:
+    """Turn the mode on for the process (outside any ``with`` block); ``tp_tree`` as in
+    :class:`set_batch_invariant_mode`."""
     global _base
     with _lock:
-        _base = (True, _check_exclude(exclude))
+        _base = (True, _check_exclude(exclude), _check_tree(tp_tree, True))
         _apply(_current())
 
 
@@ -344,13 +373,20 @@ def disable_batch_invariant_mode() -> None:
     """Turn the process-wide mode off (``with`` blocks still apply inside them)."""
     global _base
     with _lock:
-        _base = (False, frozenset())
+        _base = _OFF
         _apply(_current())
 
 
 def is_batch_invariant_mode_enabled() -> bool:
     """Whether the batch-invariant overrides are active here and now."""
     return _current()[0]
+
+
+def get_tp_tree() -> Optional[int]:
+    """The K tree's leaf count S of the mode active here and now (None: no tree, or the
+    mode is off, or ``mm`` is excluded)."""
+    enabled, exclude, tree = _current()
+    return tree if enabled and "mm" not in exclude else None
 
 
 _attention_lib: Optional[torch.library.Library] = None

@@ -4,13 +4,25 @@ Each output element sums over K in ascending order (configs.MatmulConfig) with
 tiles fixed per (arch, dtype) (configs.py), so ``mm(a[:m], b)`` equals
 ``mm(a, b)[:m]`` bit for bit for every m.  Accumulation is float32 (IEEE fp32
 for float32 inputs, never tf32).
+
+The K tree (``tp_tree=S``, off by default; docs/TENSOR_PARALLEL.md): ``mm`` and
+``addmm`` cut K into ``tree_leaves(K, S)`` contiguous chunks, compute each chunk's
+product in float32 (:func:`tree_partials`, one launch of the same kernel), add the
+partials in a fixed balanced binary tree (:func:`tree_sum`) and round once.  A
+tensor-parallel rank that holds a contiguous K shard computes a complete subtree of
+that tree, so every TP size dividing S gives the one-process bits
+(``bitstable.parallel``).
 """
 
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 import triton
 
+from .. import _poison
 from .._backend import compute_dtype, interpreting, kernel_device_type
 from ..configs import arch_key, matmul_classes, matmul_config
 from ..kernels.matmul import matmul_kernel
@@ -111,8 +123,19 @@ def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, Bt: int, M: int, 
     return c
 
 
-def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [batch, M, K] @ b [batch, K, N] -> [batch, M, N] in a's dtype, any strides."""
+def _check_out_dtype(out_dtype, dtype: torch.dtype) -> torch.dtype:
+    if out_dtype is None:
+        return dtype
+    if out_dtype not in (dtype, torch.float32):
+        raise TypeError(f"out_dtype must be None, the inputs' dtype {dtype} or torch.float32, got {out_dtype}")
+    return out_dtype
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor, *, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """a [batch, M, K] @ b [batch, K, N] -> [batch, M, N] in a's dtype, any strides.
+
+    ``out_dtype=torch.float32`` stores the float32 accumulator unrounded (16-bit inputs);
+    the sum is the same, only the final rounding is skipped."""
     _check("a", a, 3)
     _check("b", b, 3)
     if a.dtype != b.dtype:
@@ -121,13 +144,20 @@ def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be multiplied")
     Bt, M, K = a.shape
     N = b.shape[2]
-    c = torch.empty((Bt, M, N), dtype=a.dtype, device=a.device)
+    c = torch.empty((Bt, M, N), dtype=_check_out_dtype(out_dtype, a.dtype), device=a.device)
     a, b = _unit_stride_view(a), _unit_stride_view(b)
     return _launch(a, b, c, Bt, M, N, K, a.stride(), b.stride(), c.stride())
 
 
-def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [M, K] @ b [K, N] -> [M, N], any strides (row-major, column-major, strided views)."""
+def mm(a: torch.Tensor, b: torch.Tensor, *, tp_tree: Optional[int] = None,
+       out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """a [M, K] @ b [K, N] -> [M, N], any strides (row-major, column-major, strided views).
+
+    ``tp_tree=S`` (a power of two): K reduced as the fixed tree of :func:`tree_leaves`
+    ``(K, S)`` float32 leaf partials (:func:`tree_mm`).  ``out_dtype=torch.float32``:
+    the float32 result unrounded."""
+    if tp_tree is not None:
+        return tree_mm(a, b, tp_tree, out_dtype=out_dtype)
     _check("a", a, 2)
     _check("b", b, 2)
     if a.dtype != b.dtype:
@@ -136,7 +166,7 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     K2, N = b.shape
     if K != K2:
         raise ValueError(f"shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be multiplied")
-    c = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    c = torch.empty((M, N), dtype=_check_out_dtype(out_dtype, a.dtype), device=a.device)
     a, b = _unit_stride_view(a), _unit_stride_view(b)
     sa, sb = a.stride(), b.stride()
     return _launch(a, b, c, 1, M, N, K, (0, sa[0], sa[1]), (0, sb[0], sb[1]), (0, N, 1))
@@ -147,12 +177,15 @@ def _check_scalar(name: str, value) -> None:
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
 
 
-def addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta=1, alpha=1) -> torch.Tensor:
+def addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta=1, alpha=1, *,
+          tp_tree: Optional[int] = None) -> torch.Tensor:
     """``torch.addmm``: ``beta * bias + alpha * (a @ b)``, the product ``mm(a, b)``
     (batch-invariant), the rest elementwise in float32, rounded once to a's dtype.
 
     ``bias`` broadcasts to [M, N] (0-d, [N], [1, N], [M, 1], [M, N]) and has a's dtype;
     ``beta == 0`` ignores it entirely (NaN and inf in it are not propagated), as stock.
+    ``tp_tree=S``: the product is :func:`tree_mm` (rounded once), the bias added after it
+    exactly as here.
     """
     _check("a", a, 2)
     _check("b", b, 2)
@@ -172,7 +205,7 @@ def addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta=1, alpha=1)
                          f"[{M}, {N}] (0-d, [{N}], [1, {N}], [{M}, 1] or [{M}, {N}])")
     _check_scalar("beta", beta)
     _check_scalar("alpha", alpha)
-    prod = mm(a, b)
+    prod = mm(a, b) if tp_tree is None else tree_mm(a, b, tp_tree)
     if beta == 0 and alpha == 1:
         return prod
     if beta == 1 and alpha == 1:   # one rounding either way: the same bits as through float32
@@ -191,3 +224,81 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if isinstance(a, torch.Tensor) and a.dim() == 3:
         return bmm(a, b)
     raise ValueError("bitstable.ops.matmul takes a [..., M, K] @ b [K, N] or 3-d @ 3-d")
+
+
+# --- the K tree (tp_tree) ---------------------------------------------------------------------
+
+def check_tp_tree(tp_tree) -> int:
+    """``tp_tree`` itself if it is a power of two >= 1, else a clear error."""
+    if isinstance(tp_tree, bool) or not isinstance(tp_tree, int):
+        raise TypeError(f"tp_tree must be an int (a power of two), got {type(tp_tree).__name__}")
+    if tp_tree < 1 or tp_tree & (tp_tree - 1):
+        raise ValueError(f"tp_tree must be a power of two >= 1 (the largest tensor-parallel size), got {tp_tree}")
+    return tp_tree
+
+
+def tree_leaves(K: int, tp_tree: int) -> int:
+    """The number of leaves of the K tree: ``gcd(K, tp_tree)``, the largest power of two
+    that divides K, capped at ``tp_tree``.
+
+    K divisible by S gets S leaves of K/S.  Any other K gets fewer, equal leaves (K odd:
+    one leaf, the plain product).  The rule holds at every TP size: a size t that
+    divides S and K (an even K shard) divides ``gcd(K, S)``, and a rank's shard
+    ``K/t`` has ``tree_leaves(K/t, S/t) = gcd(K, S)/t`` leaves, a complete subtree."""
+    check_tp_tree(tp_tree)
+    return math.gcd(K, tp_tree) if K > 0 else tp_tree
+
+
+def tree_partials(a: torch.Tensor, b: torch.Tensor, leaves: int) -> torch.Tensor:
+    """float32 [leaves, M, N]: leaf i is ``a[:, i*c:(i+1)*c] @ b[i*c:(i+1)*c]`` (c = K/leaves),
+    each summed by the batch-invariant kernel into its own float32 accumulator; one
+    launch (the leaves are the batch of strided views, no copies)."""
+    _check("a", a, 2)
+    _check("b", b, 2)
+    if a.dtype != b.dtype:
+        raise TypeError(f"a and b must share one dtype, got {a.dtype} and {b.dtype}")
+    M, K = a.shape
+    K2, N = b.shape
+    if K != K2:
+        raise ValueError(f"shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be multiplied")
+    if isinstance(leaves, bool) or not isinstance(leaves, int) or leaves < 1 or (K and K % leaves):
+        raise ValueError(f"leaves must be a positive int dividing K={K}, got {leaves}")
+    c = torch.empty((leaves, M, N), dtype=torch.float32, device=a.device)
+    _poison.fill(c)
+    a, b = _unit_stride_view(a), _unit_stride_view(b)
+    kc = K // leaves
+    sa, sb = a.stride(), b.stride()
+    return _launch(a, b, c, leaves, M, N, kc, (kc * sa[1], sa[0], sa[1]), (kc * sb[0], sb[0], sb[1]),
+                   c.stride())
+
+
+def tree_sum(partials: torch.Tensor) -> torch.Tensor:
+    """The root of the balanced binary tree over ``partials`` [leaves, ...] (float32, a
+    power-of-two count): each level adds neighbours ``(2i, 2i+1)``; ``leaves`` 1 is itself.
+
+    The nodes of one level are independent of the others, so a contiguous, aligned
+    run of 2^j leaves reduces to exactly the node the whole tree has there: a rank's
+    subtree root, gathered with the other ranks' and finished here, is the same number."""
+    n = partials.shape[0]
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"tree_sum needs a power-of-two number of partials, got {n}")
+    while partials.shape[0] > 1:
+        partials = partials[0::2] + partials[1::2]
+    return partials[0]
+
+
+def tree_mm(a: torch.Tensor, b: torch.Tensor, tp_tree: int, *,
+            out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``a @ b`` with K reduced as the fixed tree of ``tree_leaves(K, tp_tree)`` float32
+    leaves (:func:`tree_partials`, :func:`tree_sum`), rounded once to a's dtype (or kept
+    float32: ``out_dtype=torch.float32``).  One leaf is the plain :func:`mm`."""
+    _check("a", a, 2)
+    _check("b", b, 2)
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be multiplied")
+    leaves = tree_leaves(a.shape[1], tp_tree)
+    if leaves == 1 or a.shape[1] == 0:
+        return mm(a, b, out_dtype=out_dtype)
+    out_dtype = _check_out_dtype(out_dtype, a.dtype)
+    root = tree_sum(tree_partials(a, b, leaves))
+    return root if out_dtype == torch.float32 else root.to(out_dtype)

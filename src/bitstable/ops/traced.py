@@ -40,13 +40,21 @@ def tracing(t) -> bool:
 
 # --------------------------------------------------------------------------- custom ops (forward)
 
+def _tp_tree() -> int:
+    """The active mode's K tree (``set_batch_invariant_mode(tp_tree=S)``), 0 for none: read
+    when the graph is traced and recorded in it as a constant argument."""
+    from .batch_invariant import get_tp_tree   # (batch_invariant imports this module)
+
+    return get_tp_tree() or 0
+
+
 @torch.library.custom_op("bitstable::mode_mm", mutates_args=())
-def mode_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return _mm(a, b)
+def mode_mm(a: torch.Tensor, b: torch.Tensor, tp_tree: int = 0) -> torch.Tensor:
+    return _mm(a, b) if not tp_tree else _mm(a, b, tp_tree=tp_tree)
 
 
 @mode_mm.register_fake
-def _(a, b):
+def _(a, b, tp_tree=0):
     return a.new_empty((a.shape[0], b.shape[1]))
 
 
@@ -61,12 +69,15 @@ def _(a, b):
 
 
 @torch.library.custom_op("bitstable::mode_addmm", mutates_args=())
-def mode_addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
-    return _addmm(bias, a, b, beta=beta, alpha=alpha)
+def mode_addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float,
+               tp_tree: int = 0) -> torch.Tensor:
+    if not tp_tree:
+        return _addmm(bias, a, b, beta=beta, alpha=alpha)
+    return _addmm(bias, a, b, beta=beta, alpha=alpha, tp_tree=tp_tree)
 
 
 @mode_addmm.register_fake
-def _(bias, a, b, beta, alpha):
+def _(bias, a, b, beta, alpha, tp_tree=0):
     return a.new_empty((a.shape[0], b.shape[1]))
 
 
@@ -172,7 +183,7 @@ class _Mm(torch.autograd.Function):
     def forward(ctx, a, b):
         ctx.save_for_backward(a, b)
         ctx.layouts = (tuple(a.shape), a.stride(), tuple(b.shape), b.stride())
-        return mode_mm(a, b)
+        return mode_mm(a, b, _tp_tree())
 
     @staticmethod
     def backward(ctx, g):
@@ -189,7 +200,7 @@ class _Addmm(torch.autograd.Function):
         ctx.save_for_backward(a, b)
         ctx.layouts = (tuple(a.shape), a.stride(), tuple(b.shape), b.stride())
         ctx.beta, ctx.alpha = beta, alpha
-        return mode_addmm(bias, a, b, float(beta), float(alpha))
+        return mode_addmm(bias, a, b, float(beta), float(alpha), _tp_tree())
 
     @staticmethod
     def backward(ctx, g):
