@@ -68,6 +68,14 @@ def padded_for_kernels(q, k, v):
     return q, k, v, Dv
 
 
+def _finish(out, lse, learnable_sink, return_attn_probs):
+    """The public return value of the dense and varlen calls, every path alike: the sink
+    applied to (out, lse) if there is one, then ``out`` or ``(out, lse, None)``."""
+    if learnable_sink is not None:
+        out, lse = apply_learnable_sink(out, lse, learnable_sink)
+    return (out, lse, None) if return_attn_probs else out
+
+
 def _check_bool(name: str, value) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
@@ -92,11 +100,8 @@ def dense_attention(q, k, v, dropout_p, softmax_scale, causal, window_size, soft
         q, k, v, Dv = padded_for_kernels(q, k, v)
         out, lse = attention(q, k, v, softmax_scale, left, right, float(softcap), alibi_slopes,
                              get_deterministic_mode().split_size)
-        if out.shape[-1] != Dv:
-            out = out[..., :Dv]
-    if learnable_sink is not None:
-        out, lse = apply_learnable_sink(out, lse, learnable_sink)
-    return (out, lse, None) if return_attn_probs else out
+        out = out[..., :Dv] if out.shape[-1] != Dv else out
+    return _finish(out, lse, learnable_sink, return_attn_probs)
 
 
 def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
@@ -274,19 +279,14 @@ def varlen_attention_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
             lses.append(None if l_ is None else l_[0])
         out = torch.cat(outs, 0)
         lse = torch.cat(lses, 1) if return_attn_probs or learnable_sink is not None else None
-        if learnable_sink is not None:
-            out, lse = apply_learnable_sink(out, lse, learnable_sink)
-        return (out, lse, None) if return_attn_probs else out
+        return _finish(out, lse, learnable_sink, return_attn_probs)
 
     q, k, v, Dv = padded_for_kernels(q, k, v)
     out, lse = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                 softmax_scale, left, right, float(softcap), alibi_slopes,
                                 get_deterministic_mode().split_size)
-    if out.shape[-1] != Dv:
-        out = out[..., :Dv]
-    if learnable_sink is not None:
-        out, lse = apply_learnable_sink(out, lse, learnable_sink)
-    return (out, lse, None) if return_attn_probs else out
+    out = out[..., :Dv] if out.shape[-1] != Dv else out
+    return _finish(out, lse, learnable_sink, return_attn_probs)
 
 
 def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
