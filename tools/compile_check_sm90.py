@@ -27,6 +27,7 @@ from kernels.attention_bwd import (attention_bwd_dkdv_kernel, attention_bwd_dq_k
 from kernels.attention_decode import attention_split_combine_kernel, attention_split_partial_kernel  # noqa: E402
 from kernels.attention_decode_wgmma import HAVE_GLUON  # noqa: E402
 from kernels.attention_fwd import attention_fwd_kernel  # noqa: E402
+from kernels.dropout import dropout_mask_kernel  # noqa: E402
 from kernels.matmul import matmul_kernel  # noqa: E402
 from kernels.rowwise import layer_norm_kernel, row_sum_kernel, softmax_kernel  # noqa: E402
 
@@ -44,8 +45,14 @@ def build(fn, const, p16=(), p32=(), pi32=(), floats=(), desc=None, **opts):
             sig[name] = "*fp32"
         elif name in pi32:
             sig[name] = "*i32"
-        elif name in floats:
+        elif name in floats or name == "drop_scale":
             sig[name] = "fp32"
+        elif name == "SEQ_KEYS":
+            sig[name] = "*i64"
+        elif name == "OUT":
+            sig[name] = "*i8"
+        elif name in ("drop_lo", "drop_hi", "drop_threshold", "stream_lo", "stream_hi", "threshold"):
+            sig[name] = "i64"     # attention/dropout.py sets bit 40: Triton types them int64
         else:
             sig[name] = "i32"
     return triton.compile(ASTSource(fn, sig, cst), target=GPUTarget("cuda", 90, 32), options=opts)
@@ -84,7 +91,7 @@ def build_gluon_decode(d: int, batch_idx: bool) -> None:
 _KERNELS = {fn.__name__: fn for fn in (
     attention_fwd_kernel, attention_bwd_dkdv_kernel, attention_bwd_dq_kernel, attention_bwd_preprocess_kernel,
     attention_split_partial_kernel, attention_split_combine_kernel, matmul_kernel, softmax_kernel,
-    row_sum_kernel, layer_norm_kernel)}
+    row_sum_kernel, layer_norm_kernel, dropout_mask_kernel)}
 _TL = {"bf16": tl.bfloat16, "fp32": tl.float32}
 
 
@@ -118,6 +125,21 @@ def variants(full: bool):
                 ("Q", "K", "V", "K_DESC", "V_DESC"), ("WS_ACC", "WS_ML", "ALIBI"),
                 ("CACHE_SEQLENS", "BATCH_IDX", "BLOCK_TABLE"), ("qk_scale", "softcap_scaled"), desc,
                 num_warps=4, num_stages=3)
+    # dropout (kernels/dropout.py's mask in the forward and both backward kernels)
+    drop = dict(HEAD_DIM=128, BLOCK_M=64, BLOCK_N=64, COMPUTE_DTYPE="bf16", ROWWISE=False, HAS_SOFTCAP=False,
+                HAS_ALIBI=False, HAS_LEFT=False, HAS_RIGHT=True, DROPOUT=True)
+    for loop, tma, varlen, seeds in [(1, True, False, False), (0, False, True, True)]:
+        desc = {k: "tensordesc<bf16[1,64,1,128]>" for k in ("K", "V")} if tma else None
+        job(attention_fwd_kernel, dict(drop, SPLIT_BLOCKS=32, EVEN_D=True, WRITE_LSE=True, REVERSE_M=True, LOOP=loop,
+                                       USE_TMA=tma, VARLEN=varlen, HAS_SEQ_KEYS=seeds),
+            ("Q", "K", "V", "O"), ("LSE", "ALIBI"), ("CU_Q", "CU_K"), ("qk_scale", "softcap_scaled"), desc,
+            num_warps=4, num_stages=3)
+    for fn in (attention_bwd_dkdv_kernel, attention_bwd_dq_kernel):
+        job(fn, dict(drop, VARLEN=False, SKIP_FULL_MASKS=True, HAS_SEQ_KEYS=True),
+            ("Q", "K", "V", "DO", "DK", "DV", "DQ"), ("LSE", "DELTA", "ALIBI"), ("CU_Q", "CU_K"),
+            ("qk_scale", "softcap_scaled", "grad_scale"), num_warps=4, num_stages=2)
+    job(dropout_mask_kernel, dict(HAS_SEQ_KEYS=True, VARLEN=True, BLOCK_M=64, BLOCK_N=64), pi32=("CU_Q", "CU_K"),
+        num_warps=4)
     for block_m, warps, pdl in ((1, 4, True), (16, 4, False)):
         job(attention_split_combine_kernel, dict(HEAD_DIM=128, BLOCK_M=block_m, USE_PDL=pdl), ("O",),
             ("WS_ACC", "WS_ML", "LSE"), ("CACHE_SEQLENS",), num_warps=warps, launch_pdl=pdl)

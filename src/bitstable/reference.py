@@ -46,13 +46,16 @@ def alibi_bias(alibi_slopes: torch.Tensor, batch: int, heads: int, seqlen_q: int
 def attention_reference(q, k, v, softmax_scale: Optional[float] = None, causal: bool = False,
                         window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
                         compute_dtype: Optional[torch.dtype] = None, learnable_sink=None,
+                        dropout_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                         ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Eager attention. Returns (out [B, Lq, Hq, Dv] in ``compute_dtype``, lse [B, Hq, Lq]).
 
     Rows that see no key get out = 0 and lse = +inf, like the kernels.
     ``compute_dtype`` defaults to q's dtype.  ``learnable_sink`` [Hq]: one more logit per
     head in every row's softmax, with no value (a row that sees no key then gets out 0 and
-    lse = its sink).
+    lse = its sink).  ``dropout_mask`` bool [B, Hq, Lq, Lk] (True = kept) with ``dropout_p``:
+    the weights outside the mask are zeroed and the kept ones scaled by 1 / (1 - p) before
+    the value product (flash-attn's dropout; the lse is the undropped softmax's).
     """
     dt = compute_dtype or q.dtype
     B, Lq, Hq, D = q.shape
@@ -77,6 +80,8 @@ def attention_reference(q, k, v, softmax_scale: Optional[float] = None, causal: 
     if learnable_sink is not None:                              # a finite sink is always seen
         empty = empty & torch.isneginf(learnable_sink)[:, None].to(empty.device)
     p = torch.softmax(s, dim=-1).masked_fill(empty[..., None], 0.0)[..., :Lk]
+    if dropout_mask is not None:
+        p = p.masked_fill(~dropout_mask.to(p.device), 0.0) * (1.0 / (1.0 - dropout_p))
     out = torch.matmul(p.to(dt), vh).transpose(1, 2)
     lse = lse.masked_fill(empty, float("inf"))
     return out, lse

@@ -20,7 +20,8 @@ from ..configs import BackwardConfig, arch_key, backward_config, padded_head_dim
 from ..kernels.attention_bwd import (attention_bwd_dkdv_kernel, attention_bwd_dq_kernel,
                                      attention_bwd_preprocess_kernel)
 from ..launch_options import LaunchOptions
-from .launch import alibi_args, compute_dtype, score_scales
+from .dropout import Dropout
+from .launch import alibi_args, compute_dtype, dropout_launch_args, score_scales
 from .validation import last_dim_contiguous
 
 
@@ -63,6 +64,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        cu_seqlens_k: Optional[torch.Tensor] = None,
                        max_seqlen_q: int = 0, max_seqlen_k: int = 0,
                        options: Optional[LaunchOptions] = None,
+                       dropout: Optional[Dropout] = None,
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``flash_attn_func`` w.r.t. q, k, v (and through its lse if ``dlse``).
 
@@ -71,7 +73,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     lse/dlse [Hq, total_q].  Returns dq, dk, dv in the inputs' dtype and shapes.
     ``options``: forced launch choices (default: :func:`bitstable.launch_options.current`):
     ``bwd_skip_full_masks`` (launch-only) and ``bwd_config`` (explorations only: another
-    block size is another reduction order).
+    block size is another reduction order).  ``dropout``: the forward's dropout (the same
+    stream key and per-sequence keys give the same mask).
     """
     opts = _launch_options.current() if options is None else options
     dout, q, k, v, out = (last_dim_contiguous(t) for t in (dout, q, k, v, out))
@@ -109,7 +112,10 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                   HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
                   HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
                   SKIP_FULL_MASKS=plan.skip_full_masks)
-    scalars = (qk_scale, softcap_scaled, softmax_scale, max(window_left, 0), max(window_right, 0))
+    seq_keys, drop_args, drop_kw = dropout_launch_args(dropout, lse)
+    common.update(drop_kw)
+    scalars = (qk_scale, softcap_scaled, softmax_scale, max(window_left, 0), max(window_right, 0),
+               seq_keys, *drop_args)
 
     pre_b, pre_l = (1, total_q) if varlen else (B, Lq)   # every packed row at once
     attention_bwd_preprocess_kernel[(triton.cdiv(pre_l, 64), pre_b * Hq)](

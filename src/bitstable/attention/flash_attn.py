@@ -13,6 +13,7 @@ import torch
 
 from ..mode import get_deterministic_mode
 from ..reference import alibi_bias, attention_reference, visibility
+from .dropout import Dropout, check_dropout_seeds, draw_stream, keep_mask, returned_probs
 from .ops import attention, varlen_attention
 from .sinks import apply_learnable_sink, check_learnable_sink
 from .validation import (check_block_table, check_options, check_qkv, check_varlen, normalize_window,
@@ -68,12 +69,22 @@ def padded_for_kernels(q, k, v):
     return q, k, v, Dv
 
 
-def _finish(out, lse, learnable_sink, return_attn_probs):
+def _finish(out, lse, learnable_sink, return_attn_probs, probs=None):
     """The public return value of the dense and varlen calls, every path alike: the sink
-    applied to (out, lse) if there is one, then ``out`` or ``(out, lse, None)``."""
+    applied to (out, lse) if there is one, then ``out`` or ``(out, lse, probs)`` (``probs``:
+    flash-attn's S_dmask under dropout, else None)."""
     if learnable_sink is not None:
         out, lse = apply_learnable_sink(out, lse, learnable_sink)
-    return (out, lse, None) if return_attn_probs else out
+    return (out, lse, probs) if return_attn_probs else out
+
+
+def _dropout(dropout_p: float, dropout_seeds, q: torch.Tensor, batch: int, nheads: int):
+    """The call's Dropout (None for dropout_p 0): ``dropout_seeds`` checked, then the stream
+    key drawn from torch's generator (which advances).  Called after every other check."""
+    seeds = check_dropout_seeds(dropout_seeds, dropout_p, batch, q.device)
+    if dropout_p == 0.0:
+        return None
+    return Dropout(float(dropout_p), draw_stream(q.device, batch, nheads), seeds)
 
 
 def _check_bool(name: str, value) -> None:
@@ -82,7 +93,7 @@ def _check_bool(name: str, value) -> None:
 
 
 def dense_attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                    return_attn_probs, names=("q", "k", "v"), learnable_sink=None):
+                    return_attn_probs, names=("q", "k", "v"), learnable_sink=None, dropout_seeds=None):
     """flash_attn_func's body; ``names``: q, k, v as the user wrote them (the packed
     variants pass slices of ``qkv`` / ``kv``).  Every check comes before any work."""
     check_qkv(q, k, v, names=names, any_head_dim=True)
@@ -92,23 +103,36 @@ def dense_attention(q, k, v, dropout_p, softmax_scale, causal, window_size, soft
     check_learnable_sink(learnable_sink, q, q.shape[2])
     window = (left, right)          # as Python ints, whatever form the user gave
     left, right = normalize_window(causal, left, right, k.shape[1])
+    B, Lq, Hq = q.shape[:3]
+    dropout = _dropout(dropout_p, dropout_seeds, q, B, Hq)
+    keep = (keep_mask(dropout, B, Hq, Lq, k.shape[1], q.device)
+            if dropout is not None and (return_attn_probs or not get_deterministic_mode().enabled) else None)
+    probs = (returned_probs(q, k, softmax_scale, causal, window, softcap, alibi_slopes, keep)
+             if dropout is not None and return_attn_probs else None)
 
     if not get_deterministic_mode().enabled:
-        out, lse = _stock_attention(q, k, v, softmax_scale, causal, window, softcap, alibi_slopes,
-                                    need_lse=return_attn_probs or learnable_sink is not None)
+        if dropout is not None:    # eager math with the kernels' mask
+            out, _ = attention_reference(q, k, v, softmax_scale, causal, window, softcap, alibi_slopes,
+                                         dropout_mask=keep, dropout_p=dropout.p)
+            _, lse = attention_reference(q, k, v, softmax_scale, causal, window, softcap,
+                                         alibi_slopes, compute_dtype=torch.float32)
+        else:
+            out, lse = _stock_attention(q, k, v, softmax_scale, causal, window, softcap, alibi_slopes,
+                                        need_lse=return_attn_probs or learnable_sink is not None)
     else:
         q, k, v, Dv = padded_for_kernels(q, k, v)
         out, lse = attention(q, k, v, softmax_scale, left, right, float(softcap), alibi_slopes,
-                             get_deterministic_mode().split_size)
+                             get_deterministic_mode().split_size, dropout)
         out = out[..., :Dv] if out.shape[-1] != Dv else out
-    return _finish(out, lse, learnable_sink, return_attn_probs)
+    return _finish(out, lse, learnable_sink, return_attn_probs, probs)
 
 
 def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
                     softmax_scale: Optional[float] = None, causal: bool = False,
                     window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                     alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = True,
-                    return_attn_probs: bool = False, *, learnable_sink: Optional[torch.Tensor] = None):
+                    return_attn_probs: bool = False, *, learnable_sink: Optional[torch.Tensor] = None,
+                    dropout_seeds: Optional[torch.Tensor] = None):
     """Scaled dot-product attention, bitwise reproducible.
 
     Args (flash-attn's names and meanings):
@@ -121,7 +145,13 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
         v: (batch, seqlen_k, nheads_k, headdim_v), headdim_v <= headdim (e.g. 128
             with q/k at 192, DeepSeek's MLA prefill); v is zero-padded inside to
             q/k's (padded) head dim, so P @ V runs at headdim, not headdim_v.
-        dropout_p: must be 0.0 (dropout is not implemented; raises NotImplementedError).
+        dropout_p: dropout probability in [0, 1) on the attention weights (flash-attn's:
+            dropped weights are zeroed, kept ones scaled by 1 / (1 - p); the lse is the
+            undropped softmax's).  The keep-mask is a pure function of torch's generator
+            seed and offset (as flash-attn takes them: ``torch.manual_seed`` replays it),
+            the sequence's key (its batch index, or ``dropout_seeds``), the head and the
+            absolute (query, key) positions; the backward uses the same mask.  See
+            attention/dropout.py and the README.
         softmax_scale: defaults to 1 / sqrt(headdim) (the unpadded headdim).
         causal: causal mask aligned to the bottom-right corner (FlashAttention 2).
         window_size: (left, right) sliding window; -1 is unbounded.  A tuple, a
@@ -132,12 +162,18 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
         deterministic: accepted for compatibility; bitstable's forward and backward
             are always deterministic.
         return_attn_probs: if True, also return the softmax log-sum-exp
-            (batch, nheads, seqlen_q) float32 and ``None`` in place of the
-            attention-probability matrix, which is never materialised.
+            (batch, nheads, seqlen_q) float32 and, with dropout, flash-attn's ``S_dmask``
+            (batch, nheads, seqlen_q, seqlen_k) in q's dtype: ``exp(logit - row max)``
+            with the dropped entries negated (a debugging output, computed apart from the
+            kernels, O(seqlen_q * seqlen_k) memory); ``None`` without dropout.
         learnable_sink: keyword-only, (nheads,) float32 or None (FlashAttention 4's
             argument; gpt-oss's per-head sink): one more logit per head in every row's
             softmax denominator, with no value; the returned lse includes it; it gets a
             gradient.  Applied to (out, lse) elementwise (attention/sinks.py).
+        dropout_seeds: keyword-only, (batch,) int32/int64 on q's device, or None: each
+            sequence's dropout key in place of its batch index, so that a sequence gets
+            the same mask alone and at any place in any batch (batch invariance under
+            dropout).  Only with dropout_p > 0.
 
     Returns:
         out (batch, seqlen_q, nheads, headdim_v) in q's dtype; or
@@ -153,7 +189,8 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     log-sum-exp +inf.
     """
     return dense_attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                           alibi_slopes, return_attn_probs, learnable_sink=learnable_sink)
+                           alibi_slopes, return_attn_probs, learnable_sink=learnable_sink,
+                           dropout_seeds=dropout_seeds)
 
 
 def _page_gather_index(block_table: torch.Tensor, cu_seqlens_k: torch.Tensor, seqlens_k,
@@ -234,7 +271,8 @@ def varlen_attention_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
                           softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
                           block_table=None, names=("q", "k", "v"),
                           cu_names=("cu_seqlens_q", "cu_seqlens_k"),
-                          max_names=("max_seqlen_q", "max_seqlen_k"), learnable_sink=None):
+                          max_names=("max_seqlen_q", "max_seqlen_k"), learnable_sink=None,
+                          dropout_seeds=None):
     """flash_attn_varlen_func's body; the names are the arguments as the user wrote them
     (the packed variants pass slices of ``qkv`` / ``kv`` and ``cu_seqlens`` /
     ``max_seqlen``).  Every check comes before any work."""
@@ -256,6 +294,12 @@ def varlen_attention_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
         page_size, table = check_block_table(block_table, k, v, num_seqs, seqlens_k, names=names[1:])
     window = (left, right)
     left, right = normalize_window(causal, left, right, max(max_seqlen_k, 1))
+    Hq = q.shape[1]
+    dropout = _dropout(dropout_p, dropout_seeds, q, num_seqs, Hq)
+    seqlens_q = [b - a for a, b in zip(host_q[:-1], host_q[1:])]
+    need_keep = dropout is not None and (return_attn_probs or not get_deterministic_mode().enabled)
+    keep = (keep_mask(dropout, num_seqs, Hq, max(seqlens_q, default=0), max(seqlens_k, default=0),
+                      q.device, cu_seqlens_q, cu_seqlens_k) if need_keep else None)
 
     if paged:   # first implementation: one gather into the packed layout per call
         flat = _page_gather_index(block_table, cu_seqlens_k, seqlens_k, page_size)
@@ -264,6 +308,18 @@ def varlen_attention_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
         k = _gather_pages(k, flat, layers if k.requires_grad else None)
         v = _gather_pages(v, flat, layers if v.requires_grad else None)
 
+    probs = None
+    if dropout is not None and return_attn_probs:
+        probs = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
+        cq, ck = host_q, host_k
+        for i in range(num_seqs):
+            slopes = alibi_slopes[i:i + 1] if alibi_slopes is not None and alibi_slopes.dim() == 2 \
+                else alibi_slopes
+            lq, lk = cq[i + 1] - cq[i], ck[i + 1] - ck[i]
+            probs[i, :, :lq, :lk] = returned_probs(q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]],
+                                                   softmax_scale, causal, window, softcap, slopes,
+                                                   keep[i:i + 1, :, :lq, :lk])[0]
+
     if not get_deterministic_mode().enabled:
         outs, lses = [], []
         cq, ck = host_q, host_k
@@ -271,22 +327,29 @@ def varlen_attention_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
             slopes = alibi_slopes
             if slopes is not None and slopes.dim() == 2:
                 slopes = slopes[i:i + 1]
-            o, l_ = _stock_attention(q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]],
-                                     v[None, ck[i]:ck[i + 1]], softmax_scale, causal, window,
-                                     softcap, slopes,
-                                     need_lse=return_attn_probs or learnable_sink is not None)
+            qi, ki, vi = q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]], v[None, ck[i]:ck[i + 1]]
+            need_lse = return_attn_probs or learnable_sink is not None
+            if dropout is not None:    # eager math with the kernels' mask
+                lq, lk = cq[i + 1] - cq[i], ck[i + 1] - ck[i]
+                o, _ = attention_reference(qi, ki, vi, softmax_scale, causal, window, softcap, slopes,
+                                           dropout_mask=keep[i:i + 1, :, :lq, :lk], dropout_p=dropout.p)
+                l_ = attention_reference(qi, ki, vi, softmax_scale, causal, window, softcap, slopes,
+                                         compute_dtype=torch.float32)[1] if need_lse else None
+            else:
+                o, l_ = _stock_attention(qi, ki, vi, softmax_scale, causal, window, softcap, slopes,
+                                         need_lse=need_lse)
             outs.append(o[0])
             lses.append(None if l_ is None else l_[0])
         out = torch.cat(outs, 0)
         lse = torch.cat(lses, 1) if return_attn_probs or learnable_sink is not None else None
-        return _finish(out, lse, learnable_sink, return_attn_probs)
+        return _finish(out, lse, learnable_sink, return_attn_probs, probs)
 
     q, k, v, Dv = padded_for_kernels(q, k, v)
     out, lse = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                 softmax_scale, left, right, float(softcap), alibi_slopes,
-                                get_deterministic_mode().split_size)
+                                get_deterministic_mode().split_size, dropout)
     out = out[..., :Dv] if out.shape[-1] != Dv else out
-    return _finish(out, lse, learnable_sink, return_attn_probs)
+    return _finish(out, lse, learnable_sink, return_attn_probs, probs)
 
 
 def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -296,7 +359,8 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                            alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = True,
                            return_attn_probs: bool = False, block_table: Optional[torch.Tensor] = None,
-                           *, learnable_sink: Optional[torch.Tensor] = None):
+                           *, learnable_sink: Optional[torch.Tensor] = None,
+                           dropout_seeds: Optional[torch.Tensor] = None):
     """Attention over packed variable-length sequences, bitwise equal to running each alone.
 
     Args (flash-attn's names and meanings):
@@ -317,11 +381,15 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             Differentiable: the gradients of the pages are the contiguous call's dk/dv
             at the slots the table uses (zero elsewhere); a slot that several
             sequences share sums their gradients in ascending sequence order.
-        other arguments as :func:`flash_attn_func` (``learnable_sink`` too); ``alibi_slopes``
-        may be (nheads,) or (num_seqs, nheads).
+        other arguments as :func:`flash_attn_func` (``learnable_sink`` and
+        ``dropout_seeds`` too, the latter (num_seqs,)); ``alibi_slopes`` may be (nheads,)
+        or (num_seqs, nheads).  Under dropout a sequence's key is its index in
+        cu_seqlens (or ``dropout_seeds[i]``) and positions are inside the sequence.
 
-    Returns out (total_q, nheads, headdim_v), or ``(out, softmax_lse, None)`` with
-    lse (nheads, total_q) float32 when ``return_attn_probs``.
+    Returns out (total_q, nheads, headdim_v), or ``(out, softmax_lse, S_dmask)`` with
+    lse (nheads, total_q) float32 when ``return_attn_probs`` (S_dmask: None without
+    dropout, else (num_seqs, nheads, max_seqlen_q, max_seqlen_k), sequence ``i`` at
+    ``[i, :, :len_q_i, :len_k_i]``, zeros elsewhere; as :func:`flash_attn_func`'s).
 
     Invariance: sequence ``i``'s rows are bitwise equal to
     ``flash_attn_func(q_i[None], k_i[None], v_i[None], ...)[0]`` (same keys,
@@ -331,4 +399,5 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     return varlen_attention_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                                 return_attn_probs, block_table=block_table, learnable_sink=learnable_sink)
+                                 return_attn_probs, block_table=block_table, learnable_sink=learnable_sink,
+                                 dropout_seeds=dropout_seeds)

@@ -24,6 +24,7 @@ from ..mode import check_split_size, get_deterministic_mode
 from .. import _poison as poison
 from .. import launch_options as _launch_options
 from ..launch_options import LaunchOptions
+from .dropout import Dropout
 from .validation import last_dim_contiguous, normalize_window
 
 _LOOP_CODES = {"branch": 0, "nested": 1}
@@ -81,6 +82,21 @@ def alibi_args(alibi_slopes: Optional[torch.Tensor], placeholder: torch.Tensor):
     return alibi, (alibi.stride(0) if alibi.dim() == 2 else 0)
 
 
+#: The dropout arguments of a launch without dropout (never read by the kernels).
+_NO_DROPOUT_ARGS = (1 << 40, 1 << 40, 1 << 40, 1.0)
+
+
+def dropout_launch_args(dropout: Optional[Dropout], placeholder: torch.Tensor):
+    """(SEQ_KEYS, (drop_lo, drop_hi, drop_threshold, drop_scale), constexpr kwargs) for the
+    forward and backward kernels; ``placeholder`` stands in for absent per-sequence keys."""
+    if dropout is None:
+        return placeholder, _NO_DROPOUT_ARGS, {}
+    lo, hi, thr = dropout.kernel_args()
+    seeds = dropout.seeds
+    return (placeholder if seeds is None else seeds, (lo, hi, thr, dropout.scale),
+            dict(DROPOUT=True, HAS_SEQ_KEYS=seeds is not None))
+
+
 def resolve_split_size(block_n: int, split_size: Optional[int]) -> int:
     """The split size in force (``split_size``, or the mode's when None), checked: an
     int, positive, a multiple of the config's key block (mode.check_split_size)."""
@@ -95,6 +111,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
                       cu_seqlens_q: Optional[torch.Tensor] = None,
                       cu_seqlens_k: Optional[torch.Tensor] = None, max_seqlen_q: int = 0,
                       options: Optional[LaunchOptions] = None,
+                      dropout: Optional[Dropout] = None,
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel on validated inputs.
 
@@ -109,7 +126,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     ``config`` overrides the table's entry; it exists for the GPU probes and
     the config exploration script only (a different block_n is a different
     reduction order).  ``options``: forced launch choices (default: the options in
-    force, :func:`bitstable.launch_options.current`); launch-only.
+    force, :func:`bitstable.launch_options.current`); launch-only.  ``dropout``: the call's
+    dropout (attention/dropout.py), None for none.
     """
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     varlen = cu_seqlens_q is not None
@@ -142,6 +160,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     k_arg, v_arg, use_tma = kv_descriptors(k, v, plan.block_n, plan.head_dim_tile, plan.want_tma)
     grid = (triton.cdiv(Lq, plan.block_m), B * Hq)
     sq, sk, sv, so = q.stride(), k.stride(), v.stride(), out.stride()
+    seq_keys, drop_args, drop_kw = dropout_launch_args(dropout, lse)
     attention_fwd_kernel[grid](
         q, k_arg, v_arg, out, lse, alibi,
         cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse,
@@ -149,7 +168,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
         stride_alibi_b,
         Hq, Hq // Hk, Lq, Lk, D, total_q,
         qk_scale, softcap_scaled, max(window_left, 0), max(window_right, 0),
-        USE_TMA=use_tma, **plan.kwargs,
+        seq_keys, *drop_args,
+        USE_TMA=use_tma, **plan.kwargs, **drop_kw,
     )
     return result
 

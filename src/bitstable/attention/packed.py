@@ -50,7 +50,8 @@ def flash_attn_qkvpacked_func(qkv: torch.Tensor, dropout_p: float = 0.0,
                               softmax_scale: Optional[float] = None, causal: bool = False,
                               window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                               alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = False,
-                              return_attn_probs: bool = False):
+                              return_attn_probs: bool = False, *,
+                              dropout_seeds: Optional[torch.Tensor] = None):
     """:func:`~bitstable.flash_attn_func` on q, k, v stacked in one tensor.
 
     Args (flash-attn's names, order and defaults):
@@ -71,14 +72,16 @@ def flash_attn_qkvpacked_func(qkv: torch.Tensor, dropout_p: float = 0.0,
     _check_packed(qkv, "qkv", "(batch, seqlen, 3, nheads, headdim)", 5, 2, 3)
     q, k, v = qkv.unbind(2)
     return dense_attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                           alibi_slopes, return_attn_probs, names=_views("qkv", 5, 2, 3))
+                           alibi_slopes, return_attn_probs, names=_views("qkv", 5, 2, 3),
+                           dropout_seeds=dropout_seeds)
 
 
 def flash_attn_kvpacked_func(q: torch.Tensor, kv: torch.Tensor, dropout_p: float = 0.0,
                              softmax_scale: Optional[float] = None, causal: bool = False,
                              window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                              alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = False,
-                             return_attn_probs: bool = False):
+                             return_attn_probs: bool = False, *,
+                              dropout_seeds: Optional[torch.Tensor] = None):
     """:func:`~bitstable.flash_attn_func` with k and v stacked in one tensor.
 
     Args (flash-attn's names, order and defaults):
@@ -95,14 +98,16 @@ def flash_attn_kvpacked_func(q: torch.Tensor, kv: torch.Tensor, dropout_p: float
     _check_packed(kv, "kv", "(batch, seqlen_k, 2, nheads_k, headdim)", 5, 2, 2)
     k, v = kv.unbind(2)
     return dense_attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                           alibi_slopes, return_attn_probs, names=("q",) + _views("kv", 5, 2, 2))
+                           alibi_slopes, return_attn_probs, names=("q",) + _views("kv", 5, 2, 2),
+                           dropout_seeds=dropout_seeds)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                                      dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
                                      causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
                                      softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
-                                     deterministic: bool = False, return_attn_probs: bool = False):
+                                     deterministic: bool = False, return_attn_probs: bool = False, *,
+                              dropout_seeds: Optional[torch.Tensor] = None):
     """:func:`~bitstable.flash_attn_varlen_func` on packed sequences with q, k, v stacked.
 
     Args (flash-attn's names, order and defaults):
@@ -125,7 +130,7 @@ def flash_attn_varlen_qkvpacked_func(qkv: torch.Tensor, cu_seqlens: torch.Tensor
                                  softmax_scale, causal, window_size, softcap, alibi_slopes,
                                  return_attn_probs, names=_views("qkv", 4, 1, 3),
                                  cu_names=("cu_seqlens", "cu_seqlens"),
-                                 max_names=("max_seqlen", "max_seqlen"))
+                                 max_names=("max_seqlen", "max_seqlen"), dropout_seeds=dropout_seeds)
 
 
 def flash_attn_varlen_kvpacked_func(q: torch.Tensor, kv: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -133,7 +138,8 @@ def flash_attn_varlen_kvpacked_func(q: torch.Tensor, kv: torch.Tensor, cu_seqlen
                                     dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
                                     causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
                                     softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
-                                    deterministic: bool = False, return_attn_probs: bool = False):
+                                    deterministic: bool = False, return_attn_probs: bool = False, *,
+                              dropout_seeds: Optional[torch.Tensor] = None):
     """:func:`~bitstable.flash_attn_varlen_func` with k and v stacked in one tensor.
 
     Args (flash-attn's names, order and defaults):
@@ -152,4 +158,5 @@ def flash_attn_varlen_kvpacked_func(q: torch.Tensor, kv: torch.Tensor, cu_seqlen
     k, v = kv.unbind(1)
     return varlen_attention_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                                 return_attn_probs, names=("q",) + _views("kv", 4, 1, 2))
+                                 return_attn_probs, names=("q",) + _views("kv", 4, 1, 2),
+                                 dropout_seeds=dropout_seeds)

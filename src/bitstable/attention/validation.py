@@ -81,10 +81,8 @@ def check_options(q, dropout_p, softmax_scale, window_size, softcap, alibi_slope
     """Check the scalar options; returns (softmax_scale, window_left, window_right)."""
     if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool):
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
-    if dropout_p != 0.0:
-        raise NotImplementedError(
-            f"dropout_p={dropout_p}: bitstable's attention does not implement dropout yet; "
-            "pass dropout_p=0.0")
+    if not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):

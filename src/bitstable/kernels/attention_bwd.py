@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .attention_core import score_transform, tanh_f32, tile_dot, visibility_mask
+from .dropout import dropout_keep, sequence_key
 
 
 @triton.jit
@@ -58,8 +59,15 @@ def _probs_and_dscore(q, k, v, do, lse2, delta, pos_q, pos_k, seqlen_k,
                       qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
                       grad_scale, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
                       HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr = True):
-    """For a [M, N] tile: probabilities ``p`` and ``ds`` = dLoss/d(raw q.k score).
+                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr = True,
+                      keep=0, drop_scale=1.0, DROPOUT: tl.constexpr = False):
+    """For a [M, N] tile: the weights ``p`` of the value product and ``ds`` = dLoss/d(raw
+    q.k score).
+
+    ``DROPOUT`` (``keep`` [M, N] bool, ``drop_scale`` = 1 / (1 - p)): the forward's output
+    is ``(P * keep) @ V * drop_scale``, so ``p`` is ``P * keep`` (the caller scales dv by
+    ``drop_scale``) and dP is ``dO @ V^T * keep * drop_scale``; ``ds = P * (dP - delta)``
+    with the undropped ``P`` (``delta = rowsum(dO * O)`` still equals ``rowsum(P * dP)``).
 
     ``MASKED=False`` for tiles every (row, key) pair of which is visible: the mask is
     skipped; the arithmetic of every element is the same as on the masked path.
@@ -76,11 +84,15 @@ def _probs_and_dscore(q, k, v, do, lse2, delta, pos_q, pos_k, seqlen_k,
         x = tl.where(vis, x, float("-inf"))
     p = tl.math.exp2(x * scale - lse2[:, None])
     dp = tile_dot(do, tl.trans(v), tl.zeros([q.shape[0], k.shape[0]], tl.float32), ROWWISE)
+    if DROPOUT:
+        dp = tl.where(keep, dp * drop_scale, 0.0)
     ds = p * (dp - delta[:, None])
     if HAS_SOFTCAP:
         t = tanh_f32(s * softcap_scaled)     # d(softcap * tanh(u))/du = softcap * (1 - tanh^2)
         ds = ds * (1.0 - t * t)
     ds = ds * grad_scale
+    if DROPOUT:
+        p = tl.where(keep, p, 0.0)
     return p, ds
 
 
@@ -90,8 +102,10 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, mb, offs_m0
                 qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right, grad_scale,
                 BLOCK_M: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
-                HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr):
-    """Fold query block ``mb`` of one head into this key block's dk, dv."""
+                HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr, drop, DROPOUT: tl.constexpr):
+    """Fold query block ``mb`` of one head into this key block's dk, dv.  ``drop`` =
+    (stream_lo, stream_hi, seq_lo, seq_hi, head, key_start, threshold, scale) when
+    ``DROPOUT``."""
     offs_m = mb * BLOCK_M + offs_m0
     m_ok = offs_m < seqlen_q
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
@@ -100,10 +114,17 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, mb, offs_m0
                  mask=m_ok[:, None] & d_ok, other=0.0).to(COMPUTE_DTYPE)
     lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+    keep = 0
+    drop_scale = 1.0
+    if DROPOUT:
+        stream_lo, stream_hi, seq_lo, seq_hi, head, key_start, threshold, drop_scale = drop
+        keep = dropout_keep(stream_lo, stream_hi, seq_lo, seq_hi, head, offs_m, key_start, threshold,
+                            offs_n.shape[0])
     p, ds = _probs_and_dscore(q, k, v, do, lse2, delta, offs_m + offset, offs_n, seqlen_k,
                               qk_scale, softcap_scaled, alibi_slope_log2, window_left,
                               window_right, grad_scale, COMPUTE_DTYPE, ROWWISE,
-                              HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, MASKED)
+                              HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, MASKED,
+                              keep, drop_scale, DROPOUT)
     dv = tile_dot(tl.trans(p.to(COMPUTE_DTYPE)), do, dv, ROWWISE)
     dk = tile_dot(tl.trans(ds.to(COMPUTE_DTYPE)), q, dk, ROWWISE)
     return dk, dv
@@ -121,11 +142,13 @@ def attention_bwd_dkdv_kernel(
     stride_alibi_b,
     num_heads_q, num_heads_kv, group_size, seqlen_q, seqlen_k, head_dim, total_q,
     qk_scale, softcap_scaled, grad_scale, window_left, window_right,
+    SEQ_KEYS, drop_lo, drop_hi, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, VARLEN: tl.constexpr = False,
     PER_HEAD_SUMS: tl.constexpr = False, SKIP_FULL_MASKS: tl.constexpr = False,
+    DROPOUT: tl.constexpr = False, HAS_SEQ_KEYS: tl.constexpr = False,
 ):
     """Grid: (cdiv(Lk, BLOCK_N), B * Hkv); varlen: (cdiv(max_seqlen_k, BLOCK_N), num_seqs * Hkv)
     over packed [total, H, D] tensors (lse/delta [Hq, total_q]).
@@ -133,7 +156,10 @@ def attention_bwd_dkdv_kernel(
     ``PER_HEAD_SUMS`` (float32 inputs): dk/dv of each query head of the GQA group
     are summed over its query blocks from zero and the heads' sums are then added
     in order, instead of one running sum over heads x rows: a shorter fp32
-    rounding chain (MQA with long sequences), same order on every call."""
+    rounding chain (MQA with long sequences), same order on every call.
+
+    ``DROPOUT``: the forward's keep-mask (``SEQ_KEYS``, ``drop_*``: as the forward kernel's
+    arguments), recomputed here from the same positions."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads_kv
@@ -189,8 +215,10 @@ def attention_bwd_dkdv_kernel(
     full_lo = tl.minimum(tl.maximum(full_lo, m_lo), m_hi)
     full_hi = tl.maximum(tl.minimum(full_hi, m_hi), full_lo)
 
+    seq_lo, seq_hi = sequence_key(SEQ_KEYS, b, HAS_SEQ_KEYS and DROPOUT)
     for g in range(0, group_size):
         h = h_kv * group_size + g
+        drop = (drop_lo, drop_hi, seq_lo, seq_hi, h, pid_n * BLOCK_N, drop_threshold, drop_scale)
         alibi_slope_log2 = 0.0
         if HAS_ALIBI:
             alibi_slope_log2 = tl.load(ALIBI + b * stride_alibi_b + h).to(tl.float32) * 1.4426950408889634
@@ -216,26 +244,26 @@ def attention_bwd_dkdv_kernel(
                                          offs_d, d_ok, offs_n, seqlen_q, seqlen_k, offset, stride_qm, stride_dom,
                                          qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
                                          grad_scale, BLOCK_M, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
-                                         HAS_LEFT, HAS_RIGHT, True)
+                                         HAS_LEFT, HAS_RIGHT, True, drop, DROPOUT)
             for mb in range(full_lo, full_hi):
                 dk_h, dv_h = _dkdv_block(dk_h, dv_h, k, v, q_base, do_base, LSE, DELTA, row_base, mb, offs_m0,
                                          offs_d, d_ok, offs_n, seqlen_q, seqlen_k, offset, stride_qm, stride_dom,
                                          qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
                                          grad_scale, BLOCK_M, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
-                                         HAS_LEFT, HAS_RIGHT, False)
+                                         HAS_LEFT, HAS_RIGHT, False, drop, DROPOUT)
             for mb in range(full_hi, m_hi):
                 dk_h, dv_h = _dkdv_block(dk_h, dv_h, k, v, q_base, do_base, LSE, DELTA, row_base, mb, offs_m0,
                                          offs_d, d_ok, offs_n, seqlen_q, seqlen_k, offset, stride_qm, stride_dom,
                                          qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
                                          grad_scale, BLOCK_M, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
-                                         HAS_LEFT, HAS_RIGHT, True)
+                                         HAS_LEFT, HAS_RIGHT, True, drop, DROPOUT)
         else:
             for mb in range(m_lo, m_hi):
                 dk_h, dv_h = _dkdv_block(dk_h, dv_h, k, v, q_base, do_base, LSE, DELTA, row_base, mb, offs_m0,
                                          offs_d, d_ok, offs_n, seqlen_q, seqlen_k, offset, stride_qm,
                                          stride_dom, qk_scale, softcap_scaled, alibi_slope_log2, window_left,
                                          window_right, grad_scale, BLOCK_M, COMPUTE_DTYPE, ROWWISE,
-                                         HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, True)
+                                         HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, True, drop, DROPOUT)
         if PER_HEAD_SUMS:
             dk += dk_h
             dv += dv_h
@@ -243,6 +271,8 @@ def attention_bwd_dkdv_kernel(
             dk = dk_h
             dv = dv_h
 
+    if DROPOUT:
+        dv = dv * drop_scale
     tl.store(DK + dk_off + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=n_ok)
     tl.store(DV + dv_off + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
@@ -254,16 +284,24 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, nb, offs_n0, offs_d, d_ok,
               stride_kn, stride_vn, qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
               grad_scale, BLOCK_N: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_LEFT: tl.constexpr,
-              HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr):
-    """Fold key block ``nb`` into this query block's dq."""
+              HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr, drop, DROPOUT: tl.constexpr):
+    """Fold key block ``nb`` into this query block's dq.  ``drop`` = (stream_lo, stream_hi,
+    seq_lo, seq_hi, head, threshold, scale) when ``DROPOUT``."""
     offs_n = nb * BLOCK_N + offs_n0
     n_ok = (offs_n < seqlen_k)[:, None] & d_ok
     k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok, other=0.0).to(COMPUTE_DTYPE)
     v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_ok, other=0.0).to(COMPUTE_DTYPE)
+    keep = 0
+    drop_scale = 1.0
+    if DROPOUT:
+        stream_lo, stream_hi, seq_lo, seq_hi, head, threshold, drop_scale = drop
+        keep = dropout_keep(stream_lo, stream_hi, seq_lo, seq_hi, head, offs_m, nb * BLOCK_N, threshold,
+                            BLOCK_N)
     p, ds = _probs_and_dscore(q, k, v, do, lse2, delta, offs_m + offset, offs_n, seqlen_k,
                               qk_scale, softcap_scaled, alibi_slope_log2, window_left,
                               window_right, grad_scale, COMPUTE_DTYPE, ROWWISE,
-                              HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, MASKED)
+                              HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, MASKED,
+                              keep, drop_scale, DROPOUT)
     return tile_dot(ds.to(COMPUTE_DTYPE), k, dq, ROWWISE)
 
 
@@ -278,11 +316,13 @@ def attention_bwd_dq_kernel(
     stride_alibi_b,
     num_heads_q, group_size, seqlen_q, seqlen_k, head_dim, total_q,
     qk_scale, softcap_scaled, grad_scale, window_left, window_right,
+    SEQ_KEYS, drop_lo, drop_hi, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, VARLEN: tl.constexpr = False,
     SKIP_FULL_MASKS: tl.constexpr = False,
+    DROPOUT: tl.constexpr = False, HAS_SEQ_KEYS: tl.constexpr = False,
 ):
     """Grid: (cdiv(Lq, BLOCK_M), B * Hq); varlen: (cdiv(max_seqlen_q, BLOCK_M), num_seqs * Hq)."""
     pid_m = tl.program_id(0)
@@ -339,6 +379,8 @@ def attention_bwd_dq_kernel(
         key_lo = tl.minimum(key_lo, key_hi)
     k_base = K + k_off
     v_base = V + v_off
+    seq_lo, seq_hi = sequence_key(SEQ_KEYS, b, HAS_SEQ_KEYS and DROPOUT)
+    drop = (drop_lo, drop_hi, seq_lo, seq_hi, h, drop_threshold, drop_scale)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     n_lo = key_lo // BLOCK_N
     n_hi = tl.cdiv(key_hi, BLOCK_N)
@@ -358,22 +400,22 @@ def attention_bwd_dq_kernel(
             dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, nb, offs_n0, offs_d, d_ok, offs_m, offset,
                            seqlen_k, stride_kn, stride_vn, qk_scale, softcap_scaled, alibi_slope_log2,
                            window_left, window_right, grad_scale, BLOCK_N, COMPUTE_DTYPE, ROWWISE,
-                           HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, True)
+                           HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, True, drop, DROPOUT)
         for nb in range(full_lo, full_hi):
             dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, nb, offs_n0, offs_d, d_ok, offs_m, offset,
                            seqlen_k, stride_kn, stride_vn, qk_scale, softcap_scaled, alibi_slope_log2,
                            window_left, window_right, grad_scale, BLOCK_N, COMPUTE_DTYPE, ROWWISE,
-                           HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, False)
+                           HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, False, drop, DROPOUT)
         for nb in range(full_hi, n_hi):
             dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, nb, offs_n0, offs_d, d_ok, offs_m, offset,
                            seqlen_k, stride_kn, stride_vn, qk_scale, softcap_scaled, alibi_slope_log2,
                            window_left, window_right, grad_scale, BLOCK_N, COMPUTE_DTYPE, ROWWISE,
-                           HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, True)
+                           HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, True, drop, DROPOUT)
     else:
         for nb in range(n_lo, n_hi):
             dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, nb, offs_n0, offs_d, d_ok, offs_m, offset,
                            seqlen_k, stride_kn, stride_vn, qk_scale, softcap_scaled, alibi_slope_log2,
                            window_left, window_right, grad_scale, BLOCK_N, COMPUTE_DTYPE, ROWWISE,
-                           HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, True)
+                           HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, True, drop, DROPOUT)
     tl.store(DQ + dq_off + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=m_ok[:, None] & d_ok)

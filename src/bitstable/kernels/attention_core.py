@@ -152,7 +152,8 @@ def empty_state(BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def block_update(m, l, acc, x, v, scale, P_DTYPE: tl.constexpr, ROWWISE: tl.constexpr):
+def block_update(m, l, acc, x, v, scale, P_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
+                 keep=0, DROPOUT: tl.constexpr = False):
     """Fold one key block into a split state (online softmax, base 2).
 
     ``x`` [M, N] fp32 scores, -inf where masked, whose base-2 logits are
@@ -161,6 +162,10 @@ def block_update(m, l, acc, x, v, scale, P_DTYPE: tl.constexpr, ROWWISE: tl.cons
     rounded to before the P @ V product (the value dtype on tensor cores,
     float32 for float32 inputs); ``ROWWISE`` selects the interpreter's
     product (see :func:`tile_dot`).
+
+    ``DROPOUT``: ``keep`` [M, N] bool (kernels/dropout.py); dropped weights still count in
+    ``l`` (the softmax denominator) but not in ``acc``; the kept ones are scaled by
+    1 / (1 - p) once, on the output (the kernel's epilogue).
     """
     m_new = tl.maximum(m, tl.max(x, 1) * scale)
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -168,6 +173,8 @@ def block_update(m, l, acc, x, v, scale, P_DTYPE: tl.constexpr, ROWWISE: tl.cons
     p = tl.math.exp2(x * scale - m_ref[:, None])
     l = l * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
+    if DROPOUT:
+        p = tl.where(keep, p, 0.0)
     acc = tile_dot(p.to(P_DTYPE), v, acc, ROWWISE)
     return m_new, l, acc
 
@@ -177,13 +184,16 @@ def fold_block(m, l, acc, q, k, v, pos_q, pos_k, seqlen_k,
                qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
                MASKED: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               keep=0, DROPOUT: tl.constexpr = False):
     """The inner-loop step every attention kernel shares: scores of q [M, D]
     against the key block k [N, D] at positions ``pos_k``, masks (``MASKED``),
     and :func:`block_update` with the values v [N, D].
 
     The dense forward (prefill) and the split-KV decode kernels both fold their
-    key blocks through this one function, whatever loaded the tiles.
+    key blocks through this one function, whatever loaded the tiles.  ``keep`` /
+    ``DROPOUT``: the dropout mask of this tile (training forward only), see
+    :func:`block_update`.
     """
     k = k.to(COMPUTE_DTYPE)
     v = v.to(COMPUTE_DTYPE)
@@ -194,7 +204,7 @@ def fold_block(m, l, acc, q, k, v, pos_q, pos_k, seqlen_k,
         vis = visibility_mask(pos_q, pos_k, seqlen_k, window_left, window_right,
                               HAS_LEFT, HAS_RIGHT)
         x = tl.where(vis, x, float("-inf"))
-    return block_update(m, l, acc, x, v, scale, COMPUTE_DTYPE, ROWWISE)
+    return block_update(m, l, acc, x, v, scale, COMPUTE_DTYPE, ROWWISE, keep, DROPOUT)
 
 
 @triton.jit

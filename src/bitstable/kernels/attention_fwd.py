@@ -19,20 +19,23 @@ import triton
 import triton.language as tl
 
 from .attention_core import empty_state, finalize, fold_block, merge_states, tile_key_range
+from .dropout import dropout_keep, sequence_key
 
 
 @triton.jit
-def _process_block(j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores,
+def _process_block(j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, drop,
                    MASKED: tl.constexpr, MERGE_AT_SPLIT_END: tl.constexpr, EVEN_D: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                    SPLIT_BLOCKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, USE_TMA: tl.constexpr):
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, USE_TMA: tl.constexpr,
+                   DROPOUT: tl.constexpr):
     """Fold key block ``j`` into the split state; merge into the total at a split end.
 
     ``kv`` = (k_src, v_src, kv_b, kv_h, stride_kn, stride_vn), ``where`` = (offs_n,
     offs_d, pos_q, seqlen_k, head_dim), ``scores`` = (qk_scale, softcap_scaled,
-    alibi_slope_log2, window_left, window_right).
+    alibi_slope_log2, window_left, window_right), ``drop`` = (stream_lo, stream_hi, seq_lo,
+    seq_hi, head, rows, threshold): the dropout mask's inputs (``DROPOUT``).
 
     ``k_src``/``v_src`` are host-made 4-d tensor descriptors over k/v
     [B, Lk, Hkv, D] (``USE_TMA``: the copy engine zero-fills rows past this
@@ -62,10 +65,14 @@ def _process_block(j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores,
         ld_mask = (offs_d < head_dim)[None, :]
         k = tl.load(k_ptrs, mask=ld_mask, other=0.0)
         v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
+    keep = 0
+    if DROPOUT:
+        stream_lo, stream_hi, seq_lo, seq_hi, head, rows, threshold = drop
+        keep = dropout_keep(stream_lo, stream_hi, seq_lo, seq_hi, head, rows, j * BLOCK_N, threshold, BLOCK_N)
     m_s, l_s, acc_s = fold_block(m_s, l_s, acc_s, q, k, v, pos_q, pos_k, seqlen_k,
                                  qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
                                  MASKED, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
-                                 HAS_LEFT, HAS_RIGHT)
+                                 HAS_LEFT, HAS_RIGHT, keep, DROPOUT)
     if MERGE_AT_SPLIT_END:
         if (j + 1) % SPLIT_BLOCKS == 0:
             m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
@@ -85,12 +92,14 @@ def attention_fwd_kernel(
     stride_alibi_b,
     num_heads_q, group_size, seqlen_q, seqlen_k, head_dim, total_q,
     qk_scale, softcap_scaled, window_left, window_right,
+    SEQ_KEYS, drop_lo, drop_hi, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_BLOCKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     EVEN_D: tl.constexpr, WRITE_LSE: tl.constexpr, REVERSE_M: tl.constexpr,
     LOOP: tl.constexpr = 0, USE_TMA: tl.constexpr = False, VARLEN: tl.constexpr = False,
+    DROPOUT: tl.constexpr = False, HAS_SEQ_KEYS: tl.constexpr = False,
 ):
     """Grid: (cdiv(Lq, BLOCK_M), B * Hq).  Last-dim strides are 1 (the launcher ensures it).
 
@@ -105,6 +114,12 @@ def attention_fwd_kernel(
     num_seqs * Hq) and lse is [Hq, total_q].  Tiles, blocks and splits start
     at each sequence's own row and key 0, so a packed sequence computes
     exactly what it computes alone in the dense layout.
+
+    ``DROPOUT``: kernels/dropout.py's keep-mask of (``drop_lo``, ``drop_hi``, the
+    sequence's key: ``SEQ_KEYS[b]`` if ``HAS_SEQ_KEYS`` else ``b``, the query head, the
+    row and key positions in the sequence) against ``drop_threshold``; dropped weights
+    leave the value sum, the output is scaled by ``drop_scale`` = 1 / (1 - p) and the lse
+    is the undropped softmax's (flash-attn's convention).
     """
     pid_m = tl.program_id(0)
     if REVERSE_M:  # launch order only: heavy causal tiles first
@@ -168,6 +183,8 @@ def attention_fwd_kernel(
     kv = (k_src, v_src, b, h_kv, stride_kn, stride_vn)
     where = (offs_n, offs_d, pos_q, seqlen_k, head_dim)
     scores = (qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right)
+    seq_lo, seq_hi = sequence_key(SEQ_KEYS, b, HAS_SEQ_KEYS and DROPOUT)
+    drop = (drop_lo, drop_hi, seq_lo, seq_hi, h, offs_m, drop_threshold)
     if LOOP == 1:
         # Outer loop over splits, inner loops over the split's blocks (masked edge, whole
         # blocks, masked edge); merge after each split.
@@ -178,19 +195,19 @@ def attention_fwd_kernel(
             bb = tl.minimum(tl.maximum(mid_hi, a), hi)
             for j in range(lo, a):
                 m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, True, False,
+                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, drop, True, False,
                     EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
-                    HAS_LEFT, HAS_RIGHT, USE_TMA)
+                    HAS_LEFT, HAS_RIGHT, USE_TMA, DROPOUT)
             for j in range(a, bb):
                 m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, False, False,
+                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, drop, False, False,
                     EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
-                    HAS_LEFT, HAS_RIGHT, USE_TMA)
+                    HAS_LEFT, HAS_RIGHT, USE_TMA, DROPOUT)
             for j in range(bb, hi):
                 m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, True, False,
+                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, drop, True, False,
                     EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
-                    HAS_LEFT, HAS_RIGHT, USE_TMA)
+                    HAS_LEFT, HAS_RIGHT, USE_TMA, DROPOUT)
             m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
             m_s = tl.zeros_like(m_s) + float("-inf")
             l_s = tl.zeros_like(l_s)
@@ -200,23 +217,25 @@ def attention_fwd_kernel(
         # taken at each split's last block.
         for j in range(blk_lo, mid_lo):
             m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, True, True,
+                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, drop, True, True,
                 EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
-                HAS_LEFT, HAS_RIGHT, USE_TMA)
+                HAS_LEFT, HAS_RIGHT, USE_TMA, DROPOUT)
         for j in range(mid_lo, mid_hi):
             m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, False, True,
+                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, drop, False, True,
                 EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
-                HAS_LEFT, HAS_RIGHT, USE_TMA)
+                HAS_LEFT, HAS_RIGHT, USE_TMA, DROPOUT)
         for j in range(mid_hi, blk_hi):
             m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, True, True,
+                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, drop, True, True,
                 EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
-                HAS_LEFT, HAS_RIGHT, USE_TMA)
+                HAS_LEFT, HAS_RIGHT, USE_TMA, DROPOUT)
         # The last, possibly partial, split.  Merging an empty split is the identity.
         m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
 
     out, lse = finalize(m_t, l_t, acc_t)
+    if DROPOUT:
+        out = out * drop_scale
     if VARLEN:
         o_base = O + row0 * stride_om + h.to(tl.int64) * stride_oh
     else:

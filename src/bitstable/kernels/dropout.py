@@ -1,0 +1,98 @@
+"""Attention dropout's keep-mask: Philox4x32-10 over absolute positions.
+
+The mask is a pure function, the same in every kernel that needs it (the dense and
+varlen forward, both backward kernels, :func:`dropout_mask_kernel`), whatever tiles
+they use:
+
+* philox key ``(k0, k1 ^ seq_hi)``: ``(k0, k1)`` is the call's 64-bit stream key (made on
+  the host from torch's generator seed and offset, ``attention/dropout.py``), ``seq_hi``
+  the high 32 bits of the sequence's key;
+* philox counter ``(key // 4, query, head, seq_lo)``: ``key`` and ``query`` are the
+  positions inside the sequence (0-based, not aligned), ``head`` the query head,
+  ``seq_lo`` the low 32 bits of the sequence's key (by default its batch index);
+* the four 32-bit outputs ``r[0..3]`` serve keys ``4 * (key // 4) + 0..3``;
+* a (query, key) entry is kept iff ``r[key % 4] >= threshold`` (uint32), with
+  ``threshold = floor(dropout_p * 2**32)``.
+
+So a row's mask depends on nothing but its sequence's key, its head and the two
+positions: not on the batch around it, the block sizes or the launch.  Philox4x32-10 is
+Random123's generator (Salmon et al., SC'11): 10 rounds, multipliers 0xD2511F53 and
+0xCD9E8D57, key increments 0x9E3779B9 and 0xBB67AE85, the key bumped between rounds.
+``attention/dropout.py`` holds the same function in torch integer arithmetic, and the
+tests check the two against each other and against Random123's known answers.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Random123's philox4x32-10 of counter (c0..c3) under key (k0, k1); uint32 in and out."""
+    for r in tl.static_range(10):
+        if r > 0:
+            k0 = k0 + 0x9E3779B9
+            k1 = k1 + 0xBB67AE85
+        hi0 = tl.math.umulhi(c0, 0xD2511F53)
+        lo0 = c0 * 0xD2511F53
+        hi1 = tl.math.umulhi(c2, 0xCD9E8D57)
+        lo1 = c2 * 0xCD9E8D57
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def sequence_key(SEQ_KEYS, b, HAS_SEQ_KEYS: tl.constexpr):
+    """(seq_lo, seq_hi) uint32 of sequence ``b``: ``SEQ_KEYS[b]`` (int64) or ``b``."""
+    if HAS_SEQ_KEYS:
+        key = tl.load(SEQ_KEYS + b).to(tl.int64)
+    else:
+        key = b.to(tl.int64)
+    return (key & 0xFFFFFFFF).to(tl.uint32), ((key >> 32) & 0xFFFFFFFF).to(tl.uint32)
+
+
+@triton.jit
+def dropout_keep(stream_lo, stream_hi, seq_lo, seq_hi, head, rows, key_start, threshold,
+                 BLOCK_N: tl.constexpr):
+    """[M, BLOCK_N] bool keep-mask of query rows ``rows`` [M] (int, positions in the
+    sequence) against keys ``key_start .. key_start + BLOCK_N - 1`` (``key_start`` a
+    multiple of 4) of query head ``head``.  ``stream_lo``, ``stream_hi`` (the call's stream
+    key) and ``threshold`` (the uint32 drop threshold) are 32-bit values in the low bits of
+    int64 arguments (the host sets bit 40 so that Triton always types them int64)."""
+    G: tl.constexpr = BLOCK_N // 4
+    k0 = (stream_lo & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (stream_hi & 0xFFFFFFFF).to(tl.uint32) ^ seq_hi
+    groups = (key_start // 4 + tl.arange(0, G)).to(tl.uint32)
+    c0 = tl.zeros([rows.shape[0], G], tl.uint32) + groups[None, :]
+    c1 = tl.zeros([rows.shape[0], G], tl.uint32) + rows.to(tl.uint32)[:, None]
+    c2 = tl.zeros([rows.shape[0], G], tl.uint32) + head.to(tl.uint32)
+    c3 = tl.zeros([rows.shape[0], G], tl.uint32) + seq_lo
+    r0, r1, r2, r3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
+    # join(a, b) stacks on a new last dim: [M, G, 2, 2] with [m, g, i, j] = r[2i + j]
+    # (outer pair i, inner j), so row-major flattening gives key 4g + t the output r[t].
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [rows.shape[0], BLOCK_N])
+    return r >= (threshold & 0xFFFFFFFF).to(tl.uint32)
+
+
+@triton.jit
+def dropout_mask_kernel(OUT, SEQ_KEYS, CU_Q, CU_K, stream_lo, stream_hi, threshold,
+                        num_heads, seqlen_q, seqlen_k, stride_ob, stride_oh, stride_om,
+                        HAS_SEQ_KEYS: tl.constexpr, VARLEN: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (cdiv(Lq, BLOCK_M), cdiv(Lk, BLOCK_N), B * H): OUT [B, H, Lq, Lk] int8 gets 1
+    where an entry is kept, 0 where dropped (varlen: per sequence, its own lengths from
+    ``CU_Q``/``CU_K``, entries past them untouched)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    if VARLEN:
+        seqlen_q = tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)
+        seqlen_k = tl.load(CU_K + b + 1) - tl.load(CU_K + b)
+    seq_lo, seq_hi = sequence_key(SEQ_KEYS, b, HAS_SEQ_KEYS)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = dropout_keep(stream_lo, stream_hi, seq_lo, seq_hi, h, rows, pid_n * BLOCK_N, threshold, BLOCK_N)
+    ptrs = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows[:, None] * stride_om + cols[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(rows < seqlen_q)[:, None] & (cols < seqlen_k)[None, :])
