@@ -59,8 +59,8 @@ def test_heads_must_divide(device):
 
 def test_bad_options(device):
     q, k, v = qkv(device)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        flash_attn_func(q, k, v, dropout_p=0.1)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\), got 1.5"):
+        flash_attn_func(q, k, v, dropout_p=1.5)
     with pytest.raises(TypeError, match="window_size must be a pair"):
         flash_attn_func(q, k, v, window_size=5)
     with pytest.raises(ValueError, match="window_size entries must be >= -1"):

@@ -69,7 +69,10 @@ def test_packed_signatures_are_flash_attns():
                     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False)
     for name, params in want.items():
         sig = inspect.signature(getattr(bitstable, name))
-        assert list(sig.parameters) == params, name
+        positional = [p for p, v in sig.parameters.items() if v.kind != v.KEYWORD_ONLY]
+        assert positional == params, name
+        # bitstable's own additions are keyword-only, after flash-attn's arguments
+        assert [p for p, v in sig.parameters.items() if v.kind == v.KEYWORD_ONLY] == ["dropout_seeds"], name
         for p, d in defaults.items():
             assert sig.parameters[p].default == d, (name, p)
 
@@ -216,8 +219,8 @@ def test_packed_errors_name_the_packed_argument(device):
         flash_attn_varlen_qkvpacked_func(qkv, cu, 8)
     with pytest.raises(ValueError, match=r"kv\.shape\[1\] must be 2"):
         flash_attn_varlen_kvpacked_func(flat[:, 0], flat, cu, cu, 8, 8)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        flash_attn_qkvpacked_func(qkv, dropout_p=0.1)
+    with pytest.raises(ValueError, match=r"dropout_seeds must have shape \(1,\)"):
+        flash_attn_qkvpacked_func(qkv, dropout_p=0.1, dropout_seeds=torch.tensor([1, 2], device=device))
 
 
 # ---------------------------------------------------------------------------------------

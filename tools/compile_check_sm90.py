@@ -34,6 +34,8 @@ from kernels.rowwise import layer_norm_kernel, row_sum_kernel, softmax_kernel  #
 
 def build(fn, const, p16=(), p32=(), pi32=(), floats=(), desc=None, **opts):
     sig, cst = {}, {}
+    # constexprs the job leaves out take their defaults, as a launch that omits them does
+    const = dict({p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **const)
     for name in fn.arg_names:
         if name in const:
             sig[name], cst[name] = "constexpr", const[name]
