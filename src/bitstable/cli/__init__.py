@@ -40,7 +40,8 @@ def main(argv=None) -> int:
                    help="a shape to time (repeatable); default: the four standard shapes")
     b.add_argument("--reps", type=int, default=100, help="timing budget (ms on GPU, runs on CPU)")
     b.add_argument("--passes", default="fwd,fwd+bwd,decode,ops",
-                   help="comma list of fwd, fwd+bwd, decode, ops, model (model: opt-in, a Llama model's "
+                   help="comma list of fwd, fwd+bwd, dropout, decode, ops, model (dropout: opt-in, fwd+bwd "
+                        "with dropout_p 0.1 next to SDPA's own dropout; model: opt-in, a Llama model's "
                         "training step, generation and host overhead, stock vs bitstable)")
     b.add_argument("--decode-batches", default="1,8,64", help="decode batch sizes (comma list)")
     b.add_argument("--decode-lengths", default="4096,16384,65536,131072",
@@ -128,9 +129,9 @@ def main(argv=None) -> int:
     from .bench import DEFAULT_SHAPES, run_bench
 
     passes = [p for p in args.passes.split(",") if p]
-    bad = [p for p in passes if p not in ("fwd", "fwd+bwd", "decode", "ops", "model")]
+    bad = [p for p in passes if p not in ("fwd", "fwd+bwd", "dropout", "decode", "ops", "model")]
     if bad:
-        ap.error(f"--passes takes fwd, fwd+bwd, decode, ops and/or model, got {bad}")
+        ap.error(f"--passes takes fwd, fwd+bwd, dropout, decode, ops and/or model, got {bad}")
     try:
         decode_sizes = dict(batches=[int(x) for x in args.decode_batches.split(",")],
                             lengths=[int(x) for x in args.decode_lengths.split(",")])

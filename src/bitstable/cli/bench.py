@@ -59,9 +59,10 @@ def _with_backward(fn: Callable, dout: torch.Tensor, inputs) -> Callable:
     return run
 
 
-def sdpa_fn(backend: str, q, k, v, causal: bool, dout=None) -> Optional[Callable]:
+def sdpa_fn(backend: str, q, k, v, causal: bool, dout=None, dropout_p: float = 0.0) -> Optional[Callable]:
     """A call of SDPA's ``backend`` ('flash' or 'cudnn') on q/k/v ``[B, H, L, D]`` (with
-    ``dout``: forward and backward), run once; None where the backend cannot take it."""
+    ``dout``: forward and backward; ``dropout_p``: SDPA's own, non-reproducible dropout),
+    run once; None where the backend cannot take it."""
     if _backend.interpreting():
         return None
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -70,7 +71,8 @@ def sdpa_fn(backend: str, q, k, v, causal: bool, dout=None) -> Optional[Callable
 
     def fwd():
         with sdpa_kernel(which):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                    dropout_p=dropout_p)
 
     fn = fwd if dout is None else _with_backward(fwd, dout, (q, k, v))
 
@@ -85,7 +87,9 @@ def bench_forward(shapes: Sequence[Tuple[int, int, int, int]] = DEFAULT_SHAPES,
                   causal_options: Sequence[bool] = (False, True), dtype=torch.bfloat16,
                   reps: int = 100, stream=sys.stdout,
                   passes: Sequence[str] = ("fwd", "fwd+bwd")) -> List[Dict]:
-    """Time every (pass, shape, causal); returns one row per case."""
+    """Time every (pass, shape, causal); returns one row per case.  Pass "dropout" is
+    fwd+bwd with dropout_p = DROPOUT_P for bitstable and SDPA alike (its rows also carry
+    bitstable's fwd+bwd time without dropout, ``bitstable_no_dropout_ms``)."""
     device = _backend.kernel_device_type()
     rows = []
     cases = [(p, s, c) for p in passes for s in shapes for c in causal_options]
@@ -93,7 +97,8 @@ def bench_forward(shapes: Sequence[Tuple[int, int, int, int]] = DEFAULT_SHAPES,
     for i, (pss, (B, H, L, D), causal) in enumerate(cases, 1):
         print(f"[{i}/{len(cases)}] {pss} B={B} H={H} L={L} D={D} causal={causal} "
               f"({time.time() - t0:.0f}s)", file=stream, flush=True)
-        bwd = pss == "fwd+bwd"
+        bwd = pss in ("fwd+bwd", "dropout")
+        p_drop = DROPOUT_P if pss == "dropout" else 0.0
         g = torch.Generator(device=device).manual_seed(i)
         q, k, v = (torch.randn(B, L, H, D, device=device, dtype=dtype, generator=g) for _ in range(3))
         qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))   # SDPA's native layout
@@ -104,15 +109,18 @@ def bench_forward(shapes: Sequence[Tuple[int, int, int, int]] = DEFAULT_SHAPES,
             dout = torch.randn(B, L, H, D, device=device, dtype=dtype, generator=g)
             dout_t = dout.transpose(1, 2).contiguous()
         flops = attention_flops(B, H, L, D, causal, backward=bwd)
-        row = dict(pass_=pss, B=B, H=H, L=L, D=D, causal=causal, dtype=str(dtype).replace("torch.", ""))
+        row = dict(pass_=pss, B=B, H=H, L=L, D=D, causal=causal, dtype=str(dtype).replace("torch.", ""),
+                   dropout_p=p_drop)
 
-        def fwd():
-            return flash_attn_func(q, k, v, causal=causal)
+        def fwd(p=p_drop):
+            return flash_attn_func(q, k, v, p, causal=causal)
 
         ours = _with_backward(fwd, dout, (q, k, v)) if bwd else fwd
         impls = {"bitstable": ours}
+        if p_drop:
+            impls["bitstable_no_dropout"] = _with_backward(lambda: fwd(0.0), dout, (q, k, v))
         for name in SDPA_BACKENDS:
-            impls[f"sdpa_{name}"] = sdpa_fn(name, qt, kt, vt, causal, dout_t)
+            impls[f"sdpa_{name}"] = sdpa_fn(name, qt, kt, vt, causal, dout_t, p_drop)
         for name, fn in impls.items():
             if fn is None:
                 row[f"{name}_ms"] = row[f"{name}_tflops"] = row[f"{name}_extra_bytes"] = None
@@ -124,7 +132,7 @@ def bench_forward(shapes: Sequence[Tuple[int, int, int, int]] = DEFAULT_SHAPES,
         for name in SDPA_BACKENDS:
             ref = row.get(f"sdpa_{name}_ms")
             row[f"ratio_vs_{name}"] = (ref / row["bitstable_ms"]) if ref else None
-        if impls.get("sdpa_flash") is not None:
+        if impls.get("sdpa_flash") is not None and not p_drop:
             with torch.no_grad():
                 diff = (fwd().transpose(1, 2).float() - sdpa_fn("flash", qt, kt, vt, causal)().float())
             row["max_abs_diff_vs_flash"] = diff.abs().max().item()
@@ -133,6 +141,9 @@ def bench_forward(shapes: Sequence[Tuple[int, int, int, int]] = DEFAULT_SHAPES,
         del q, k, v, qt, kt, vt
     return rows
 
+
+#: The dropout pass's probability (flash-attn's tests use 0.17; training recipes 0.0-0.1).
+DROPOUT_P = 0.1
 
 DECODE_BATCHES = (1, 8, 64)
 DECODE_LENGTHS = (4096, 16384, 65536, 131072)
@@ -228,8 +239,11 @@ def markdown_table(rows: List[Dict]) -> str:
     lines = [head, "|" + "|".join(["---"] * 13) + "|"]
     for r in rows:
         extra = r.get("bitstable_extra_bytes")
+        label = r["pass_"]
+        if r.get("dropout_p"):
+            label += f" p={r['dropout_p']} (bitstable without: {_fmt(r.get('bitstable_no_dropout_ms'), '.3f')} ms)"
         lines.append(
-            f"| {r['pass_']} | {r['B']} | {r['H']} | {r['L']} | {r['D']} | {'yes' if r['causal'] else 'no'} "
+            f"| {label} | {r['B']} | {r['H']} | {r['L']} | {r['D']} | {'yes' if r['causal'] else 'no'} "
             f"| {_fmt(r['bitstable_ms'], '.3f')} | {_fmt(r['bitstable_tflops'], '.0f')} "
             f"| {_fmt(r['sdpa_flash_tflops'], '.0f')} | {_fmt(r['sdpa_cudnn_tflops'], '.0f')} "
             f"| {_fmt(r['ratio_vs_flash'], '.2f')}x | {_fmt(r['ratio_vs_cudnn'], '.2f')}x "
@@ -297,7 +311,7 @@ def run_bench(out_dir: str, shapes=DEFAULT_SHAPES, reps: int = 100, stream=sys.s
     os.makedirs(out_dir, exist_ok=True)
     device = _backend.describe()
     print(f"bitstable bench on {device}", file=stream, flush=True)
-    dense_passes = [p for p in passes if p in ("fwd", "fwd+bwd")]
+    dense_passes = [p for p in passes if p in ("fwd", "fwd+bwd", "dropout")]
     rows = bench_forward(shapes, reps=reps, stream=stream, passes=dense_passes) if dense_passes else []
     table = markdown_table(rows) if rows else ""
     if "decode" in passes:
