@@ -131,6 +131,7 @@ def attention_split_partial_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, EVEN_D: tl.constexpr,
     USE_TMA: tl.constexpr, USE_PDL: tl.constexpr,
+    LEFTPAD=None, HAS_LEFTPAD: tl.constexpr = False,
 ):
     """Grid: (num_splits * num_m_tiles, B * Hkv).  One split of one tile of packed rows.
 
@@ -147,7 +148,10 @@ def attention_split_partial_kernel(
     load through pointers.  Launch-only: the same values reach the same arithmetic.
 
     Sequence ``b`` holds ``CACHE_SEQLENS[b] + n_new`` keys (the cached ones and the
-    ``n_new`` just appended).  ``USE_PDL``: the combine kernel is launched as this
+    ``n_new`` just appended); with ``HAS_LEFTPAD`` (contiguous caches, no copy engine) the
+    first ``LEFTPAD[b]`` cache rows are padding: the sequence's keys are cache rows
+    ``LEFTPAD[b] ..``, key position 0 at the first of them, so blocks and splits start
+    there (the bits of the unpadded sequence).  ``USE_PDL``: the combine kernel is launched as this
     kernel's programmatic dependent and may start (and wait) as soon as every program
     here has begun.
     """
@@ -160,6 +164,10 @@ def attention_split_partial_kernel(
     b = pid_bh // num_heads_kv
     h_kv = pid_bh % num_heads_kv
     seqlen_k = tl.load(CACHE_SEQLENS + b) + n_new
+    lp = 0
+    if HAS_LEFTPAD:
+        lp = tl.load(LEFTPAD + b)
+        seqlen_k = seqlen_k - lp
     b_cache = b
     if HAS_BATCH_IDX:
         b_cache = tl.load(BATCH_IDX + b)
@@ -198,6 +206,9 @@ def attention_split_partial_kernel(
 
     k_base = K + h_kv.to(tl.int64) * stride_kh
     v_base = V + h_kv.to(tl.int64) * stride_vh
+    if HAS_LEFTPAD:
+        k_base += lp.to(tl.int64) * stride_kn
+        v_base += lp.to(tl.int64) * stride_vn
     cache = (k_base, v_base, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size,
              stride_kp, stride_kn, stride_vp, stride_vn, K_DESC, V_DESC, h_kv)
     where = (offs_n, offs_d, d_ok, pos_q)
@@ -284,9 +295,10 @@ def attention_split_combine_kernel(
     stride_ob, stride_om, stride_oh,
     num_heads_q, batch, seqlen_q, head_dim, split_size, n_new,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, USE_PDL: tl.constexpr,
+    LEFTPAD=None, HAS_LEFTPAD: tl.constexpr = False,
 ):
     """Grid: (cdiv(Lq, BLOCK_M), B * Hq).  Merge the splits that hold keys of this
-    sequence (``cdiv(CACHE_SEQLENS[b] + n_new, split_size)``) in ascending order and
+    sequence (``cdiv(CACHE_SEQLENS[b] + n_new - LEFTPAD[b], split_size)``) in ascending order and
     finalise.  ``USE_PDL``: launched as the partial kernel's programmatic dependent, it
     waits for that kernel's writes (``griddepcontrol.wait``) before reading the
     workspace; its launch and set-up overlap the partial kernel's last programs.
@@ -302,7 +314,10 @@ def attention_split_combine_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads_q
     h = pid_bh % num_heads_q
-    num_splits = tl.cdiv(tl.load(CACHE_SEQLENS + b) + n_new, split_size)
+    seqlen_k = tl.load(CACHE_SEQLENS + b) + n_new
+    if HAS_LEFTPAD:
+        seqlen_k = seqlen_k - tl.load(LEFTPAD + b)
+    num_splits = tl.cdiv(seqlen_k, split_size)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seqlen_q

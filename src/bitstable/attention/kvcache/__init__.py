@@ -66,8 +66,12 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             rotary equal the full forward on the rotated q and k, bitwise.
         rotary_interleaved: rotate pairs (0, 1), (2, 3), ... (GPT-J) if True (flash-attn's
             default), else halves (GPT-NeoX).
-        cache_leftpad: must be None (not implemented: raises NotImplementedError before
-            anything is written).
+        cache_leftpad: optional int32 (batch,): row b's keys start at cache position
+            ``cache_leftpad[b]`` (left padding; 0 <= it <= cache_seqlens[b]); cache_seqlens
+            still counts from the cache's first slot, and the rotary positions are cache
+            positions (flash-attn's rule).  Key position 0 is the first unpadded key, so a
+            left-padded row gives the bits of the same sequence unpadded.  Contiguous
+            caches only (with block_table: NotImplementedError, as flash-attn).
         cache_seqlens: int or int32 (batch,): tokens already in each cache row.
         cache_batch_idx: int32 (batch,): which cache row each batch row uses.
         block_table: int32 (batch, max_pages): the pages of each sequence.
@@ -96,9 +100,6 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     (``bitstable::attn_kvcache``) that mutates ``k_cache`` and ``v_cache``.
     """
     check_num_splits(num_splits)
-    if cache_leftpad is not None:
-        raise NotImplementedError("cache_leftpad is not supported yet (each row's keys must start at cache "
-                                  "position 0); nothing was written")
     mode = get_deterministic_mode()
     if torch.compiler.is_compiling():
         seqlens, seqlens_int = cache_seqlens, 0
@@ -110,12 +111,12 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         out, lse = attn_kvcache(q, k_cache, v_cache, k, v, seqlens, seqlens_int, cache_batch_idx, block_table,
                                 softmax_scale, causal, left, right, float(softcap), alibi_slopes,
                                 mode.split_size if split_size is None else split_size, mode.enabled,
-                                rotary_cos, rotary_sin, rotary_interleaved, learnable_sink)
+                                rotary_cos, rotary_sin, rotary_interleaved, learnable_sink, cache_leftpad)
     else:
         out, lse = kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table,
                                      softmax_scale, causal, window_size, softcap, alibi_slopes, split_size,
                                      mode.enabled, return_softmax_lse, _current_options(), rotary_cos,
-                                     rotary_sin, rotary_interleaved, learnable_sink)
+                                     rotary_sin, rotary_interleaved, learnable_sink, cache_leftpad)
     return (out, lse) if return_softmax_lse else out
 
 
@@ -140,6 +141,6 @@ def decode_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     it tells which launch variant a call really takes."""
     check_num_splits(num_splits)
     call = validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, softmax_scale,
-                    causal, window_size, softcap, alibi_slopes)
+                    causal, window_size, softcap, alibi_slopes, cache_leftpad)
     return plan_call(q, last_dim_contiguous(k_cache), last_dim_contiguous(v_cache), call, softcap, alibi_slopes,
                      split_size, _current_options() if options is None else options)

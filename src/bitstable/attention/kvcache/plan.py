@@ -135,7 +135,8 @@ def plan_call(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cal
         stages = table_stages(st.wgmma_waves, num_splits * B * Hk, q.device) if st.wgmma_waves else 0
     else:
         stages = 4 if gluon else 0
-    if st.want_tma and stages and wgmma_decode_eligible(
+    leftpad = call.cache_leftpad is not None   # row offsets: pointer loads, the Triton kernel
+    if st.want_tma and stages and not leftpad and wgmma_decode_eligible(
             q, k_cache, v_cache, arch=st.arch, head_dim=D, head_dim_tile=st.head_dim_tile, group=Hq // Hk,
             block_m=st.block_m, block_n=st.block_n, num_warps=st.num_warps, paged=call.block_table is not None,
             softcap=softcap, has_alibi=alibi_slopes is not None, left=left, right=right):
@@ -145,5 +146,6 @@ def plan_call(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cal
     # Whole key blocks through the copy engine where the layout allows it (16-byte
     # aligned strides, pages holding whole blocks).
     return DecodePlan("triton", num_splits, st.split, st.block_n, st.block_m, st.num_warps,
-                      st.kwargs["num_stages"], st.even_d, tma_usable(k_cache, v_cache, st.triton_tma), st.pdl,
+                      st.kwargs["num_stages"], st.even_d,
+                      tma_usable(k_cache, v_cache, st.triton_tma) and not leftpad, st.pdl,
                       st.combine, st.head_dim_tile, num_m_tiles, st.kwargs)
