@@ -14,6 +14,7 @@ kernels), :mod:`.stock` (stock PyTorch, outside the deterministic mode) and :mod
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Tuple, Union
 
 import torch
@@ -120,27 +121,27 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return (out, lse) if return_softmax_lse else out
 
 
-def decode_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
-                rotary_cos: Optional[torch.Tensor] = None, rotary_sin: Optional[torch.Tensor] = None,
-                cache_seqlens: Union[int, torch.Tensor, None] = None,
-                cache_batch_idx: Optional[torch.Tensor] = None,
-                cache_leftpad: Optional[torch.Tensor] = None,
-                block_table: Optional[torch.Tensor] = None,
-                softmax_scale: Optional[float] = None, causal: bool = False,
-                window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                rotary_interleaved: bool = True,
-                alibi_slopes: Optional[torch.Tensor] = None, num_splits: int = 0,
-                return_softmax_lse: bool = False, *, split_size: Optional[int] = None,
-                learnable_sink: Optional[torch.Tensor] = None,
-                options: Optional[LaunchOptions] = None) -> DecodePlan:
+def decode_plan(*args, options: Optional[LaunchOptions] = None, **kwargs) -> DecodePlan:
     """The :class:`DecodePlan` that ``flash_attn_with_kvcache`` with these arguments would
     run in the deterministic mode (which partial kernel, its tiles, stages and loads, the
     split count, the combine tile), under the launch options in force (or ``options``).
-    Validates the arguments as the call does; writes nothing.  For tests and explorations:
-    it tells which launch variant a call really takes."""
-    check_num_splits(num_splits)
-    call = validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, softmax_scale,
-                    causal, window_size, softcap, alibi_slopes, cache_leftpad)
-    return plan_call(q, last_dim_contiguous(k_cache), last_dim_contiguous(v_cache), call, softcap, alibi_slopes,
-                     split_size, _current_options() if options is None else options)
+    Takes ``flash_attn_with_kvcache``'s arguments, bound by its signature; validates them
+    as the call does; writes nothing.  For tests and explorations: it tells which launch
+    variant a call really takes."""
+    a = _SIGNATURE.bind(*args, **kwargs)
+    a.apply_defaults()
+    a = a.arguments
+    check_num_splits(a["num_splits"])
+    q, k_cache, v_cache = a["q"], a["k_cache"], a["v_cache"]
+    call = validate(q, k_cache, v_cache, a["k"], a["v"], a["cache_seqlens"], a["cache_batch_idx"],
+                    a["block_table"], a["softmax_scale"], a["causal"], a["window_size"], a["softcap"],
+                    a["alibi_slopes"], a["cache_leftpad"])
+    return plan_call(q, last_dim_contiguous(k_cache), last_dim_contiguous(v_cache), call, a["softcap"],
+                     a["alibi_slopes"], a["split_size"], _current_options() if options is None else options)
+
+
+_SIGNATURE = inspect.signature(flash_attn_with_kvcache)
+decode_plan.__signature__ = _SIGNATURE.replace(
+    parameters=list(_SIGNATURE.parameters.values())
+    + [inspect.Parameter("options", inspect.Parameter.KEYWORD_ONLY, default=None)],
+    return_annotation=DecodePlan)
