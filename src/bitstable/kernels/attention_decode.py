@@ -94,13 +94,14 @@ def _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, page,
     :func:`fold_block`; ``MASKED`` as in the dense kernel (False only for a block
     every row of the tile sees whole).  ``cache`` = (k_base, v_base, b, b_cache,
     seqlen_k, BLOCK_TABLE, stride_bt_b, page_size, stride_kp, stride_kn, stride_vp,
-    stride_vn, k_desc, v_desc, h_kv), ``where`` = (offs_n, offs_d, d_ok, pos_q),
+    stride_vn, k_desc, v_desc, h_kv), ``where`` = (offs_n, offs_d, d_ok, dv_ok, pos_q) (``dv_ok``:
+    the value head dim's columns),
     ``scores`` = (qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right).
     ``USE_TMA`` (whole blocks only): the tiles come through the copy engine, from
     ``page`` when ``PAGED``."""
     k_base, v_base, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size, \
         stride_kp, stride_kn, stride_vp, stride_vn, k_desc, v_desc, h_kv = cache
-    offs_n, offs_d, d_ok, pos_q = where
+    offs_n, offs_d, d_ok, dv_ok, pos_q = where
     qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right = scores
     if USE_TMA:
         k = _load_cache_block_tma(k_desc, j, b_cache, h_kv, page, page_size, BLOCK_N, offs_d.shape[0], PAGED)
@@ -109,7 +110,7 @@ def _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, page,
         k = _load_cache_block(k_base, j, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size,
                               stride_kp, stride_kn, offs_n, offs_d, d_ok, MASKED, BLOCK_N, PAGED, EVEN_D)
         v = _load_cache_block(v_base, j, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size,
-                              stride_vp, stride_vn, offs_n, offs_d, d_ok, MASKED, BLOCK_N, PAGED, EVEN_D)
+                              stride_vp, stride_vn, offs_n, offs_d, dv_ok, MASKED, BLOCK_N, PAGED, EVEN_D)
     return fold_block(m_s, l_s, acc_s, q, k, v, pos_q, j * BLOCK_N + offs_n, seqlen_k,
                       qk_scale, softcap_scaled, alibi_slope_log2, window_left,
                       window_right, MASKED, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP,
@@ -123,7 +124,7 @@ def attention_split_partial_kernel(
     stride_kp, stride_kn, stride_kh,
     stride_vp, stride_vn, stride_vh,
     stride_bt_b, page_size, stride_alibi_b,
-    num_heads_q, group_size, batch, seqlen_q, head_dim, num_m_tiles, n_new,
+    num_heads_q, group_size, batch, seqlen_q, head_dim, head_dim_v, num_m_tiles, n_new,
     qk_scale, softcap_scaled, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_BLOCKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
@@ -179,6 +180,7 @@ def attention_split_partial_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = t < seqlen_q
     d_ok = offs_d < head_dim
+    dv_ok = offs_d < head_dim_v     # v's columns (head_dim_v <= head_dim); the rest load as 0
     pos_q = t + (seqlen_k - seqlen_q)
     q_ok = row_ok[:, None] if EVEN_D else row_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64)[:, None] * stride_qh
@@ -211,7 +213,7 @@ def attention_split_partial_kernel(
         v_base += lp.to(tl.int64) * stride_vn
     cache = (k_base, v_base, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size,
              stride_kp, stride_kn, stride_vp, stride_vn, K_DESC, V_DESC, h_kv)
-    where = (offs_n, offs_d, d_ok, pos_q)
+    where = (offs_n, offs_d, d_ok, dv_ok, pos_q)
     scores = (qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right)
     m_s, l_s, acc_s = empty_state(BLOCK_M, HEAD_DIM)
     for j in range(lo, mid_lo):      # masked: left window edge

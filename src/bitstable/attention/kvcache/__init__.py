@@ -56,8 +56,9 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         q: (batch, seqlen_q, nheads, headdim): the new tokens' queries.
         k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, headdim), or with
             ``block_table`` (num_pages, page_size, nheads_k, headdim), page_size a
-            multiple of 16.
-        k, v: optional (batch, seqlen_new, nheads_k, headdim), written in place
+            multiple of 16; headdim any of 1-256; v_cache's head dim may be smaller
+            (Dv <= headdim: out is then (..., Dv)).
+        k, v: optional (batch, seqlen_new, nheads_k, headdim / Dv), written in place
             into the cache at ``cache_seqlens`` before the attention.
         rotary_cos, rotary_sin: optional (seqlen_ro, rotary_dim / 2), rotary_dim <= headdim:
             rotary embedding applied to the new ``k`` at positions ``cache_seqlens + i``

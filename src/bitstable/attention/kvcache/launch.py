@@ -20,13 +20,13 @@ from .validation import CheckedCall
 def launch_decode(plan: DecodePlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   call: CheckedCall, softcap: float, alibi_slopes: Optional[torch.Tensor],
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, Lq, Hq, D] in q's dtype, lse [B, Hq, Lq] float32) of a validated call whose
+    """(out [B, Lq, Hq, Dv] in q's dtype, lse [B, Hq, Lq] float32) of a validated call whose
     new tokens are already in the cache; q and the caches with unit head-dim stride.
     Extra memory: the workspace, ``num_splits x B x Hq x Lq x (head_dim_tile + 2)`` float32."""
     B, Lq, Hq, D = q.shape
-    Hk = k_cache.shape[2]
+    Hk, Dv = k_cache.shape[2], v_cache.shape[3]
     HD, num_splits = plan.head_dim_tile, plan.num_splits
-    out = torch.empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device)
+    out = torch.empty((B, Lq, Hq, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     ws_acc = torch.empty((num_splits, B, Hq, Lq, HD), dtype=torch.float32, device=q.device)
     ws_ml = torch.empty((num_splits, B, Hq, Lq, 2), dtype=torch.float32, device=q.device)
@@ -52,7 +52,7 @@ def launch_decode(plan: DecodePlan, q: torch.Tensor, k_cache: torch.Tensor, v_ca
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             bt.stride(0) if block_table is not None else 0, max(call.page_size, 1), stride_alibi_b,
-            Hq, Hq // Hk, B, Lq, D, plan.num_m_tiles, call.n_new,
+            Hq, Hq // Hk, B, Lq, D, Dv, plan.num_m_tiles, call.n_new,
             qk_scale, softcap_scaled, max(call.left, 0), max(call.right, 0),
             HAS_BATCH_IDX=cache_batch_idx is not None, USE_TMA=use_tma, **plan.kwargs, **leftpad)
     launch_combine(ws_acc, ws_ml, out, lse, cache_seqlens, plan.split, call.n_new, HD, plan.combine,

@@ -124,5 +124,5 @@ def _attn_kvcache_fake(q, k_cache, v_cache, k, v, cache_seqlens, cache_seqlens_i
                        softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, split_size,
                        deterministic, rotary_cos=None, rotary_sin=None, rotary_interleaved=True,
                        learnable_sink=None, cache_leftpad=None):
-    B, Lq, Hq, D = q.shape
-    return q.new_empty((B, Lq, Hq, D)), q.new_empty((B, Hq, Lq), dtype=torch.float32)
+    B, Lq, Hq, _ = q.shape
+    return q.new_empty((B, Lq, Hq, v_cache.shape[3])), q.new_empty((B, Hq, Lq), dtype=torch.float32)

@@ -53,13 +53,12 @@ def check_cache_args(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, 
         if t.dim() != 4:
             raise ValueError(f"{name} must be a 4-d tensor (batch_or_pages, seqlen_or_page_size, "
                              f"heads_k, headdim)")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} "
-                         f"and {tuple(v_cache.shape)}")
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        raise ValueError(f"k_cache and v_cache must have the same shape but for the head dim (v_cache's "
+                         f"may be smaller), got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     # dtype / device / head checks through the dense validator, under the caller's names
     # (the cache's first dim is its rows or pages, not q's batch).
-    check_qkv(q, k_cache, v_cache, names=("q", "k_cache", "v_cache"), check_batch=False, any_head_dim=True,
-              smaller_v=False)
+    check_qkv(q, k_cache, v_cache, names=("q", "k_cache", "v_cache"), check_batch=False, any_head_dim=True)
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (new tokens to append) or both be None")
     n_new = 0
@@ -67,9 +66,11 @@ def check_cache_args(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, 
         for name, t in (("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if k.dim() != 4 or k.shape != v.shape or k.shape[0] != B or k.shape[2:] != k_cache.shape[2:]:
+        if (k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or k.shape[0] != B
+                or k.shape[2:] != k_cache.shape[2:] or v.shape[2:] != v_cache.shape[2:]):
             raise ValueError(f"k/v must have shape (batch={B}, seqlen_new, heads_k={k_cache.shape[2]}, "
-                             f"headdim={k_cache.shape[3]}), got k {tuple(k.shape)}, v {tuple(v.shape)}")
+                             f"headdim={k_cache.shape[3]} / {v_cache.shape[3]}), got k {tuple(k.shape)}, "
+                             f"v {tuple(v.shape)}")
         if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
             raise TypeError(f"k/v dtype must match the cache's {k_cache.dtype}, got {k.dtype}/{v.dtype}")
         if k.device != q.device or v.device != q.device:
