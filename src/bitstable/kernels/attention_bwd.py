@@ -23,7 +23,7 @@ with unit head-dim stride; lse/delta [B, Hq, Lq] float32.
 import triton
 import triton.language as tl
 
-from .attention_core import score_transform, tanh_f32, tile_dot, visibility_mask
+from .attention_core import LOG2E, score_transform, tanh_f32, tile_dot, visibility_mask
 from .dropout import dropout_keep, sequence_key
 
 
@@ -112,7 +112,7 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, mb, offs_m0
                 mask=m_ok[:, None] & d_ok, other=0.0).to(COMPUTE_DTYPE)
     do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :],
                  mask=m_ok[:, None] & d_ok, other=0.0).to(COMPUTE_DTYPE)
-    lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
     keep = 0
     drop_scale = 1.0
@@ -221,7 +221,7 @@ def attention_bwd_dkdv_kernel(
         drop = (drop_lo, drop_hi, seq_lo, seq_hi, h, pid_n * BLOCK_N, drop_threshold, drop_scale)
         alibi_slope_log2 = 0.0
         if HAS_ALIBI:
-            alibi_slope_log2 = tl.load(ALIBI + b * stride_alibi_b + h).to(tl.float32) * 1.4426950408889634
+            alibi_slope_log2 = tl.load(ALIBI + b * stride_alibi_b + h).to(tl.float32) * LOG2E
         if VARLEN:
             q_base = Q + q_start.to(tl.int64) * stride_qm + h.to(tl.int64) * stride_qh
             do_base = DO + q_start.to(tl.int64) * stride_dom + h.to(tl.int64) * stride_doh
@@ -359,11 +359,11 @@ def attention_bwd_dq_kernel(
         row_ptrs = h.to(tl.int64) * total_q + q_start + offs_m
     else:
         row_ptrs = pid_bh.to(tl.int64) * seqlen_q + offs_m
-    lse2 = tl.load(LSE + row_ptrs, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + row_ptrs, mask=m_ok, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + row_ptrs, mask=m_ok, other=0.0)
     alibi_slope_log2 = 0.0
     if HAS_ALIBI:
-        alibi_slope_log2 = tl.load(ALIBI + b * stride_alibi_b + h).to(tl.float32) * 1.4426950408889634
+        alibi_slope_log2 = tl.load(ALIBI + b * stride_alibi_b + h).to(tl.float32) * LOG2E
 
     offset = seqlen_k - seqlen_q
     p_lo = pid_m * BLOCK_M + offset

@@ -24,7 +24,7 @@ query heads of a GQA group into one tile (they share K/V tile loads).
 import triton
 import triton.language as tl
 
-from .attention_core import empty_state, finalize, fold_block, merge_states, tile_key_range
+from .attention_core import LOG2E, empty_state, finalize, fold_block, merge_states, tile_key_range
 
 
 @triton.jit
@@ -189,7 +189,7 @@ def attention_split_partial_kernel(
     alibi_slope_log2 = 0.0
     if HAS_ALIBI:
         slope = tl.load(ALIBI + b * stride_alibi_b + h, mask=row_ok, other=0.0).to(tl.float32)
-        alibi_slope_log2 = (slope * 1.4426950408889634)[:, None]
+        alibi_slope_log2 = (slope * LOG2E)[:, None]
 
     # The tile's visible keys (as in the dense kernel), cut to this split's blocks.
     p_lo = (pid_m * BLOCK_M) // group_size + (seqlen_k - seqlen_q)

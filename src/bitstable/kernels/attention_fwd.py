@@ -18,7 +18,7 @@ q; lse ``[B, Hq, Lq]`` float32.  Query head ``h`` reads key/value head
 import triton
 import triton.language as tl
 
-from .attention_core import empty_state, finalize, fold_block, merge_states, tile_key_range
+from .attention_core import LOG2E, empty_state, finalize, fold_block, merge_states, tile_key_range
 from .dropout import dropout_keep, sequence_key
 
 
@@ -164,7 +164,7 @@ def attention_fwd_kernel(
 
     alibi_slope_log2 = 0.0
     if HAS_ALIBI:
-        alibi_slope_log2 = tl.load(ALIBI + b * stride_alibi_b + h).to(tl.float32) * 1.4426950408889634
+        alibi_slope_log2 = tl.load(ALIBI + b * stride_alibi_b + h).to(tl.float32) * LOG2E
 
     # Keys the tile can see, and the blocks every row of the tile sees whole.
     p_lo = pid_m * BLOCK_M + (seqlen_k - seqlen_q)
