@@ -132,12 +132,15 @@ def test_prefill_chunks_and_decode_equal_the_full_forward(dtype, feature, sz, de
             assert torch.equal(got, full), f"paged cache (page size {ps}) differs from the full forward"
 
 
-# (head dim, GQA group, dtype): padded head dims (80), groups filling 1..16 rows per token
+# (head dim, GQA group, dtype): padded head dims (80; 111, 59, 3: not multiples of 8, which the
+# full forward zero-pads and decode masks), groups filling 1..16 rows per token
 DECODE_CASES = [pytest.param(dict(L=72, split=64, cases=((32, 4, torch.float16), (24, 1, torch.float16))),
                              id="cpu-size"),
                 pytest.param(dict(L=2600, split=512, cases=((128, 4, torch.bfloat16), (128, 8, torch.float16),
                                                            (80, 4, torch.bfloat16), (64, 1, torch.bfloat16),
-                                                           (32, 8, torch.bfloat16), (16, 4, torch.float16))),
+                                                           (32, 8, torch.bfloat16), (16, 4, torch.float16),
+                                                           (111, 4, torch.bfloat16), (59, 2, torch.float16),
+                                                           (3, 1, torch.float16))),
                              id="gpu-size", marks=pytest.mark.gpu)]
 
 

@@ -71,8 +71,10 @@ def test_verify_runs_the_checks_named_and_writes_json(tmp_path, small_verify, mo
     data = json.loads(path.read_text())
     assert data["ok"] is True and data["checks"] == ["run-to-run", "decode-batch"]
     checks = [row["check"] for row in data["rows"]]
-    assert checks.count("run-to-run") == 2 and checks[-1] == "decode batch invariance", checks
-    assert len(checks) == 3
+    # one run-to-run row per CPU scenario (fp16 causal GQA, bf16 window+softcap, fp16 + dropout)
+    assert checks.count("run-to-run") == 3 and checks[-1] == "decode batch invariance", checks
+    assert len(checks) == 4
+    assert any("dropout" in row["scenario"] for row in data["rows"])
     assert all(row["bitstable"] for row in data["rows"])
     assert all(row["stock"] in (True, False) for row in data["rows"])  # stock PyTorch was run too
 
@@ -92,7 +94,7 @@ def test_verify_runs_every_check_and_they_hold(tmp_path, small_verify):
             "backward run-to-run", "backward batch invariance", "prefill/decode = training",
             "decode batch invariance", "softmax rows", "log_softmax rows", "rms_norm rows"} <= checks
     assert any(c.startswith("matmul rows") for c in checks)
-    assert len(data["rows"]) == 2 * 6 + 2 + 4
+    assert len(data["rows"]) == 2 * 6 + 5 + 2 + 4     # the dropout scenario has no chunk check
     assert all(row["bitstable"] for row in data["rows"])
     assert all(row["stock"] in (True, False) for row in data["rows"])  # stock PyTorch was run too
 
@@ -102,11 +104,14 @@ def test_verify_exits_nonzero_on_a_violation(monkeypatch):
     from bitstable.cli import verify
     from bitstable.testing import CheckResult
 
+    def ours(fn):   # the dropout scenario's calls wrap flash_attn_func (functools.wraps)
+        return getattr(fn, "__wrapped__", fn) is verify.flash_attn_func
+
     monkeypatch.setattr(verify, "check_run_to_run",
-                        lambda fn, *a, **k: CheckResult("run-to-run", fn is not verify.flash_attn_func))
+                        lambda fn, *a, **k: CheckResult("run-to-run", not ours(fn)))
     assert verify.run_verify(stream=_Sink(), checks=["run-to-run"]) == 1
     monkeypatch.setattr(verify, "check_run_to_run",
-                        lambda fn, *a, **k: CheckResult("run-to-run", fn is verify.flash_attn_func))
+                        lambda fn, *a, **k: CheckResult("run-to-run", ours(fn)))
     assert verify.run_verify(stream=_Sink(), checks=["run-to-run"]) == 0
 
 

@@ -234,3 +234,25 @@ def test_bad_dropout_arguments_raise_before_the_generator_moves(kw, exc, match, 
     assert torch.equal(torch.get_rng_state(), state)
     if cuda_state is not None:
         assert torch.equal(torch.cuda.get_rng_state(), cuda_state)
+
+
+def test_torch_compile_draws_a_fresh_mask_per_step_as_eager(device):
+    """Under torch.compile the generator is read eagerly (a graph break): each compiled step
+    equals the eager step from the same generator state bit for bit, steps differ from each
+    other, and after the first recompile (the stream key becomes a symbolic int) further
+    steps compile nothing."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    q, k, v, _ = make_inputs((1, 16, 16, 2, 2, 16), {}, torch.float16, device, seed=4)
+    counter = torch._dynamo.testing.CompileCounter()
+    step = torch.compile(lambda q, k, v: flash_attn_func(q, k, v, P, causal=True) * 2, backend=counter)
+    torch.manual_seed(0)
+    compiled = [step(q, k, v) for _ in range(4)]
+    frames = counter.frame_count
+    step(q, k, v)
+    assert counter.frame_count == frames, "a new compile after the stream key went symbolic"
+    torch.manual_seed(0)
+    eager = [flash_attn_func(q, k, v, P, causal=True) * 2 for _ in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
+    assert not torch.equal(compiled[0], compiled[1])

@@ -380,12 +380,17 @@ def test_head_dim_out_of_range(D, device):
         flash_attn_varlen_func(q[0], q[0], q[0], _cu([4], device), _cu([4], device), 4, 4)
 
 
-def test_kvcache_keeps_the_multiple_of_8_rule(device):
-    """flash_attn_with_kvcache does not pad (yet): an odd head dim still raises there."""
-    q = torch.zeros(1, 1, 2, 12, dtype=torch.float16, device=device)
-    kc = torch.zeros(1, 16, 2, 12, dtype=torch.float16, device=device)
-    with pytest.raises(ValueError, match=r"must be a multiple of 8 in \[8, 256\]"):
-        flash_attn_with_kvcache(q, kc, kc.clone(), cache_seqlens=4)
+def test_kvcache_takes_any_head_dim_and_refuses_out_of_range(device):
+    """flash_attn_with_kvcache takes head dims that are not a multiple of 8 (the decode
+    kernels mask the columns past them: test_kvcache_leftpad.py checks the bits against
+    the full forward at D59) and refuses 0 and > 256 before writing."""
+    q = torch.randn(1, 1, 2, 12, dtype=torch.float16).to(device)
+    kc = torch.randn(1, 16, 2, 12, dtype=torch.float16).to(device)
+    out = flash_attn_with_kvcache(q, kc, kc.clone(), cache_seqlens=4)
+    assert out.shape == (1, 1, 2, 12) and not out.isnan().any()
+    big = torch.zeros(1, 16, 2, 264, dtype=torch.float16, device=device)
+    with pytest.raises(ValueError, match=r"head dim \(q.shape\[-1\]\) must be in \[1, 256\]"):
+        flash_attn_with_kvcache(big[:, :1], big, big.clone(), cache_seqlens=4)
 
 
 # ---------------------------------------------------------------------------------------

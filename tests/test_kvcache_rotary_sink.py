@@ -96,8 +96,8 @@ def test_bad_rotary_sink_or_leftpad_leaves_the_cache_unchanged(device):
         (dict(rotary_cos=cos, rotary_sin=sin, cache_seqlens=3), ValueError, "rotary_cos/rotary_sin have 4 positions"),
         (dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=1), TypeError, "rotary_interleaved must be a bool"),
         (dict(learnable_sink=torch.zeros(3, device=device)), ValueError, "learnable_sink must have shape"),
-        (dict(cache_leftpad=torch.zeros(1, dtype=torch.int32, device=device)), NotImplementedError,
-         "cache_leftpad is not supported"),
+        (dict(cache_leftpad=torch.ones(1, dtype=torch.int32, device=device)), ValueError,
+         r"cache_leftpad must be in \[0, cache_seqlens\]"),
     ]
     for kw, err, match in bad_calls:
         with pytest.raises(err, match=match):

@@ -136,11 +136,40 @@ def test_errors(device):
         flash_attn_func(q, k, _rand(1, 7, 2, 8, dtype=torch.float32, device=device, g=g))
     kc = torch.zeros(1, 16, 2, 16, device=device)
     vc = torch.zeros(1, 16, 2, 8, device=device)
-    before = kc.clone()
-    with pytest.raises(ValueError, match="k_cache and v_cache must have the same shape"):
-        flash_attn_with_kvcache(q[:, :1], kc, vc, k=k[:, :1], v=vc[:, :1],
+    before = kc.clone(), vc.clone()
+    with pytest.raises(ValueError, match=r"v_cache head dim \(value head dim\) must be in \[1, k_cache's"):
+        flash_attn_with_kvcache(q[:, :1], kc, torch.zeros(1, 16, 2, 24, device=device),
                                 cache_seqlens=torch.zeros(1, dtype=torch.int32, device=device))
-    assert torch.equal(kc, before)
+    with pytest.raises(ValueError, match=r"k/v must have shape \(batch=1, seqlen_new, heads_k=2, headdim=16 / 8\)"):
+        flash_attn_with_kvcache(q[:, :1], kc, vc, k=k[:, :1], v=k[:, :1],
+                                cache_seqlens=torch.zeros(1, dtype=torch.int32, device=device))
+    assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_kvcache_with_a_smaller_value_head_dim_equals_the_full_forward(paged, device):
+    """Chunked prefill then decode through caches whose v head dim (24) is below q/k's (40):
+    each chunk's output is bitwise the full forward's (which zero-pads v), out is [..., 24]."""
+    g = torch.Generator().manual_seed(35)
+    L, Hq, Hk, D, Dv = 37, 4, 2, 40, 24
+    q = _rand(1, L, Hq, D, dtype=torch.float16, device=device, g=g)
+    k = _rand(1, L, Hk, D, dtype=torch.float16, device=device, g=g)
+    v = _rand(1, L, Hk, Dv, dtype=torch.float16, device=device, g=g)
+    full = flash_attn_func(q, k, v, causal=True)
+    if paged:
+        kc, vc = torch.zeros(4, 16, Hk, D, device=device).half(), torch.zeros(4, 16, Hk, Dv, device=device).half()
+        table = torch.tensor([[2, 0, 3]], dtype=torch.int32, device=device)
+    else:
+        kc, vc = torch.zeros(1, L + 3, Hk, D, device=device).half(), torch.zeros(1, L + 3, Hk, Dv, device=device).half()
+        table = None
+    outs, t = [], 0
+    for n in (20, 1, 1, 9, 1, 5):
+        outs.append(flash_attn_with_kvcache(q[:, t:t + n], kc, vc, k[:, t:t + n], v[:, t:t + n], cache_seqlens=t,
+                                            block_table=table, causal=True))
+        t += n
+    got = torch.cat(outs, 1)
+    assert got.shape == (1, L, Hq, Dv)
+    assert torch.equal(got, full)
 
 
 @pytest.mark.gpu

@@ -142,6 +142,16 @@ def variants(full: bool):
             ("qk_scale", "softcap_scaled", "grad_scale"), num_warps=4, num_stages=2)
     job(dropout_mask_kernel, dict(HAS_SEQ_KEYS=True, VARLEN=True, BLOCK_M=64, BLOCK_N=64), pi32=("CU_Q", "CU_K"),
         num_warps=4)
+    # cache_leftpad (kvcache): per-row key offsets, pointer loads; a head dim not a multiple of 8
+    job(attention_split_partial_kernel, dict(HEAD_DIM=64, BLOCK_M=64, BLOCK_N=64, COMPUTE_DTYPE="bf16",
+                                             ROWWISE=False, HAS_SOFTCAP=False, HAS_ALIBI=True, HAS_LEFT=True,
+                                             HAS_RIGHT=True, SPLIT_BLOCKS=16, PAGED=False, HAS_BATCH_IDX=True,
+                                             EVEN_D=False, USE_TMA=False, USE_PDL=False, HAS_LEFTPAD=True),
+        ("Q", "K", "V", "K_DESC", "V_DESC"), ("WS_ACC", "WS_ML", "ALIBI"),
+        ("CACHE_SEQLENS", "BATCH_IDX", "BLOCK_TABLE", "LEFTPAD"), ("qk_scale", "softcap_scaled"),
+        num_warps=4, num_stages=3)
+    job(attention_split_combine_kernel, dict(HEAD_DIM=64, BLOCK_M=16, USE_PDL=False, HAS_LEFTPAD=True), ("O",),
+        ("WS_ACC", "WS_ML", "LSE"), ("CACHE_SEQLENS", "LEFTPAD"), num_warps=4)
     for block_m, warps, pdl in ((1, 4, True), (16, 4, False)):
         job(attention_split_combine_kernel, dict(HEAD_DIM=128, BLOCK_M=block_m, USE_PDL=pdl), ("O",),
             ("WS_ACC", "WS_ML", "LSE"), ("CACHE_SEQLENS",), num_warps=warps, launch_pdl=pdl)

@@ -44,8 +44,8 @@ class Dropout(NamedTuple):
 
     @property
     def threshold(self) -> int:
-        """The uint32 drop threshold: an entry is dropped iff its draw is below it."""
-        return min(int(self.p * 2.0 ** 32), (1 << 32) - 1)
+        """The 16-bit drop threshold: an entry is dropped iff its 16-bit draw is below it."""
+        return min(int(self.p * 2.0 ** 16), (1 << 16) - 1)
 
     @property
     def scale(self) -> float:
@@ -165,11 +165,12 @@ def keep_mask_reference(dropout: Dropout, seq_keys, nheads: int, seqlen_q: int,
         kk = torch.arange(seqlen_k, dtype=torch.int64).view(1, 1, -1)
         h = torch.arange(nheads, dtype=torch.int64).view(-1, 1, 1)
         shape = (nheads, seqlen_q, seqlen_k)
-        r = philox4x32_10_reference((kk // 4).expand(shape), q.expand(shape), h.expand(shape),
+        r = philox4x32_10_reference((kk // 8).expand(shape), q.expand(shape), h.expand(shape),
                                     torch.full(shape, key & _U32, dtype=torch.int64),
                                     dropout.stream & _U32, (dropout.stream >> 32) ^ (key >> 32))
-        pick = torch.stack(r, 0).gather(0, (kk % 4).expand(shape).unsqueeze(0)).squeeze(0)
-        rows.append(pick >= dropout.threshold)
+        word = torch.stack(r, 0).gather(0, ((kk % 8) // 2).expand(shape).unsqueeze(0)).squeeze(0)
+        draw = (word >> (16 * (kk % 2))) & 0xFFFF        # key 8g + 2i + h: half h of r[i]
+        rows.append(draw >= dropout.threshold)
     return torch.stack(rows, 0)
 
 

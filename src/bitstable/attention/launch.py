@@ -19,6 +19,7 @@ except ImportError:  # triton without host-side tensor descriptors
 
 from .._backend import compute_dtype, interpreting  # noqa: F401  (compute_dtype: re-exported)
 from ..configs import AttentionConfig, arch_key, attention_config, padded_head_dim
+from ..kernels.attention_core import LOG2E
 from ..kernels.attention_fwd import attention_fwd_kernel
 from ..mode import check_split_size, get_deterministic_mode
 from .. import _poison as poison
@@ -67,7 +68,7 @@ def score_scales(softmax_scale: float, softcap: float) -> Tuple[float, float]:
     Without softcap the base-2 logit is ``raw * softmax_scale * log2(e)``; with
     softcap ``c`` it is ``c * log2(e) * tanh(raw * softmax_scale / c)``.
     """
-    log2e = 1.4426950408889634
+    log2e = LOG2E.value
     if softcap > 0:
         return softcap * log2e, softmax_scale / softcap
     return softmax_scale * log2e, 1.0

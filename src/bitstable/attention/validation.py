@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -19,7 +19,7 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def check_qkv(q, k, v, names: Tuple[str, str, str] = ("q", "k", "v"), check_batch: bool = True,
-              any_head_dim: bool = False) -> None:
+              any_head_dim: bool = False, smaller_v: Optional[bool] = None) -> None:
     """q [B, Lq, Hq, D], k [B, Lk, Hkv, D], v [B, Lk, Hkv, Dv]; one dtype, one device;
     Hq % Hkv == 0.  Dv == D, except with ``any_head_dim`` where 1 <= Dv <= D (the caller
     zero-pads v to D: a value head dim other than q/k's, as in DeepSeek's MLA prefill).
@@ -29,6 +29,7 @@ def check_qkv(q, k, v, names: Tuple[str, str, str] = ("q", "k", "v"), check_batc
     first dim is not q's batch (a KV cache's rows or pages) and is not compared.
     ``any_head_dim``: accept any head dim in [1, MAX_HEAD_DIM] (the caller zero-pads one
     that is not a multiple of 8, :func:`padded_to_multiple_of_8`); else multiples of 8 only.
+    ``smaller_v`` (default: ``any_head_dim``): whether v's head dim may be below q/k's.
     """
     nq, nk, nv = names
     nkv = f"{nk}/{nv}"
@@ -54,7 +55,9 @@ def check_qkv(q, k, v, names: Tuple[str, str, str] = ("q", "k", "v"), check_batc
         raise ValueError(f"{nq}, {nk}, {nv} must be on one device, got {nq} {q.device}, {nk} {k.device}, "
                          f"{nv} {v.device}")
     B, Lq, Hq, D = q.shape
-    if any_head_dim and k.shape[:3] == v.shape[:3] and k.shape[3] != v.shape[3]:
+    if smaller_v is None:
+        smaller_v = any_head_dim
+    if smaller_v and k.shape[:3] == v.shape[:3] and k.shape[3] != v.shape[3]:
         if not 1 <= v.shape[3] <= k.shape[3]:
             raise ValueError(f"{nv} head dim (value head dim) must be in [1, {nk}'s head dim "
                              f"{k.shape[3]}], got {v.shape[3]}")

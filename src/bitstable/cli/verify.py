@@ -10,6 +10,7 @@ that is shown, not counted as an error.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -33,14 +34,38 @@ CHECKS = ("run-to-run", "batch", "chunk", "layout", "backward-run-to-run", "back
 _ATTENTION = CHECKS[:6]
 
 
-def _stock(q, k, v, **kw):
+def _stock(q, k, v, *args, **kw):
     with set_deterministic(False):
-        return flash_attn_func(q, k, v, **kw)
+        return flash_attn_func(q, k, v, *args, **kw)
 
 
 def _stock_kvcache_call(*args, **kw):
     with set_deterministic(False):
         return flash_attn_with_kvcache(*args, **kw)
+
+
+#: The dropout scenario's probability and generator seed (set before every call, so each
+#: call draws the same stream key).
+DROPOUT_P, DROPOUT_SEED = 0.1, 1234
+
+
+def content_keys(q: torch.Tensor) -> torch.Tensor:
+    """int64 [B]: a key per sequence from its queries' bits (an exact integer sum, so the
+    same sequence gets the same key alone or in any batch)."""
+    B = q.shape[0]
+    bits = q.detach().contiguous().view(torch.int16 if q.element_size() == 2 else torch.int32)
+    return bits.reshape(B, -1).long().sum(1)
+
+
+def with_dropout(fn):
+    """``fn`` with dropout: ``torch.manual_seed(DROPOUT_SEED)`` before each call and
+    ``dropout_seeds`` from :func:`content_keys`, so a sequence's mask is its own: what batch
+    invariance under dropout asks of the caller (README, Dropout)."""
+    @functools.wraps(fn)
+    def call(q, k, v, **kw):
+        torch.manual_seed(DROPOUT_SEED)
+        return fn(q, k, v, DROPOUT_P, dropout_seeds=content_keys(q), **kw)
+    return call
 
 
 def _attention_checks(fn, shape, dtype, device, runs, batch_sizes, chunk_sizes, selected,
@@ -76,7 +101,10 @@ def _decode_checks(kvcache_fn, full_fn, on_gpu: bool, device, selected=CHECKS) -
 
 
 def _scenarios(on_gpu: bool):
-    """(name, dtype, shape, kwargs, batch sizes, chunk sizes, runs) per table section."""
+    """(name, dtype, shape, kwargs, batch sizes, chunk sizes, runs) per table section.
+    ``dropout=True`` in kwargs: the calls go through :func:`with_dropout`, and the chunk
+    check is left out (a dropout mask is keyed by positions inside the call, so a query
+    chunk is another call: chunking invariance is not promised under dropout)."""
     if on_gpu:
         big = Shape(batch=4, heads_q=16, heads_kv=4, seqlen_q=2048, seqlen_k=2048, head_dim=128)
         mid = Shape(batch=2, heads_q=8, heads_kv=8, seqlen_q=1000, seqlen_k=3000, head_dim=64)
@@ -87,12 +115,16 @@ def _scenarios(on_gpu: bool):
              (2, 3, 8), (1, 130), 20),
             ("bf16 causal + learnable sink d64", torch.bfloat16, mid,
              dict(causal=True, learnable_sink=torch.linspace(-2.0, 2.0, 8, device="cuda")), (2, 3, 8), (1, 130), 20),
+            (f"bf16 causal GQA d128 + dropout {DROPOUT_P}", torch.bfloat16, big, dict(causal=True, dropout=True),
+             (2, 3, 8), (), 20),
         ]
     small = Shape(batch=2, heads_q=2, heads_kv=1, seqlen_q=33, seqlen_k=40, head_dim=32)
     return [
         ("fp16 causal GQA d32", torch.float16, small, dict(causal=True), (2, 3), (1, 17), 3),
         ("bf16 window+softcap d32", torch.bfloat16, small, dict(window_size=(12, 0), softcap=5.0),
          (2, 3), (1, 17), 3),
+        (f"fp16 causal GQA d32 + dropout {DROPOUT_P}", torch.float16, small, dict(causal=True, dropout=True),
+         (2, 3), (), 3),
     ]
 
 
@@ -116,11 +148,17 @@ def run_verify(json_path: str | None = None, stream=sys.stdout, checks=None) -> 
     with poison_outputs():
         for i, (name, dtype, shape, kw, bss, chunks, runs) in enumerate(scenarios, 1):
             results = {}
-            for impl, fn in (("bitstable", flash_attn_func), ("stock", _stock)):
+            kw = dict(kw)
+            dropout = kw.pop("dropout", False)
+            here = tuple(c for c in selected if not (dropout and c == "chunk"))
+            impls = (("bitstable", flash_attn_func), ("stock", _stock))
+            if dropout:
+                impls = tuple((n, with_dropout(f)) for n, f in impls)
+            for impl, fn in impls:
                 print(f"[{i}/{len(scenarios)}] {name}: {impl} ... ({time.time() - t0:.0f}s)",
                       file=stream, flush=True)
                 try:
-                    results[impl] = _attention_checks(fn, shape, dtype, device, runs, bss, chunks, selected,
+                    results[impl] = _attention_checks(fn, shape, dtype, device, runs, bss, chunks, here,
                                                       **kw)
                 except Exception as e:  # a crash is a failed check, shown as such
                     results[impl] = [CheckResult("crashed", False, f"{type(e).__name__}: {e}")]

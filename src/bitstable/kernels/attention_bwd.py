@@ -23,7 +23,7 @@ with unit head-dim stride; lse/delta [B, Hq, Lq] float32.
 import triton
 import triton.language as tl
 
-from .attention_core import score_transform, tanh_f32, tile_dot, visibility_mask
+from .attention_core import LOG2E, score_transform, tanh_f32, tile_dot, visibility_mask
 from .dropout import dropout_keep, sequence_key
 
 
@@ -112,7 +112,7 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, mb, offs_m0
                 mask=m_ok[:, None] & d_ok, other=0.0).to(COMPUTE_DTYPE)
     do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :],
                  mask=m_ok[:, None] & d_ok, other=0.0).to(COMPUTE_DTYPE)
-    lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
     keep = 0
     drop_scale = 1.0
@@ -221,7 +221,7 @@ def attention_bwd_dkdv_kernel(
         drop = (drop_lo, drop_hi, seq_lo, seq_hi, h, pid_n * BLOCK_N, drop_threshold, drop_scale)
         alibi_slope_log2 = 0.0
         if HAS_ALIBI:
-            alibi_slope_log2 = tl.load(ALIBI + b * stride_alibi_b + h).to(tl.float32) * 1.4426950408889634
+            alibi_slope_log2 = tl.load(ALIBI + b * stride_alibi_b + h).to(tl.float32) * LOG2E
         if VARLEN:
             q_base = Q + q_start.to(tl.int64) * stride_qm + h.to(tl.int64) * stride_qh
             do_base = DO + q_start.to(tl.int64) * stride_dom + h.to(tl.int64) * stride_doh
@@ -236,34 +236,18 @@ def attention_bwd_dkdv_kernel(
         else:
             dk_h = dk
             dv_h = dv
-        if SKIP_FULL_MASKS:
-            # Query blocks in ascending order: masked ones at the edges of the visible band,
-            # fully visible ones (no mask work, the same arithmetic) in between.
-            for mb in range(m_lo, full_lo):
+        # Query blocks in ascending order.  SKIP_FULL_MASKS: masked ones at the edges of the
+        # visible band, fully visible ones (no mask work, the same arithmetic) in between;
+        # else every block masked.
+        for part in tl.static_range(3 if SKIP_FULL_MASKS else 1):
+            lo = m_lo if part == 0 else (full_lo if part == 1 else full_hi)
+            hi = (full_lo if part == 0 else (full_hi if part == 1 else m_hi)) if SKIP_FULL_MASKS else m_hi
+            for mb in range(lo, hi):
                 dk_h, dv_h = _dkdv_block(dk_h, dv_h, k, v, q_base, do_base, LSE, DELTA, row_base, mb, offs_m0,
                                          offs_d, d_ok, offs_n, seqlen_q, seqlen_k, offset, stride_qm, stride_dom,
                                          qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
                                          grad_scale, BLOCK_M, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
-                                         HAS_LEFT, HAS_RIGHT, True, drop, DROPOUT)
-            for mb in range(full_lo, full_hi):
-                dk_h, dv_h = _dkdv_block(dk_h, dv_h, k, v, q_base, do_base, LSE, DELTA, row_base, mb, offs_m0,
-                                         offs_d, d_ok, offs_n, seqlen_q, seqlen_k, offset, stride_qm, stride_dom,
-                                         qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                                         grad_scale, BLOCK_M, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
-                                         HAS_LEFT, HAS_RIGHT, False, drop, DROPOUT)
-            for mb in range(full_hi, m_hi):
-                dk_h, dv_h = _dkdv_block(dk_h, dv_h, k, v, q_base, do_base, LSE, DELTA, row_base, mb, offs_m0,
-                                         offs_d, d_ok, offs_n, seqlen_q, seqlen_k, offset, stride_qm, stride_dom,
-                                         qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
-                                         grad_scale, BLOCK_M, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
-                                         HAS_LEFT, HAS_RIGHT, True, drop, DROPOUT)
-        else:
-            for mb in range(m_lo, m_hi):
-                dk_h, dv_h = _dkdv_block(dk_h, dv_h, k, v, q_base, do_base, LSE, DELTA, row_base, mb, offs_m0,
-                                         offs_d, d_ok, offs_n, seqlen_q, seqlen_k, offset, stride_qm,
-                                         stride_dom, qk_scale, softcap_scaled, alibi_slope_log2, window_left,
-                                         window_right, grad_scale, BLOCK_M, COMPUTE_DTYPE, ROWWISE,
-                                         HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, True, drop, DROPOUT)
+                                         HAS_LEFT, HAS_RIGHT, part != 1, drop, DROPOUT)
         if PER_HEAD_SUMS:
             dk += dk_h
             dv += dv_h
@@ -359,11 +343,11 @@ def attention_bwd_dq_kernel(
         row_ptrs = h.to(tl.int64) * total_q + q_start + offs_m
     else:
         row_ptrs = pid_bh.to(tl.int64) * seqlen_q + offs_m
-    lse2 = tl.load(LSE + row_ptrs, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + row_ptrs, mask=m_ok, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + row_ptrs, mask=m_ok, other=0.0)
     alibi_slope_log2 = 0.0
     if HAS_ALIBI:
-        alibi_slope_log2 = tl.load(ALIBI + b * stride_alibi_b + h).to(tl.float32) * 1.4426950408889634
+        alibi_slope_log2 = tl.load(ALIBI + b * stride_alibi_b + h).to(tl.float32) * LOG2E
 
     offset = seqlen_k - seqlen_q
     p_lo = pid_m * BLOCK_M + offset
@@ -395,27 +379,14 @@ def attention_bwd_dq_kernel(
         full_hi = tl.minimum(full_hi, tl.where(t >= 0, t // BLOCK_N, 0))
     full_lo = tl.minimum(tl.maximum(full_lo, n_lo), n_hi)
     full_hi = tl.maximum(tl.minimum(full_hi, n_hi), full_lo)
-    if SKIP_FULL_MASKS:
-        for nb in range(n_lo, full_lo):
+    # Key blocks in ascending order, masked / whole / masked as the dk/dv kernel's rows.
+    for part in tl.static_range(3 if SKIP_FULL_MASKS else 1):
+        lo = n_lo if part == 0 else (full_lo if part == 1 else full_hi)
+        hi = (full_lo if part == 0 else (full_hi if part == 1 else n_hi)) if SKIP_FULL_MASKS else n_hi
+        for nb in range(lo, hi):
             dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, nb, offs_n0, offs_d, d_ok, offs_m, offset,
                            seqlen_k, stride_kn, stride_vn, qk_scale, softcap_scaled, alibi_slope_log2,
                            window_left, window_right, grad_scale, BLOCK_N, COMPUTE_DTYPE, ROWWISE,
-                           HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, True, drop, DROPOUT)
-        for nb in range(full_lo, full_hi):
-            dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, nb, offs_n0, offs_d, d_ok, offs_m, offset,
-                           seqlen_k, stride_kn, stride_vn, qk_scale, softcap_scaled, alibi_slope_log2,
-                           window_left, window_right, grad_scale, BLOCK_N, COMPUTE_DTYPE, ROWWISE,
-                           HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, False, drop, DROPOUT)
-        for nb in range(full_hi, n_hi):
-            dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, nb, offs_n0, offs_d, d_ok, offs_m, offset,
-                           seqlen_k, stride_kn, stride_vn, qk_scale, softcap_scaled, alibi_slope_log2,
-                           window_left, window_right, grad_scale, BLOCK_N, COMPUTE_DTYPE, ROWWISE,
-                           HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, True, drop, DROPOUT)
-    else:
-        for nb in range(n_lo, n_hi):
-            dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, nb, offs_n0, offs_d, d_ok, offs_m, offset,
-                           seqlen_k, stride_kn, stride_vn, qk_scale, softcap_scaled, alibi_slope_log2,
-                           window_left, window_right, grad_scale, BLOCK_N, COMPUTE_DTYPE, ROWWISE,
-                           HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, True, drop, DROPOUT)
+                           HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, part != 1, drop, DROPOUT)
     tl.store(DQ + dq_off + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=m_ok[:, None] & d_ok)

@@ -28,8 +28,10 @@ code paths: a visible element rounds identically on both.
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+#: log2(e) and ln(2), the base changes of the base-2 states; the one definition every
+#: kernel (and the host's score scales) uses.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -234,6 +236,6 @@ def finalize(m, l, acc):
     l_safe = tl.where(empty, 1.0, l)
     out = acc / l_safe[:, None]
     out = tl.where(empty[:, None], 0.0, out)
-    lse = (m + tl.math.log2(l_safe)) * 0.6931471805599453
+    lse = (m + tl.math.log2(l_safe)) * LN2
     lse = tl.where(empty, float("inf"), lse)
     return out, lse

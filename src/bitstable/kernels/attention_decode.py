@@ -24,7 +24,7 @@ query heads of a GQA group into one tile (they share K/V tile loads).
 import triton
 import triton.language as tl
 
-from .attention_core import empty_state, finalize, fold_block, merge_states, tile_key_range
+from .attention_core import LOG2E, empty_state, finalize, fold_block, merge_states, tile_key_range
 
 
 @triton.jit
@@ -94,13 +94,14 @@ def _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, page,
     :func:`fold_block`; ``MASKED`` as in the dense kernel (False only for a block
     every row of the tile sees whole).  ``cache`` = (k_base, v_base, b, b_cache,
     seqlen_k, BLOCK_TABLE, stride_bt_b, page_size, stride_kp, stride_kn, stride_vp,
-    stride_vn, k_desc, v_desc, h_kv), ``where`` = (offs_n, offs_d, d_ok, pos_q),
+    stride_vn, k_desc, v_desc, h_kv), ``where`` = (offs_n, offs_d, d_ok, dv_ok, pos_q) (``dv_ok``:
+    the value head dim's columns),
     ``scores`` = (qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right).
     ``USE_TMA`` (whole blocks only): the tiles come through the copy engine, from
     ``page`` when ``PAGED``."""
     k_base, v_base, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size, \
         stride_kp, stride_kn, stride_vp, stride_vn, k_desc, v_desc, h_kv = cache
-    offs_n, offs_d, d_ok, pos_q = where
+    offs_n, offs_d, d_ok, dv_ok, pos_q = where
     qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right = scores
     if USE_TMA:
         k = _load_cache_block_tma(k_desc, j, b_cache, h_kv, page, page_size, BLOCK_N, offs_d.shape[0], PAGED)
@@ -109,7 +110,7 @@ def _fold_cache_block(j, m_s, l_s, acc_s, q, cache, where, scores, page,
         k = _load_cache_block(k_base, j, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size,
                               stride_kp, stride_kn, offs_n, offs_d, d_ok, MASKED, BLOCK_N, PAGED, EVEN_D)
         v = _load_cache_block(v_base, j, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size,
-                              stride_vp, stride_vn, offs_n, offs_d, d_ok, MASKED, BLOCK_N, PAGED, EVEN_D)
+                              stride_vp, stride_vn, offs_n, offs_d, dv_ok, MASKED, BLOCK_N, PAGED, EVEN_D)
     return fold_block(m_s, l_s, acc_s, q, k, v, pos_q, j * BLOCK_N + offs_n, seqlen_k,
                       qk_scale, softcap_scaled, alibi_slope_log2, window_left,
                       window_right, MASKED, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP,
@@ -123,7 +124,7 @@ def attention_split_partial_kernel(
     stride_kp, stride_kn, stride_kh,
     stride_vp, stride_vn, stride_vh,
     stride_bt_b, page_size, stride_alibi_b,
-    num_heads_q, group_size, batch, seqlen_q, head_dim, num_m_tiles, n_new,
+    num_heads_q, group_size, batch, seqlen_q, head_dim, head_dim_v, num_m_tiles, n_new,
     qk_scale, softcap_scaled, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_BLOCKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
@@ -131,6 +132,7 @@ def attention_split_partial_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, EVEN_D: tl.constexpr,
     USE_TMA: tl.constexpr, USE_PDL: tl.constexpr,
+    LEFTPAD=None, HAS_LEFTPAD: tl.constexpr = False,
 ):
     """Grid: (num_splits * num_m_tiles, B * Hkv).  One split of one tile of packed rows.
 
@@ -147,7 +149,10 @@ def attention_split_partial_kernel(
     load through pointers.  Launch-only: the same values reach the same arithmetic.
 
     Sequence ``b`` holds ``CACHE_SEQLENS[b] + n_new`` keys (the cached ones and the
-    ``n_new`` just appended).  ``USE_PDL``: the combine kernel is launched as this
+    ``n_new`` just appended); with ``HAS_LEFTPAD`` (contiguous caches, no copy engine) the
+    first ``LEFTPAD[b]`` cache rows are padding: the sequence's keys are cache rows
+    ``LEFTPAD[b] ..``, key position 0 at the first of them, so blocks and splits start
+    there (the bits of the unpadded sequence).  ``USE_PDL``: the combine kernel is launched as this
     kernel's programmatic dependent and may start (and wait) as soon as every program
     here has begun.
     """
@@ -160,6 +165,10 @@ def attention_split_partial_kernel(
     b = pid_bh // num_heads_kv
     h_kv = pid_bh % num_heads_kv
     seqlen_k = tl.load(CACHE_SEQLENS + b) + n_new
+    lp = 0
+    if HAS_LEFTPAD:
+        lp = tl.load(LEFTPAD + b)
+        seqlen_k = seqlen_k - lp
     b_cache = b
     if HAS_BATCH_IDX:
         b_cache = tl.load(BATCH_IDX + b)
@@ -171,6 +180,7 @@ def attention_split_partial_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = t < seqlen_q
     d_ok = offs_d < head_dim
+    dv_ok = offs_d < head_dim_v     # v's columns (head_dim_v <= head_dim); the rest load as 0
     pos_q = t + (seqlen_k - seqlen_q)
     q_ok = row_ok[:, None] if EVEN_D else row_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64)[:, None] * stride_qh
@@ -179,7 +189,7 @@ def attention_split_partial_kernel(
     alibi_slope_log2 = 0.0
     if HAS_ALIBI:
         slope = tl.load(ALIBI + b * stride_alibi_b + h, mask=row_ok, other=0.0).to(tl.float32)
-        alibi_slope_log2 = (slope * 1.4426950408889634)[:, None]
+        alibi_slope_log2 = (slope * LOG2E)[:, None]
 
     # The tile's visible keys (as in the dense kernel), cut to this split's blocks.
     p_lo = (pid_m * BLOCK_M) // group_size + (seqlen_k - seqlen_q)
@@ -198,9 +208,12 @@ def attention_split_partial_kernel(
 
     k_base = K + h_kv.to(tl.int64) * stride_kh
     v_base = V + h_kv.to(tl.int64) * stride_vh
+    if HAS_LEFTPAD:
+        k_base += lp.to(tl.int64) * stride_kn
+        v_base += lp.to(tl.int64) * stride_vn
     cache = (k_base, v_base, b, b_cache, seqlen_k, BLOCK_TABLE, stride_bt_b, page_size,
              stride_kp, stride_kn, stride_vp, stride_vn, K_DESC, V_DESC, h_kv)
-    where = (offs_n, offs_d, d_ok, pos_q)
+    where = (offs_n, offs_d, d_ok, dv_ok, pos_q)
     scores = (qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right)
     m_s, l_s, acc_s = empty_state(BLOCK_M, HEAD_DIM)
     for j in range(lo, mid_lo):      # masked: left window edge
@@ -284,9 +297,10 @@ def attention_split_combine_kernel(
     stride_ob, stride_om, stride_oh,
     num_heads_q, batch, seqlen_q, head_dim, split_size, n_new,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, USE_PDL: tl.constexpr,
+    LEFTPAD=None, HAS_LEFTPAD: tl.constexpr = False,
 ):
     """Grid: (cdiv(Lq, BLOCK_M), B * Hq).  Merge the splits that hold keys of this
-    sequence (``cdiv(CACHE_SEQLENS[b] + n_new, split_size)``) in ascending order and
+    sequence (``cdiv(CACHE_SEQLENS[b] + n_new - LEFTPAD[b], split_size)``) in ascending order and
     finalise.  ``USE_PDL``: launched as the partial kernel's programmatic dependent, it
     waits for that kernel's writes (``griddepcontrol.wait``) before reading the
     workspace; its launch and set-up overlap the partial kernel's last programs.
@@ -302,7 +316,10 @@ def attention_split_combine_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads_q
     h = pid_bh % num_heads_q
-    num_splits = tl.cdiv(tl.load(CACHE_SEQLENS + b) + n_new, split_size)
+    seqlen_k = tl.load(CACHE_SEQLENS + b) + n_new
+    if HAS_LEFTPAD:
+        seqlen_k = seqlen_k - tl.load(LEFTPAD + b)
+    num_splits = tl.cdiv(seqlen_k, split_size)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seqlen_q

@@ -18,7 +18,7 @@ q; lse ``[B, Hq, Lq]`` float32.  Query head ``h`` reads key/value head
 import triton
 import triton.language as tl
 
-from .attention_core import empty_state, finalize, fold_block, merge_states, tile_key_range
+from .attention_core import LOG2E, empty_state, finalize, fold_block, merge_states, tile_key_range
 from .dropout import dropout_keep, sequence_key
 
 
@@ -164,7 +164,7 @@ def attention_fwd_kernel(
 
     alibi_slope_log2 = 0.0
     if HAS_ALIBI:
-        alibi_slope_log2 = tl.load(ALIBI + b * stride_alibi_b + h).to(tl.float32) * 1.4426950408889634
+        alibi_slope_log2 = tl.load(ALIBI + b * stride_alibi_b + h).to(tl.float32) * LOG2E
 
     # Keys the tile can see, and the blocks every row of the tile sees whole.
     p_lo = pid_m * BLOCK_M + (seqlen_k - seqlen_q)
@@ -193,21 +193,13 @@ def attention_fwd_kernel(
             hi = tl.minimum(blk_hi, sp * SPLIT_BLOCKS + SPLIT_BLOCKS)
             a = tl.minimum(tl.maximum(mid_lo, lo), hi)
             bb = tl.minimum(tl.maximum(mid_hi, a), hi)
-            for j in range(lo, a):
-                m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, drop, True, False,
-                    EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
-                    HAS_LEFT, HAS_RIGHT, USE_TMA, DROPOUT)
-            for j in range(a, bb):
-                m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, drop, False, False,
-                    EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
-                    HAS_LEFT, HAS_RIGHT, USE_TMA, DROPOUT)
-            for j in range(bb, hi):
-                m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, drop, True, False,
-                    EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
-                    HAS_LEFT, HAS_RIGHT, USE_TMA, DROPOUT)
+            for part in tl.static_range(3):      # [lo, a) masked, [a, bb) whole, [bb, hi) masked
+                for j in range(lo if part == 0 else (a if part == 1 else bb),
+                               a if part == 0 else (bb if part == 1 else hi)):
+                    m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
+                        j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, drop, part != 1, False,
+                        EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
+                        HAS_LEFT, HAS_RIGHT, USE_TMA, DROPOUT)
             m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
             m_s = tl.zeros_like(m_s) + float("-inf")
             l_s = tl.zeros_like(l_s)
@@ -215,21 +207,13 @@ def attention_fwd_kernel(
     else:
         # Flat loops (masked edge, whole blocks, masked edge); the split merge is a branch
         # taken at each split's last block.
-        for j in range(blk_lo, mid_lo):
-            m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, drop, True, True,
-                EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
-                HAS_LEFT, HAS_RIGHT, USE_TMA, DROPOUT)
-        for j in range(mid_lo, mid_hi):
-            m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, drop, False, True,
-                EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
-                HAS_LEFT, HAS_RIGHT, USE_TMA, DROPOUT)
-        for j in range(mid_hi, blk_hi):
-            m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, drop, True, True,
-                EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
-                HAS_LEFT, HAS_RIGHT, USE_TMA, DROPOUT)
+        for part in tl.static_range(3):          # [blk_lo, mid_lo) masked, whole, [mid_hi, blk_hi) masked
+            for j in range(blk_lo if part == 0 else (mid_lo if part == 1 else mid_hi),
+                           mid_lo if part == 0 else (mid_hi if part == 1 else blk_hi)):
+                m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
+                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, drop, part != 1, True,
+                    EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
+                    HAS_LEFT, HAS_RIGHT, USE_TMA, DROPOUT)
         # The last, possibly partial, split.  Merging an empty split is the identity.
         m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
 

@@ -7,12 +7,16 @@ they use:
 * philox key ``(k0, k1 ^ seq_hi)``: ``(k0, k1)`` is the call's 64-bit stream key (made on
   the host from torch's generator seed and offset, ``attention/dropout.py``), ``seq_hi``
   the high 32 bits of the sequence's key;
-* philox counter ``(key // 4, query, head, seq_lo)``: ``key`` and ``query`` are the
+* philox counter ``(key // 8, query, head, seq_lo)``: ``key`` and ``query`` are the
   positions inside the sequence (0-based, not aligned), ``head`` the query head,
   ``seq_lo`` the low 32 bits of the sequence's key (by default its batch index);
-* the four 32-bit outputs ``r[0..3]`` serve keys ``4 * (key // 4) + 0..3``;
-* a (query, key) entry is kept iff ``r[key % 4] >= threshold`` (uint32), with
-  ``threshold = floor(dropout_p * 2**32)``.
+* the four 32-bit outputs ``r[0..3]`` give eight 16-bit draws: key ``8 * (key // 8) + 2i``
+  takes the low half of ``r[i]``, key ``8 * (key // 8) + 2i + 1`` its high half;
+* a (query, key) entry is kept iff its draw is ``>= threshold``, with
+  ``threshold = floor(dropout_p * 2**16)``.
+
+Eight entries per Philox call (four 32-bit outputs halved): the integer work is what
+dropout costs in every tile, and 16-bit draws keep ``p`` exact to 2**-16.
 
 So a row's mask depends on nothing but its sequence's key, its head and the two
 positions: not on the batch around it, the block sizes or the launch.  Philox4x32-10 is
@@ -56,22 +60,30 @@ def dropout_keep(stream_lo, stream_hi, seq_lo, seq_hi, head, rows, key_start, th
                  BLOCK_N: tl.constexpr):
     """[M, BLOCK_N] bool keep-mask of query rows ``rows`` [M] (int, positions in the
     sequence) against keys ``key_start .. key_start + BLOCK_N - 1`` (``key_start`` a
-    multiple of 4) of query head ``head``.  ``stream_lo``, ``stream_hi`` (the call's stream
-    key) and ``threshold`` (the uint32 drop threshold) are 32-bit values in the low bits of
+    multiple of 8, BLOCK_N too) of query head ``head``.  ``stream_lo``, ``stream_hi`` (the call's stream
+    key) and ``threshold`` (the 16-bit drop threshold) are 32-bit values in the low bits of
     int64 arguments (the host sets bit 40 so that Triton always types them int64)."""
-    G: tl.constexpr = BLOCK_N // 4
+    G: tl.constexpr = BLOCK_N // 8
     k0 = (stream_lo & 0xFFFFFFFF).to(tl.uint32)
     k1 = (stream_hi & 0xFFFFFFFF).to(tl.uint32) ^ seq_hi
-    groups = (key_start // 4 + tl.arange(0, G)).to(tl.uint32)
+    groups = (key_start // 8 + tl.arange(0, G)).to(tl.uint32)
     c0 = tl.zeros([rows.shape[0], G], tl.uint32) + groups[None, :]
     c1 = tl.zeros([rows.shape[0], G], tl.uint32) + rows.to(tl.uint32)[:, None]
     c2 = tl.zeros([rows.shape[0], G], tl.uint32) + head.to(tl.uint32)
     c3 = tl.zeros([rows.shape[0], G], tl.uint32) + seq_lo
     r0, r1, r2, r3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
-    # join(a, b) stacks on a new last dim: [M, G, 2, 2] with [m, g, i, j] = r[2i + j]
-    # (outer pair i, inner j), so row-major flattening gives key 4g + t the output r[t].
-    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [rows.shape[0], BLOCK_N])
-    return r >= (threshold & 0xFFFFFFFF).to(tl.uint32)
+    thr = (threshold & 0xFFFF).to(tl.uint32)
+    # keep bits per (row, group): [M, G] for each of the eight draws
+    k00, k01 = (r0 & 0xFFFF) >= thr, (r0 >> 16) >= thr
+    k10, k11 = (r1 & 0xFFFF) >= thr, (r1 >> 16) >= thr
+    k20, k21 = (r2 & 0xFFFF) >= thr, (r2 >> 16) >= thr
+    k30, k31 = (r3 & 0xFFFF) >= thr, (r3 >> 16) >= thr
+    # join(a, b) stacks on a new last dim, so a row-major flatten of
+    # join(join(join(x0, x4), join(x2, x6)), join(join(x1, x5), join(x3, x7))) puts x_t at
+    # flat offset t (the last join picks bit 0 of t, the middle bit 1, the first bit 2);
+    # x_{2i + h} is half h of r[i], key 8g + 2i + h.
+    keep = tl.join(tl.join(tl.join(k00, k20), tl.join(k10, k30)), tl.join(tl.join(k01, k21), tl.join(k11, k31)))
+    return tl.reshape(keep, [rows.shape[0], BLOCK_N])
 
 
 @triton.jit

@@ -18,10 +18,11 @@ def kv_append_kernel(K_NEW, V_NEW, K_CACHE, V_CACHE, SEQLENS, BATCH_IDX, BLOCK_T
                      stride_vnb, stride_vnt, stride_vnh, stride_vnd,
                      stride_kcb, stride_kct, stride_kch, stride_kcd,
                      stride_vcb, stride_vct, stride_vch, stride_vcd,
-                     stride_bt, page_size, H, D,
+                     stride_bt, page_size, H, D, DV,
                      BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                      PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr):
-    """Grid (batch, new tokens).  k/v new [B, n_new, H, D]; caches [rows or pages, slots, H, D]."""
+    """Grid (batch, new tokens).  k new [B, n_new, H, D], v new [B, n_new, H, DV]; caches
+    [rows or pages, slots, H, D or DV]; BLOCK_D >= max(D, DV)."""
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1).to(tl.int64)
     pos = tl.load(SEQLENS + b).to(tl.int64) + t
@@ -37,11 +38,12 @@ def kv_append_kernel(K_NEW, V_NEW, K_CACHE, V_CACHE, SEQLENS, BATCH_IDX, BLOCK_T
     offs_h = tl.arange(0, BLOCK_H)[:, None]
     offs_d = tl.arange(0, BLOCK_D)[None, :]
     mask = (offs_h < H) & (offs_d < D)
+    mask_v = (offs_h < H) & (offs_d < DV)
     kv = tl.load(K_NEW + b * stride_knb + t * stride_knt + offs_h * stride_knh + offs_d * stride_knd,
                  mask=mask)
     tl.store(K_CACHE + row * stride_kcb + slot * stride_kct + offs_h * stride_kch + offs_d * stride_kcd,
              kv, mask=mask)
     vv = tl.load(V_NEW + b * stride_vnb + t * stride_vnt + offs_h * stride_vnh + offs_d * stride_vnd,
-                 mask=mask)
+                 mask=mask_v)
     tl.store(V_CACHE + row * stride_vcb + slot * stride_vct + offs_h * stride_vch + offs_d * stride_vcd,
-             vv, mask=mask)
+             vv, mask=mask_v)

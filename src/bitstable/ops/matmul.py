@@ -149,6 +149,20 @@ def bmm(a: torch.Tensor, b: torch.Tensor, *, out_dtype: Optional[torch.dtype] = 
     return _launch(a, b, c, Bt, M, N, K, a.stride(), b.stride(), c.stride())
 
 
+def _check_mm_operands(a: torch.Tensor, b: torch.Tensor):
+    """(M, K, N) of ``a [M, K] @ b [K, N]``: two 2-d tensors the kernel takes, one dtype,
+    matching inner dims (errors name ``a`` and ``b``)."""
+    _check("a", a, 2)
+    _check("b", b, 2)
+    if a.dtype != b.dtype:
+        raise TypeError(f"a and b must share one dtype, got {a.dtype} and {b.dtype}")
+    M, K = a.shape
+    K2, N = b.shape
+    if K != K2:
+        raise ValueError(f"shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be multiplied")
+    return M, K, N
+
+
 def mm(a: torch.Tensor, b: torch.Tensor, *, tp_tree: Optional[int] = None,
        out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """a [M, K] @ b [K, N] -> [M, N], any strides (row-major, column-major, strided views).
@@ -158,14 +172,7 @@ def mm(a: torch.Tensor, b: torch.Tensor, *, tp_tree: Optional[int] = None,
     the float32 result unrounded."""
     if tp_tree is not None:
         return tree_mm(a, b, tp_tree, out_dtype=out_dtype)
-    _check("a", a, 2)
-    _check("b", b, 2)
-    if a.dtype != b.dtype:
-        raise TypeError(f"a and b must share one dtype, got {a.dtype} and {b.dtype}")
-    M, K = a.shape
-    K2, N = b.shape
-    if K != K2:
-        raise ValueError(f"shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be multiplied")
+    M, K, N = _check_mm_operands(a, b)
     c = torch.empty((M, N), dtype=_check_out_dtype(out_dtype, a.dtype), device=a.device)
     a, b = _unit_stride_view(a), _unit_stride_view(b)
     sa, sb = a.stride(), b.stride()
@@ -253,14 +260,7 @@ def tree_partials(a: torch.Tensor, b: torch.Tensor, leaves: int) -> torch.Tensor
     """float32 [leaves, M, N]: leaf i is ``a[:, i*c:(i+1)*c] @ b[i*c:(i+1)*c]`` (c = K/leaves),
     each summed by the batch-invariant kernel into its own float32 accumulator; one
     launch (the leaves are the batch of strided views, no copies)."""
-    _check("a", a, 2)
-    _check("b", b, 2)
-    if a.dtype != b.dtype:
-        raise TypeError(f"a and b must share one dtype, got {a.dtype} and {b.dtype}")
-    M, K = a.shape
-    K2, N = b.shape
-    if K != K2:
-        raise ValueError(f"shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be multiplied")
+    M, K, N = _check_mm_operands(a, b)
     if isinstance(leaves, bool) or not isinstance(leaves, int) or leaves < 1 or (K and K % leaves):
         raise ValueError(f"leaves must be a positive int dividing K={K}, got {leaves}")
     c = torch.empty((leaves, M, N), dtype=torch.float32, device=a.device)

@@ -121,50 +121,56 @@ def _bias_grad(gy2, bias):
     return gy2.sum_to_size(bias.shape) if bias is not None else None
 
 
+def _linear_forward(ctx, x, weight, bias, cfg: TPConfig, product):
+    """``x @ weight^T (+ bias)`` through ``product`` (the plain or the sharded-K product),
+    the bias added after the rounded product, as ops.addmm does; saves for the backward."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = product(x2, weight.t(), cfg)
+    if bias is not None:
+        y = y + bias
+    ctx.save_for_backward(x2, weight, bias)
+    ctx.cfg, ctx.x_shape = cfg, x.shape
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _linear_backward(ctx, gy, input_product, input_grad_always: bool):
+    """(gx, gw, gb, None): gx through ``input_product`` (computed on every rank when
+    ``input_grad_always``: a sharded product's collectives must match across ranks),
+    gw and gb through the plain product and the bias reduction."""
+    x2, weight, bias = ctx.saved_tensors
+    cfg = ctx.cfg
+    need = ctx.needs_input_grad
+    gy2 = gy.reshape(-1, gy.shape[-1])
+    gx = input_product(gy2, weight, cfg).view(ctx.x_shape) if need[0] or input_grad_always else None
+    gw = _mm(gy2.t(), x2, cfg) if need[1] else None
+    gb = _bias_grad(gy2, bias) if need[2] else None
+    return (gx if need[0] else None), gw, gb, None
+
+
 class _ColumnParallel(torch.autograd.Function):
+    """Output features sharded: the forward is a plain product; the input gradient reduces
+    over the sharded output dim (the leaf tree + gather), on every rank."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, cfg: TPConfig):
-        x2 = x.reshape(-1, x.shape[-1])
-        y = _mm(x2, weight.t(), cfg)
-        if bias is not None:
-            y = y + bias
-        ctx.save_for_backward(x2, weight, bias)
-        ctx.cfg, ctx.x_shape = cfg, x.shape
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return _linear_forward(ctx, x, weight, bias, cfg, _mm)
 
     @staticmethod
     def backward(ctx, gy):
-        x2, weight, bias = ctx.saved_tensors
-        cfg = ctx.cfg
-        gy2 = gy.reshape(-1, gy.shape[-1])
-        # The input gradient reduces over the sharded output dim: the leaf tree + gather.
-        # Every rank takes part, whether or not x needs a gradient (collectives must match).
-        gx = sharded_k_mm(gy2, weight, cfg).view(ctx.x_shape)
-        gw = _mm(gy2.t(), x2, cfg) if ctx.needs_input_grad[1] else None
-        gb = _bias_grad(gy2, bias) if ctx.needs_input_grad[2] else None
-        return (gx if ctx.needs_input_grad[0] else None), gw, gb, None
+        return _linear_backward(ctx, gy, sharded_k_mm, input_grad_always=True)
 
 
 class _RowParallel(torch.autograd.Function):
+    """Input features sharded: the forward reduces over the sharded K (the leaf tree);
+    the gradients are plain products."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, cfg: TPConfig):
-        x2 = x.reshape(-1, x.shape[-1])
-        y = sharded_k_mm(x2, weight.t(), cfg)
-        if bias is not None:
-            y = y + bias            # after the rounded product, as ops.addmm does
-        ctx.save_for_backward(x2, weight, bias)
-        ctx.cfg, ctx.x_shape = cfg, x.shape
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return _linear_forward(ctx, x, weight, bias, cfg, sharded_k_mm)
 
     @staticmethod
     def backward(ctx, gy):
-        x2, weight, bias = ctx.saved_tensors
-        cfg = ctx.cfg
-        gy2 = gy.reshape(-1, gy.shape[-1])
-        gx = _mm(gy2, weight, cfg).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        gw = _mm(gy2.t(), x2, cfg) if ctx.needs_input_grad[1] else None
-        gb = _bias_grad(gy2, bias) if ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None
+        return _linear_backward(ctx, gy, _mm, input_grad_always=False)
 
 
 class _ParallelLinear(nn.Module):

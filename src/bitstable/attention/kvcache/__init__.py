@@ -14,6 +14,7 @@ kernels), :mod:`.stock` (stock PyTorch, outside the deterministic mode) and :mod
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Tuple, Union
 
 import torch
@@ -55,8 +56,9 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         q: (batch, seqlen_q, nheads, headdim): the new tokens' queries.
         k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, headdim), or with
             ``block_table`` (num_pages, page_size, nheads_k, headdim), page_size a
-            multiple of 16.
-        k, v: optional (batch, seqlen_new, nheads_k, headdim), written in place
+            multiple of 16; headdim any of 1-256; v_cache's head dim may be smaller
+            (Dv <= headdim: out is then (..., Dv)).
+        k, v: optional (batch, seqlen_new, nheads_k, headdim / Dv), written in place
             into the cache at ``cache_seqlens`` before the attention.
         rotary_cos, rotary_sin: optional (seqlen_ro, rotary_dim / 2), rotary_dim <= headdim:
             rotary embedding applied to the new ``k`` at positions ``cache_seqlens + i``
@@ -66,8 +68,12 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             rotary equal the full forward on the rotated q and k, bitwise.
         rotary_interleaved: rotate pairs (0, 1), (2, 3), ... (GPT-J) if True (flash-attn's
             default), else halves (GPT-NeoX).
-        cache_leftpad: must be None (not implemented: raises NotImplementedError before
-            anything is written).
+        cache_leftpad: optional int32 (batch,): row b's keys start at cache position
+            ``cache_leftpad[b]`` (left padding; 0 <= it <= cache_seqlens[b]); cache_seqlens
+            still counts from the cache's first slot, and the rotary positions are cache
+            positions (flash-attn's rule).  Key position 0 is the first unpadded key, so a
+            left-padded row gives the bits of the same sequence unpadded.  Contiguous
+            caches only (with block_table: NotImplementedError, as flash-attn).
         cache_seqlens: int or int32 (batch,): tokens already in each cache row.
         cache_batch_idx: int32 (batch,): which cache row each batch row uses.
         block_table: int32 (batch, max_pages): the pages of each sequence.
@@ -96,9 +102,6 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     (``bitstable::attn_kvcache``) that mutates ``k_cache`` and ``v_cache``.
     """
     check_num_splits(num_splits)
-    if cache_leftpad is not None:
-        raise NotImplementedError("cache_leftpad is not supported yet (each row's keys must start at cache "
-                                  "position 0); nothing was written")
     mode = get_deterministic_mode()
     if torch.compiler.is_compiling():
         seqlens, seqlens_int = cache_seqlens, 0
@@ -110,36 +113,36 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         out, lse = attn_kvcache(q, k_cache, v_cache, k, v, seqlens, seqlens_int, cache_batch_idx, block_table,
                                 softmax_scale, causal, left, right, float(softcap), alibi_slopes,
                                 mode.split_size if split_size is None else split_size, mode.enabled,
-                                rotary_cos, rotary_sin, rotary_interleaved, learnable_sink)
+                                rotary_cos, rotary_sin, rotary_interleaved, learnable_sink, cache_leftpad)
     else:
         out, lse = kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table,
                                      softmax_scale, causal, window_size, softcap, alibi_slopes, split_size,
                                      mode.enabled, return_softmax_lse, _current_options(), rotary_cos,
-                                     rotary_sin, rotary_interleaved, learnable_sink)
+                                     rotary_sin, rotary_interleaved, learnable_sink, cache_leftpad)
     return (out, lse) if return_softmax_lse else out
 
 
-def decode_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
-                rotary_cos: Optional[torch.Tensor] = None, rotary_sin: Optional[torch.Tensor] = None,
-                cache_seqlens: Union[int, torch.Tensor, None] = None,
-                cache_batch_idx: Optional[torch.Tensor] = None,
-                cache_leftpad: Optional[torch.Tensor] = None,
-                block_table: Optional[torch.Tensor] = None,
-                softmax_scale: Optional[float] = None, causal: bool = False,
-                window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                rotary_interleaved: bool = True,
-                alibi_slopes: Optional[torch.Tensor] = None, num_splits: int = 0,
-                return_softmax_lse: bool = False, *, split_size: Optional[int] = None,
-                learnable_sink: Optional[torch.Tensor] = None,
-                options: Optional[LaunchOptions] = None) -> DecodePlan:
+def decode_plan(*args, options: Optional[LaunchOptions] = None, **kwargs) -> DecodePlan:
     """The :class:`DecodePlan` that ``flash_attn_with_kvcache`` with these arguments would
     run in the deterministic mode (which partial kernel, its tiles, stages and loads, the
     split count, the combine tile), under the launch options in force (or ``options``).
-    Validates the arguments as the call does; writes nothing.  For tests and explorations:
-    it tells which launch variant a call really takes."""
-    check_num_splits(num_splits)
-    call = validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, softmax_scale,
-                    causal, window_size, softcap, alibi_slopes)
-    return plan_call(q, last_dim_contiguous(k_cache), last_dim_contiguous(v_cache), call, softcap, alibi_slopes,
-                     split_size, _current_options() if options is None else options)
+    Takes ``flash_attn_with_kvcache``'s arguments, bound by its signature; validates them
+    as the call does; writes nothing.  For tests and explorations: it tells which launch
+    variant a call really takes."""
+    a = _SIGNATURE.bind(*args, **kwargs)
+    a.apply_defaults()
+    a = a.arguments
+    check_num_splits(a["num_splits"])
+    q, k_cache, v_cache = a["q"], a["k_cache"], a["v_cache"]
+    call = validate(q, k_cache, v_cache, a["k"], a["v"], a["cache_seqlens"], a["cache_batch_idx"],
+                    a["block_table"], a["softmax_scale"], a["causal"], a["window_size"], a["softcap"],
+                    a["alibi_slopes"], a["cache_leftpad"])
+    return plan_call(q, last_dim_contiguous(k_cache), last_dim_contiguous(v_cache), call, a["softcap"],
+                     a["alibi_slopes"], a["split_size"], _current_options() if options is None else options)
+
+
+_SIGNATURE = inspect.signature(flash_attn_with_kvcache)
+decode_plan.__signature__ = _SIGNATURE.replace(
+    parameters=list(_SIGNATURE.parameters.values())
+    + [inspect.Parameter("options", inspect.Parameter.KEYWORD_ONLY, default=None)],
+    return_annotation=DecodePlan)

@@ -12,10 +12,11 @@ def append(k_cache, v_cache, k, v, seqlens_before, cache_batch_idx, block_table,
     one kernel launch (kernels/kv_append.py).  ``seqlens_before`` [B] int32 on the cache's
     device; nothing is read on the host."""
     B, n_new, Hk, D = k.shape
+    Dv = v.shape[3]
     bt = block_table if block_table is not None else seqlens_before
     bidx = cache_batch_idx if cache_batch_idx is not None else seqlens_before
     kv_append_kernel[(B, n_new)](
         k, v, k_cache, v_cache, seqlens_before, bidx, bt, *k.stride(), *v.stride(),
         *k_cache.stride(), *v_cache.stride(), bt.stride(0) if block_table is not None else 0,
-        max(page_size, 1), Hk, D, BLOCK_H=triton.next_power_of_2(Hk), BLOCK_D=triton.next_power_of_2(D),
+        max(page_size, 1), Hk, D, Dv, BLOCK_H=triton.next_power_of_2(Hk), BLOCK_D=triton.next_power_of_2(max(D, Dv)),
         PAGED=block_table is not None, HAS_BATCH_IDX=cache_batch_idx is not None)

@@ -20,13 +20,13 @@ from .validation import CheckedCall
 def launch_decode(plan: DecodePlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   call: CheckedCall, softcap: float, alibi_slopes: Optional[torch.Tensor],
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, Lq, Hq, D] in q's dtype, lse [B, Hq, Lq] float32) of a validated call whose
+    """(out [B, Lq, Hq, Dv] in q's dtype, lse [B, Hq, Lq] float32) of a validated call whose
     new tokens are already in the cache; q and the caches with unit head-dim stride.
     Extra memory: the workspace, ``num_splits x B x Hq x Lq x (head_dim_tile + 2)`` float32."""
     B, Lq, Hq, D = q.shape
-    Hk = k_cache.shape[2]
+    Hk, Dv = k_cache.shape[2], v_cache.shape[3]
     HD, num_splits = plan.head_dim_tile, plan.num_splits
-    out = torch.empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device)
+    out = torch.empty((B, Lq, Hq, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     ws_acc = torch.empty((num_splits, B, Hq, Lq, HD), dtype=torch.float32, device=q.device)
     ws_ml = torch.empty((num_splits, B, Hq, Lq, 2), dtype=torch.float32, device=q.device)
@@ -45,27 +45,30 @@ def launch_decode(plan: DecodePlan, q: torch.Tensor, k_cache: torch.Tensor, v_ca
         bt = block_table if block_table is not None else cache_seqlens
         bidx = cache_batch_idx if cache_batch_idx is not None else cache_seqlens
         k_desc, v_desc, use_tma = kv_descriptors(k_cache, v_cache, plan.block_n, HD, plan.tma)
+        leftpad = dict(LEFTPAD=call.cache_leftpad, HAS_LEFTPAD=True) if call.cache_leftpad is not None else {}
         attention_split_partial_kernel[(num_splits * plan.num_m_tiles, B * Hk)](
             q, k_cache, v_cache, k_desc, v_desc, ws_acc, ws_ml, cache_seqlens, bidx, bt, alibi,
             q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             bt.stride(0) if block_table is not None else 0, max(call.page_size, 1), stride_alibi_b,
-            Hq, Hq // Hk, B, Lq, D, plan.num_m_tiles, call.n_new,
+            Hq, Hq // Hk, B, Lq, D, Dv, plan.num_m_tiles, call.n_new,
             qk_scale, softcap_scaled, max(call.left, 0), max(call.right, 0),
-            HAS_BATCH_IDX=cache_batch_idx is not None, USE_TMA=use_tma, **plan.kwargs)
+            HAS_BATCH_IDX=cache_batch_idx is not None, USE_TMA=use_tma, **plan.kwargs, **leftpad)
     launch_combine(ws_acc, ws_ml, out, lse, cache_seqlens, plan.split, call.n_new, HD, plan.combine,
-                   pdl=plan.pdl)
+                   pdl=plan.pdl, cache_leftpad=call.cache_leftpad)
     return out, lse
 
 
-def launch_combine(ws_acc, ws_ml, out, lse, cache_seqlens, split, n_new, head_dim_tile, tile, *, pdl):
+def launch_combine(ws_acc, ws_ml, out, lse, cache_seqlens, split, n_new, head_dim_tile, tile, *, pdl,
+                   cache_leftpad=None):
     """The combine kernel over the workspace's split states (out [B, Lq, Hq, D], lse
     [B, Hq, Lq]); ``tile``: its (block_m, num_warps); ``pdl``: launched as the partial
-    kernel's programmatic dependent."""
+    kernel's programmatic dependent; ``cache_leftpad``: the rows' left padding or None."""
     B, Lq, Hq, D = out.shape
     comb_m, comb_w = tile
     attention_split_combine_kernel[(triton.cdiv(max(Lq, 1), comb_m), B * Hq)](
         ws_acc, ws_ml, out, lse, cache_seqlens, out.stride(0), out.stride(1), out.stride(2),
         Hq, B, Lq, D, split, n_new, HEAD_DIM=head_dim_tile, BLOCK_M=comb_m, USE_PDL=pdl, num_warps=comb_w,
-        **({"launch_pdl": True} if pdl else {}))
+        **({"launch_pdl": True} if pdl else {}),
+        **({"LEFTPAD": cache_leftpad, "HAS_LEFTPAD": True} if cache_leftpad is not None else {}))

@@ -51,7 +51,7 @@ def _check_rotary_range(call, rotary_cos, q, n_new: int, along: bool) -> None:
 def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, softmax_scale,
                       causal, window_size, softcap, alibi_slopes, split_size: Optional[int], deterministic: bool,
                       need_lse: bool, options: LaunchOptions, rotary_cos=None, rotary_sin=None,
-                      rotary_interleaved: bool = True, learnable_sink=None,
+                      rotary_interleaved: bool = True, learnable_sink=None, cache_leftpad=None,
                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``flash_attn_with_kvcache``'s work, in its order: every check (validate, the rotary
     tables and the sink, then the plan, which checks the split size), then the rotary of q
@@ -60,7 +60,7 @@ def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
     when ``deterministic``, else stock PyTorch) and the sink.  A call that raises has written
     nothing.  Returns (out, lse or None unless ``need_lse`` or ``deterministic``)."""
     call = validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, softmax_scale,
-                    causal, window_size, softcap, alibi_slopes)
+                    causal, window_size, softcap, alibi_slopes, cache_leftpad)
     rotary_dim = check_rotary(rotary_cos, rotary_sin, q.shape[3], q.dtype, q.device)
     if not isinstance(rotary_interleaved, bool):
         raise TypeError(f"rotary_interleaved must be a bool, got {type(rotary_interleaved).__name__}")
@@ -90,7 +90,7 @@ def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
         totals = [s + call.n_new for s in call.before]
         out, lse = stock_kvcache(q, k_cache, v_cache, totals, call.cache_batch_idx, call.block_table,
                                  call.page_size, call.softmax_scale, causal, window_size, softcap, alibi_slopes,
-                                 need_lse=need_lse)
+                                 need_lse=need_lse, leftpad=call.cache_leftpad)
     else:
         out, lse = launch_decode(plan, last_dim_contiguous(q), k_cache_c, v_cache_c, call, softcap, alibi_slopes)
     if learnable_sink is not None:
@@ -106,7 +106,8 @@ def attn_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  softcap: float, alibi_slopes: Optional[torch.Tensor], split_size: int,
                  deterministic: bool, rotary_cos: Optional[torch.Tensor] = None,
                  rotary_sin: Optional[torch.Tensor] = None, rotary_interleaved: bool = True,
-                 learnable_sink: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                 learnable_sink: Optional[torch.Tensor] = None, cache_leftpad: Optional[torch.Tensor] = None,
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The op: ``cache_seqlens`` a tensor, or None and ``cache_seqlens_int`` the int every
     row holds (read on the host for free).  Returns (out, lse); ``k_cache``/``v_cache``
     receive ``k``/``v`` in place."""
@@ -114,7 +115,7 @@ def attn_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     out, lse = kvcache_attention(q, k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table, softmax_scale,
                                  causal, (window_left, window_right), softcap, alibi_slopes, split_size,
                                  deterministic, True, _current_options(), rotary_cos, rotary_sin,
-                                 rotary_interleaved, learnable_sink)
+                                 rotary_interleaved, learnable_sink, cache_leftpad)
     return out, lse
 
 
@@ -122,6 +123,6 @@ def attn_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 def _attn_kvcache_fake(q, k_cache, v_cache, k, v, cache_seqlens, cache_seqlens_int, cache_batch_idx, block_table,
                        softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, split_size,
                        deterministic, rotary_cos=None, rotary_sin=None, rotary_interleaved=True,
-                       learnable_sink=None):
-    B, Lq, Hq, D = q.shape
-    return q.new_empty((B, Lq, Hq, D)), q.new_empty((B, Hq, Lq), dtype=torch.float32)
+                       learnable_sink=None, cache_leftpad=None):
+    B, Lq, Hq, _ = q.shape
+    return q.new_empty((B, Lq, Hq, v_cache.shape[3])), q.new_empty((B, Hq, Lq), dtype=torch.float32)

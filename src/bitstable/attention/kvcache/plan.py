@@ -78,8 +78,9 @@ _STATIC_PLANS: dict = {}
 
 
 def _static_plan(device, dtype, D, paged, page_size, has_softcap, has_alibi, has_left, has_right,
-                 split_size, options: LaunchOptions) -> _StaticPlan:
-    key = (device.type, device.index, dtype, D, paged, page_size, has_softcap, has_alibi, has_left,
+                 split_size, options: LaunchOptions, Dv=None) -> _StaticPlan:
+    Dv = D if Dv is None else Dv
+    key = (device.type, device.index, dtype, D, Dv, paged, page_size, has_softcap, has_alibi, has_left,
            has_right, split_size, options)
     plan = _STATIC_PLANS.get(key) if type(split_size) is int else None   # else: resolve_split_size raises
     if plan is not None:
@@ -90,7 +91,7 @@ def _static_plan(device, dtype, D, paged, page_size, has_softcap, has_alibi, has
     HD = padded_head_dim(D)
     dec_m, dec_w = options.decode_tile or (cfg.decode_block_m or cfg.block_m,
                                            cfg.decode_num_warps or cfg.num_warps)
-    even_d = (True if options.decode_even_d is None else options.decode_even_d) and HD == D
+    even_d = (True if options.decode_even_d is None else options.decode_even_d) and HD == D == Dv
     # The combine kernel launches as the partial kernel's programmatic dependent on Hopper
     # (its launch overlaps the partial kernel's tail); launch-only.
     pdl = (True if options.decode_pdl is None else options.decode_pdl) and arch == "sm90"
@@ -120,7 +121,7 @@ def plan_call(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cal
     if split_size is None:   # the mode's, resolved before the cache key
         split_size = get_deterministic_mode().split_size
     st = _static_plan(q.device, q.dtype, D, call.block_table is not None, call.page_size, softcap > 0, alibi_slopes is not None,
-                      left >= 0, right >= 0, split_size, options)
+                      left >= 0, right >= 0, split_size, options, v_cache.shape[3])
     # Splits launched: for the longest sequence when the lengths were read on the host,
     # else (CUDA-graph capture) for the cache's capacity.  Splits past a row's length do
     # nothing and the combine kernel merges only the splits that hold keys: the grid
@@ -135,7 +136,8 @@ def plan_call(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cal
         stages = table_stages(st.wgmma_waves, num_splits * B * Hk, q.device) if st.wgmma_waves else 0
     else:
         stages = 4 if gluon else 0
-    if st.want_tma and stages and wgmma_decode_eligible(
+    leftpad = call.cache_leftpad is not None   # row offsets: pointer loads, the Triton kernel
+    if st.want_tma and stages and not leftpad and v_cache.shape[3] == D and wgmma_decode_eligible(
             q, k_cache, v_cache, arch=st.arch, head_dim=D, head_dim_tile=st.head_dim_tile, group=Hq // Hk,
             block_m=st.block_m, block_n=st.block_n, num_warps=st.num_warps, paged=call.block_table is not None,
             softcap=softcap, has_alibi=alibi_slopes is not None, left=left, right=right):
@@ -145,5 +147,6 @@ def plan_call(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cal
     # Whole key blocks through the copy engine where the layout allows it (16-byte
     # aligned strides, pages holding whole blocks).
     return DecodePlan("triton", num_splits, st.split, st.block_n, st.block_m, st.num_warps,
-                      st.kwargs["num_stages"], st.even_d, tma_usable(k_cache, v_cache, st.triton_tma), st.pdl,
+                      st.kwargs["num_stages"], st.even_d,
+                      tma_usable(k_cache, v_cache, st.triton_tma) and not leftpad, st.pdl,
                       st.combine, st.head_dim_tile, num_m_tiles, st.kwargs)

@@ -7,9 +7,11 @@ import triton
 
 
 def stock_kvcache(q, k_cache, v_cache, totals, cache_batch_idx, block_table, page_size,
-                   softmax_scale, causal, window_size, softcap, alibi_slopes, need_lse=True):
+                   softmax_scale, causal, window_size, softcap, alibi_slopes, need_lse=True, leftpad=None):
     """Stock PyTorch: one SDPA call over the batch's caches padded to the longest, with a
-    mask of each row's valid, visible keys (eager math for softcap)."""
+    mask of each row's valid, visible keys (eager math for softcap).  ``leftpad`` [B] int32:
+    cache rows before it are padding (masked); positions stay cache positions, which gives
+    the masks and ALiBi distances of the unpadded sequence."""
     B, Lq, Hq, D = q.shape
     Hk = k_cache.shape[2]
     L = max(max(totals, default=0), 1)
@@ -25,6 +27,8 @@ def stock_kvcache(q, k_cache, v_cache, totals, cache_batch_idx, block_table, pag
     pos_q = torch.arange(Lq, device=dev)[None, :, None] + (lens[:, None, None] - Lq)   # B, Lq, 1
     pos_k = torch.arange(L, device=dev)[None, None, :]
     ok = (pos_k < lens[:, None, None]).expand(B, Lq, L)
+    if leftpad is not None:
+        ok = ok & (pos_k >= leftpad.long()[:, None, None])
     left, right = window_size
     if causal:
         right = 0

@@ -12,6 +12,12 @@ import triton
 from ..validation import check_options, check_qkv, normalize_window
 
 
+class CacheCapacityError(ValueError, RuntimeError):
+    """A call needs more cache slots than the cache (or its block table) gives.  A
+    ValueError, as bitstable's other bad values, and a RuntimeError, what flash-attn raises
+    for it: code written against either catches it."""
+
+
 def _check_int32_vector(name: str, t, length: int, device) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -47,12 +53,12 @@ def check_cache_args(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, 
         if t.dim() != 4:
             raise ValueError(f"{name} must be a 4-d tensor (batch_or_pages, seqlen_or_page_size, "
                              f"heads_k, headdim)")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} "
-                         f"and {tuple(v_cache.shape)}")
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        raise ValueError(f"k_cache and v_cache must have the same shape but for the head dim (v_cache's "
+                         f"may be smaller), got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     # dtype / device / head checks through the dense validator, under the caller's names
     # (the cache's first dim is its rows or pages, not q's batch).
-    check_qkv(q, k_cache, v_cache, names=("q", "k_cache", "v_cache"), check_batch=False)
+    check_qkv(q, k_cache, v_cache, names=("q", "k_cache", "v_cache"), check_batch=False, any_head_dim=True)
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (new tokens to append) or both be None")
     n_new = 0
@@ -60,9 +66,11 @@ def check_cache_args(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, 
         for name, t in (("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if k.dim() != 4 or k.shape != v.shape or k.shape[0] != B or k.shape[2:] != k_cache.shape[2:]:
+        if (k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or k.shape[0] != B
+                or k.shape[2:] != k_cache.shape[2:] or v.shape[2:] != v_cache.shape[2:]):
             raise ValueError(f"k/v must have shape (batch={B}, seqlen_new, heads_k={k_cache.shape[2]}, "
-                             f"headdim={k_cache.shape[3]}), got k {tuple(k.shape)}, v {tuple(v.shape)}")
+                             f"headdim={k_cache.shape[3]} / {v_cache.shape[3]}), got k {tuple(k.shape)}, "
+                             f"v {tuple(v.shape)}")
         if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
             raise TypeError(f"k/v dtype must match the cache's {k_cache.dtype}, got {k.dtype}/{v.dtype}")
         if k.device != q.device or v.device != q.device:
@@ -104,8 +112,8 @@ def check_cache_args(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, 
         capacity = block_table.shape[1] * page_size
         for b, total in enumerate(totals or ()):
             if total > capacity:
-                raise ValueError(f"cache too small: sequence {b} needs {total} slots after the append, "
-                                 f"block_table gives {capacity}")
+                raise CacheCapacityError(f"cache too small: sequence {b} needs {total} slots after the "
+                                         f"append, block_table gives {capacity}")
         # Check the pages in use on the device (the table can be large; copy only a verdict).
         if totals is None:
             return cache_seqlens, before, n_new, page_size
@@ -130,8 +138,8 @@ def check_cache_args(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, 
             raise ValueError(f"k_cache has {k_cache.shape[0]} rows for a batch of {B}")
         for b, total in enumerate(totals or ()):
             if total > k_cache.shape[1]:
-                raise ValueError(f"cache too small: sequence {b} needs {total} slots after the append, "
-                                 f"the cache holds {k_cache.shape[1]}")
+                raise CacheCapacityError(f"cache too small: sequence {b} needs {total} slots after the "
+                                         f"append, the cache holds {k_cache.shape[1]}")
     return cache_seqlens, before, n_new, page_size
 
 
@@ -143,12 +151,33 @@ def check_num_splits(num_splits) -> None:
         raise ValueError(f"num_splits must be >= 0 (0: flash-attn's heuristic), got {num_splits}")
 
 
+def check_cache_leftpad(cache_leftpad, before, B: int, device, paged: bool) -> Optional[torch.Tensor]:
+    """``cache_leftpad`` checked: None, or int32 (batch,) on q's device with ``0 <= leftpad[b]
+    <= cache_seqlens[b]`` (values read on the host unless a CUDA graph is being captured);
+    contiguous caches only (flash-attn has no paged left padding either)."""
+    if cache_leftpad is None:
+        return None
+    _check_int32_vector("cache_leftpad", cache_leftpad, B, device)
+    if paged:
+        raise NotImplementedError("cache_leftpad cannot be combined with block_table (paged cache), as in "
+                                  "flash-attn; nothing was written")
+    if before is not None:
+        pads = cache_leftpad.tolist()
+        bad = [b for b, (p, s) in enumerate(zip(pads, before)) if not 0 <= p <= s]
+        if bad:
+            raise ValueError(f"cache_leftpad must be in [0, cache_seqlens] per row (the keys of row b are "
+                             f"cache positions leftpad[b] .. cache_seqlens[b] + seqlen_new - 1), got "
+                             f"cache_leftpad {pads} for cache_seqlens {before}")
+    return cache_leftpad.contiguous()
+
+
 class CheckedCall(NamedTuple):
     """A validated call: ``cache_seqlens`` [B] int32 on q's device (contiguous), ``before``
     (their host list, or None inside CUDA-graph capture), ``n_new`` (tokens appended),
     ``page_size`` (0: contiguous cache), ``capacity`` (keys a row can hold), the resolved
     ``softmax_scale`` and the normalised window ``left``/``right`` (-1: unbounded;
-    causal is right = 0), and the contiguous ``cache_batch_idx``/``block_table``."""
+    causal is right = 0), and the contiguous ``cache_batch_idx``/``block_table``/``cache_leftpad``
+    (row b's keys are cache positions ``cache_leftpad[b]`` on; None: 0)."""
 
     cache_seqlens: torch.Tensor
     before: Optional[list]
@@ -160,17 +189,19 @@ class CheckedCall(NamedTuple):
     right: int
     cache_batch_idx: Optional[torch.Tensor]
     block_table: Optional[torch.Tensor]
+    cache_leftpad: Optional[torch.Tensor] = None
 
 
 def validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, softmax_scale,
-             causal, window_size, softcap, alibi_slopes) -> CheckedCall:
+             causal, window_size, softcap, alibi_slopes, cache_leftpad=None) -> CheckedCall:
     """Every argument check of ``flash_attn_with_kvcache`` (the split size is checked with
     the plan, also before the append)."""
     cache_seqlens, before, n_new, page_size = check_cache_args(q, k_cache, v_cache, k, v, cache_seqlens,
                                                                cache_batch_idx, block_table)
+    cache_leftpad = check_cache_leftpad(cache_leftpad, before, q.shape[0], q.device, block_table is not None)
     softmax_scale, left, right = check_options(q, 0.0, softmax_scale, window_size, softcap, alibi_slopes)
     capacity = block_table.shape[1] * page_size if block_table is not None else k_cache.shape[1]
     left, right = normalize_window(causal, left, right, max(capacity, 1))
     return CheckedCall(cache_seqlens.contiguous(), before, n_new, page_size, capacity, softmax_scale, left,
                        right, None if cache_batch_idx is None else cache_batch_idx.contiguous(),
-                       None if block_table is None else block_table.contiguous())
+                       None if block_table is None else block_table.contiguous(), cache_leftpad)
