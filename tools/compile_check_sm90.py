@@ -142,11 +142,12 @@ def variants(full: bool):
             ("qk_scale", "softcap_scaled", "grad_scale"), num_warps=4, num_stages=2)
     job(dropout_mask_kernel, dict(HAS_SEQ_KEYS=True, VARLEN=True, BLOCK_M=64, BLOCK_N=64), pi32=("CU_Q", "CU_K"),
         num_warps=4)
-    # cache_leftpad (kvcache): per-row key offsets, pointer loads; a head dim not a multiple of 8
+    # kvcache: cache_leftpad (per-row key offsets, pointer loads), a head dim not a multiple of 8, Dv < D
     job(attention_split_partial_kernel, dict(HEAD_DIM=64, BLOCK_M=64, BLOCK_N=64, COMPUTE_DTYPE="bf16",
                                              ROWWISE=False, HAS_SOFTCAP=False, HAS_ALIBI=True, HAS_LEFT=True,
                                              HAS_RIGHT=True, SPLIT_BLOCKS=16, PAGED=False, HAS_BATCH_IDX=True,
-                                             EVEN_D=False, USE_TMA=False, USE_PDL=False, HAS_LEFTPAD=True),
+                                             EVEN_D=False, USE_TMA=False, USE_PDL=False, HAS_LEFTPAD=True,
+                                             SMALLER_V=True),
         ("Q", "K", "V", "K_DESC", "V_DESC"), ("WS_ACC", "WS_ML", "ALIBI"),
         ("CACHE_SEQLENS", "BATCH_IDX", "BLOCK_TABLE", "LEFTPAD"), ("qk_scale", "softcap_scaled"),
         num_warps=4, num_stages=3)

@@ -43,6 +43,25 @@ def alibi_bias(alibi_slopes: torch.Tensor, batch: int, heads: int, seqlen_q: int
     return -slopes[:, :, None, None] * dist
 
 
+def attention_scores(q, k, softmax_scale: float, causal: bool = False, window_size=(-1, -1),
+                     softcap: float = 0.0, alibi_slopes=None, dtype: Optional[torch.dtype] = None):
+    """(scores [B, Hq, Lq, Lk] in ``dtype`` (default q's), -inf where a row cannot see the key;
+    visibility ok [Lq, Lk]): ``softmax_scale * q.k``, through softcap, plus ALiBi, masked
+    (causal bottom-right, window).  The logits every eager path here starts from."""
+    dt = dtype or q.dtype
+    B, Lq, Hq, _ = q.shape
+    Lk, Hk = k.shape[1], k.shape[2]
+    qh = q.to(dt).transpose(1, 2)                               # B, Hq, Lq, D
+    kh = k.to(dt).transpose(1, 2).repeat_interleave(Hq // Hk, dim=1)
+    s = torch.matmul(qh, kh.transpose(-1, -2)) * softmax_scale
+    if softcap > 0:
+        s = torch.tanh(s / softcap) * softcap
+    if alibi_slopes is not None:
+        s = s + alibi_bias(alibi_slopes, B, Hq, Lq, Lk, dt)
+    ok = visibility(Lq, Lk, causal, window_size, q.device)
+    return s.masked_fill(~ok, float("-inf")), ok
+
+
 def attention_reference(q, k, v, softmax_scale: Optional[float] = None, causal: bool = False,
                         window_size=(-1, -1), softcap: float = 0.0, alibi_slopes=None,
                         compute_dtype: Optional[torch.dtype] = None, learnable_sink=None,
@@ -61,16 +80,8 @@ def attention_reference(q, k, v, softmax_scale: Optional[float] = None, causal: 
     B, Lq, Hq, D = q.shape
     Lk, Hk = k.shape[1], k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    qh = q.to(dt).transpose(1, 2)                               # B, Hq, Lq, D
-    kh = k.to(dt).transpose(1, 2).repeat_interleave(Hq // Hk, dim=1)
     vh = v.to(dt).transpose(1, 2).repeat_interleave(Hq // Hk, dim=1)
-    s = torch.matmul(qh, kh.transpose(-1, -2)) * scale
-    if softcap > 0:
-        s = torch.tanh(s / softcap) * softcap
-    if alibi_slopes is not None:
-        s = s + alibi_bias(alibi_slopes, B, Hq, Lq, Lk, dt)
-    ok = visibility(Lq, Lk, causal, window_size, q.device)
-    s = s.masked_fill(~ok, float("-inf"))
+    s, ok = attention_scores(q, k, scale, causal, window_size, softcap, alibi_slopes, dt)
     empty = ~ok.any(dim=-1)                                     # [Lq]
     if learnable_sink is not None:
         sink = learnable_sink.to(s.dtype).view(1, Hq, 1, 1).expand(B, Hq, Lq, 1)

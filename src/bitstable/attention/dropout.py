@@ -196,17 +196,8 @@ def returned_probs(q: torch.Tensor, k: torch.Tensor, softmax_scale: float, causa
     ``exp(lse - row max)`` for the probabilities; the row max over all keys, in float32)
     with every dropped entry negated.  Entries a row cannot see are 0.  A debugging
     output, as in flash-attn: O(Lq * Lk) memory, computed by eager torch."""
-    from ..reference import alibi_bias, visibility
-    B, Lq, Hq, _ = q.shape
-    Lk, Hk = k.shape[1], k.shape[2]
-    qh = q.float().transpose(1, 2)
-    kh = k.float().transpose(1, 2).repeat_interleave(Hq // Hk, dim=1)
-    s = torch.matmul(qh, kh.transpose(-1, -2)) * softmax_scale
-    if softcap > 0:
-        s = torch.tanh(s / softcap) * softcap
-    if alibi_slopes is not None:
-        s = s + alibi_bias(alibi_slopes, B, Hq, Lq, Lk, torch.float32)
-    s = s.masked_fill(~visibility(Lq, Lk, causal, window_size, q.device), float("-inf"))
+    from ..reference import attention_scores
+    s, _ = attention_scores(q, k, softmax_scale, causal, window_size, softcap, alibi_slopes, torch.float32)
     m = s.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)

@@ -114,8 +114,10 @@ def dense_attention(q, k, v, dropout_p, softmax_scale, causal, window_size, soft
         if dropout is not None:    # eager math with the kernels' mask
             out, _ = attention_reference(q, k, v, softmax_scale, causal, window, softcap, alibi_slopes,
                                          dropout_mask=keep, dropout_p=dropout.p)
-            _, lse = attention_reference(q, k, v, softmax_scale, causal, window, softcap,
-                                         alibi_slopes, compute_dtype=torch.float32)
+            lse = None     # float32, as _stock_attention's, and only when asked for
+            if return_attn_probs or learnable_sink is not None:
+                _, lse = attention_reference(q, k, v, softmax_scale, causal, window, softcap,
+                                             alibi_slopes, compute_dtype=torch.float32)
         else:
             out, lse = _stock_attention(q, k, v, softmax_scale, causal, window, softcap, alibi_slopes,
                                         need_lse=return_attn_probs or learnable_sink is not None)

@@ -124,7 +124,7 @@ def attention_split_partial_kernel(
     stride_kp, stride_kn, stride_kh,
     stride_vp, stride_vn, stride_vh,
     stride_bt_b, page_size, stride_alibi_b,
-    num_heads_q, group_size, batch, seqlen_q, head_dim, head_dim_v, num_m_tiles, n_new,
+    num_heads_q, group_size, batch, seqlen_q, head_dim, num_m_tiles, n_new,
     qk_scale, softcap_scaled, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_BLOCKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, ROWWISE: tl.constexpr,
@@ -133,6 +133,7 @@ def attention_split_partial_kernel(
     PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, EVEN_D: tl.constexpr,
     USE_TMA: tl.constexpr, USE_PDL: tl.constexpr,
     LEFTPAD=None, HAS_LEFTPAD: tl.constexpr = False,
+    head_dim_v=0, SMALLER_V: tl.constexpr = False,
 ):
     """Grid: (num_splits * num_m_tiles, B * Hkv).  One split of one tile of packed rows.
 
@@ -152,7 +153,8 @@ def attention_split_partial_kernel(
     ``n_new`` just appended); with ``HAS_LEFTPAD`` (contiguous caches, no copy engine) the
     first ``LEFTPAD[b]`` cache rows are padding: the sequence's keys are cache rows
     ``LEFTPAD[b] ..``, key position 0 at the first of them, so blocks and splits start
-    there (the bits of the unpadded sequence).  ``USE_PDL``: the combine kernel is launched as this
+    there (the bits of the unpadded sequence).  ``SMALLER_V``: v's head dim ``head_dim_v`` is
+    below q/k's; v's columns past it load as zeros.  ``USE_PDL``: the combine kernel is launched as this
     kernel's programmatic dependent and may start (and wait) as soon as every program
     here has begun.
     """
@@ -180,7 +182,9 @@ def attention_split_partial_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = t < seqlen_q
     d_ok = offs_d < head_dim
-    dv_ok = offs_d < head_dim_v     # v's columns (head_dim_v <= head_dim); the rest load as 0
+    dv_ok = d_ok
+    if SMALLER_V:
+        dv_ok = offs_d < head_dim_v     # v's columns (head_dim_v < head_dim); the rest load as 0
     pos_q = t + (seqlen_k - seqlen_q)
     q_ok = row_ok[:, None] if EVEN_D else row_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64)[:, None] * stride_qh

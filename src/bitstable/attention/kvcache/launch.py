@@ -52,9 +52,10 @@ def launch_decode(plan: DecodePlan, q: torch.Tensor, k_cache: torch.Tensor, v_ca
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             bt.stride(0) if block_table is not None else 0, max(call.page_size, 1), stride_alibi_b,
-            Hq, Hq // Hk, B, Lq, D, Dv, plan.num_m_tiles, call.n_new,
+            Hq, Hq // Hk, B, Lq, D, plan.num_m_tiles, call.n_new,
             qk_scale, softcap_scaled, max(call.left, 0), max(call.right, 0),
-            HAS_BATCH_IDX=cache_batch_idx is not None, USE_TMA=use_tma, **plan.kwargs, **leftpad)
+            HAS_BATCH_IDX=cache_batch_idx is not None, USE_TMA=use_tma, **plan.kwargs, **leftpad,
+            **({"head_dim_v": Dv, "SMALLER_V": True} if Dv != D else {}))
     launch_combine(ws_acc, ws_ml, out, lse, cache_seqlens, plan.split, call.n_new, HD, plan.combine,
                    pdl=plan.pdl, cache_leftpad=call.cache_leftpad)
     return out, lse
