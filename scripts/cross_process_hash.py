@@ -3,6 +3,7 @@
 
 Each child process (``--child``) builds fixed seeded inputs and runs
   * an attention forward + backward (``flash_attn_func``: out, lse, dq, dk, dv; causal, GQA),
+  * the same with dropout 0.1 after ``torch.manual_seed(7)`` (the mask from the generator),
   * a KV-cache step (``flash_attn_with_kvcache``: append + decode over a batch, out and lse),
   * a batch-invariant matmul (``bitstable.ops.mm``, column-major b),
 and prints the sha256 of each part's output bytes and of all of them together.  The parent
@@ -23,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ("attention", "kvcache", "mm")
+PARTS = ("attention", "dropout", "kvcache", "mm")
 
 
 def _child() -> None:
@@ -62,6 +63,9 @@ def _child() -> None:
         out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), r(B, L, Hq, D))
         digest("attention", out, lse, dq, dk, dv)
+        torch.manual_seed(7)
+        out = flash_attn_func(q, k, v, dropout_p=0.1, causal=True)
+        digest("dropout", out, *torch.autograd.grad(out, (q, k, v), r(B, L, Hq, D)))
 
         lens = torch.randint(1, dec_L - 1, (dec_B,), generator=g).to(torch.int32)
         kc, vc = r(dec_B, dec_L, Hk, D), r(dec_B, dec_L, Hk, D)

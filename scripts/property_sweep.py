@@ -142,7 +142,10 @@ def main(argv=None) -> int:
         args.n = -(-args.total // len(names))
     from bitstable._backend import describe
 
-    meta = {"device": describe(), "profile": tp.PROFILE.name, "n": args.n, "seed": args.seed,
+    import dataclasses
+
+    meta = {"device": describe(), "profile": tp.PROFILE.name, "sizes": dataclasses.asdict(tp.PROFILE),
+            "scale": float(os.environ.get("BITSTABLE_PROPERTY_SCALE", "1")), "n": args.n, "seed": args.seed,
             "jobs": args.jobs, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
         import subprocess

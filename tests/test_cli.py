@@ -170,3 +170,24 @@ def test_bench_writes_table_json_and_plot(tmp_path, monkeypatch):
 def test_bad_shape_argument():
     r = _run("bench", "--shape", "1,2,3")
     assert r.returncode != 0 and "B,H,L,D" in r.stderr
+
+
+def test_bench_features_pass(tmp_path):
+    """``--passes features``: a row per (feature, shape) with both timings and their ratio,
+    the table and the plot (tiny sizes: the interpreter times nothing real; the GPU run's
+    numbers are in benchmarks/results/)."""
+    pytest.importorskip("matplotlib")
+    from bitstable.cli.bench import run_bench
+
+    rows = run_bench(str(tmp_path), reps=1, passes=["features"], stream=io.StringIO(),
+                     features_sizes=dict(shapes=((1, 2, 16, 16),), decode_cases=((1, 16),),
+                                         value_dims=(24, 16), decode_heads=(4, 2, 16)))
+    assert [(r["feature"], r["D"], r["Dv"]) for r in rows] == [("sink", 16, 16), ("dv<d", 24, 16),
+                                                                ("rotary-decode", 16, 16)]
+    for r in rows:
+        assert r["pass_"] == "features" and r["base_ms"] > 0 and r["bitstable_ms"] > 0
+        assert r["cost"] == pytest.approx(r["bitstable_ms"] / r["base_ms"])
+    assert rows[2]["cost_eager"] > 0
+    md = (tmp_path / "bench.md").read_text()
+    assert "What each feature costs" in md and "| rotary-decode | 1 | 4 | 16 |" in md
+    assert (tmp_path / "bench.png").stat().st_size > 1000

@@ -256,3 +256,34 @@ def test_torch_compile_draws_a_fresh_mask_per_step_as_eager(device):
     eager = [flash_attn_func(q, k, v, P, causal=True) * 2 for _ in range(4)]
     assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
     assert not torch.equal(compiled[0], compiled[1])
+
+
+@pytest.mark.gpu
+def test_dropout_compiles_one_variant_whatever_the_stream_key():
+    """Each call draws a new stream key; Triton would specialise its two 32-bit halves on
+    divisibility by 16 and compile up to four variants per kernel as keys come (seconds of
+    stall each, seen on an H200 as 1.5-3.4 s calls long after the first).  The kernels mark
+    them ``do_not_specialize``: after the first call no key compiles anything.  The keys
+    here are chosen so that the low half is divisible by 16 for some calls and not others
+    (seed 16, philox offsets 0, 4, 8, ...), so the test fails without the marks."""
+    from bitstable.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
+    from bitstable.kernels.attention_fwd import attention_fwd_kernel
+
+    kernels = (attention_fwd_kernel, attention_bwd_dkdv_kernel, attention_bwd_dq_kernel)
+
+    def variants():
+        return [sum(len(c[0]) for c in k.device_caches.values()) for k in kernels]
+
+    q, k, v = (torch.randn(2, 300, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    gen = torch.cuda.default_generators[torch.cuda.current_device()]
+    divisible, counts = set(), []
+    for i in range(8):
+        torch.manual_seed(16)
+        gen.set_offset(4 * i)
+        divisible.add(stream_key(gen.initial_seed(), gen.get_offset()) % 16 == 0)
+        out = flash_attn_func(q, k, v, dropout_p=0.1, causal=True)
+        torch.autograd.grad(out.float().sum(), (q, k, v))
+        counts.append(variants())
+    assert divisible == {True, False}          # both specialisations would have been hit
+    assert all(c == counts[0] for c in counts), counts

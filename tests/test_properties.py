@@ -727,8 +727,9 @@ def check_accuracy(cfg: dict) -> None:
     """Forward (out, lse) and backward (dq, dk, dv) against the float64 reference, with the
     tolerance rule of tests/test_attention_accuracy.py and test_attention_backward.py: error at
     most 2x stock PyTorch's error in the same dtype plus a floor of eps * max|ref| (4 eps for
-    gradients; dq and dk also what taking Delta from the stored output costs,
-    reference.flash_backward_slack, exact in float64); lse +inf exactly where a row sees no key, such rows' outputs exactly 0."""
+    gradients; also what a FlashAttention-style backward costs beyond stock,
+    reference.flash_backward_slack: Delta from the stored output, exact in float64, for dq and
+    dk, and P recomputed in fp32 from the stored lse, for all three); lse +inf exactly where a row sees no key, such rows' outputs exactly 0."""
     r = Report(cfg)
     dt = DTYPES[cfg["dtype"]]
     q, k, v, dout, dlse = _dense_inputs(cfg, cfg["B"])

@@ -113,16 +113,22 @@ def flash_backward_slack(q, k, v, out, dout, dlse=None, **kw) -> Tuple[float, fl
     Such a backward (bitstable's, FlashAttention's, cuDNN's) forms ``dS = P * (dP - Delta +
     dlse)`` with ``Delta = rowsum(dO * O)`` taken from the forward's output ``out`` *as
     stored* (rounded to its dtype), where stock autograd uses ``rowsum(P * dP)``.
-    ``dP - Delta`` cancels (a row that sees one key has exactly 0), so two effects are not
-    proportional to the gradients:
+    ``dP - Delta`` cancels (a row that sees one key has exactly 0), and ``P`` is recomputed
+    from the stored lse, so three effects are not proportional to the gradients:
 
     * the stored output's rounding moves ``Delta`` by ``rowsum(dO * (out - O))``: its exact
       effect is a ``dlse`` shift of minus that, computed here in float64 (with a peaked
       softmax, e.g. softmax_scale 1 at D 56 in bf16, it is several times stock's error);
     * ``dP`` and ``Delta`` are fp32 sums in different orders: one fp32 unit of roundoff of
-      ``P * (|dO| @ |V|^T)``, carried through ``|K|`` (dq) or ``|Q|`` (dk).
+      ``P * (|dO| @ |V|^T)``, carried through ``|K|`` (dq) or ``|Q|`` (dk);
+    * ``P = exp2(s * c - lse * c)`` (``s`` the scaled score, ``c = log2 e``) in fp32 rounds ``s * c``, ``lse * c``
+      and their difference, each at fp32's half unit of its own magnitude, which can be tens
+      when softmax_scale is large: a relative error of up to ``ln 2 * eps32 * (|s c| + |lse c|
+      + |s c - lse c|)`` in each weight (stock's ``exp(s - max)`` sees only the small
+      difference), carried through ``|dO|`` (dv) and through ``|dS|`` and ``|K|`` / ``|Q|``
+      (dq / dk).
 
-    ``dv = P^T @ dO`` has neither (0).  ``q, k, v, dout`` any float dtype, layout
+    ``dv = P^T @ dO`` has only the last.  ``q, k, v, dout`` any float dtype, layout
     (batch, seqlen, heads, headdim); ``out`` the forward output the backward received;
     ``dlse`` [B, Hq, Lq] or None; ``kw`` attention_reference's keywords.
     """
@@ -149,5 +155,17 @@ def flash_backward_slack(q, k, v, out, dout, dlse=None, **kw) -> Tuple[float, fl
     mq = scale * torch.matmul(ds, kh.abs()).max().item()
     mk = scale * torch.matmul(ds.transpose(-1, -2), qh.abs()).reshape(B, Hk, g, Lk, D).sum(2).max().item()
     eps32 = torch.finfo(torch.float32).eps
+    # the recompute term: each weight's relative error from the base-2 exponent's roundings
+    c = math.log2(math.e)                      # s is already scaled
+    lse = torch.logsumexp(s.masked_fill(~ok, float("-inf")), dim=-1, keepdim=True)
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    sc, lc = (s * c).masked_fill(~ok, 0.0), lse * c
+    rel = math.log(2.0) * eps32 * (sc.abs() + lc.abs() + (sc - lc).abs())
+    pr = p * rel
+    dp = torch.matmul(doh, vh.transpose(-1, -2))
+    ds_abs = (p * (dp - (p * dp).sum(-1, keepdim=True) + dlse[..., None])).abs()
+    rq = scale * torch.matmul(ds_abs * rel, kh.abs()).max().item()
+    rk = scale * torch.matmul((ds_abs * rel).transpose(-1, -2), qh.abs()).reshape(B, Hk, g, Lk, D).sum(2).max().item()
+    rv = torch.matmul(pr.transpose(-1, -2), doh.abs()).reshape(B, Hk, g, Lk, -1).sum(2).max().item()
     shift = [(a - b).abs().max().item() if a.numel() else 0.0 for a, b in zip(g_stored, g_exact)]
-    return shift[0] + eps32 * mq, shift[1] + eps32 * mk, 0.0
+    return shift[0] + eps32 * mq + rq, shift[1] + eps32 * mk + rk, rv

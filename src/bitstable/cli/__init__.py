@@ -42,7 +42,9 @@ def main(argv=None) -> int:
     b.add_argument("--passes", default="fwd,fwd+bwd,decode,ops",
                    help="comma list of fwd, fwd+bwd, dropout, decode, ops, model (dropout: opt-in, fwd+bwd "
                         "with dropout_p 0.1 next to SDPA's own dropout; model: opt-in, a Llama model's "
-                        "training step, generation and host overhead, stock vs bitstable)")
+                        "training step, generation and host overhead, stock vs bitstable; features: opt-in, what a "
+                        "learnable sink, a value head dim below the q/k one and rotary in decode each cost "
+                        "over the same call without)")
     b.add_argument("--decode-batches", default="1,8,64", help="decode batch sizes (comma list)")
     b.add_argument("--decode-lengths", default="4096,16384,65536,131072",
                    help="decode KV-cache lengths (comma list)")
@@ -129,9 +131,9 @@ def main(argv=None) -> int:
     from .bench import DEFAULT_SHAPES, run_bench
 
     passes = [p for p in args.passes.split(",") if p]
-    bad = [p for p in passes if p not in ("fwd", "fwd+bwd", "dropout", "decode", "ops", "model")]
+    bad = [p for p in passes if p not in ("fwd", "fwd+bwd", "dropout", "decode", "ops", "model", "features")]
     if bad:
-        ap.error(f"--passes takes fwd, fwd+bwd, dropout, decode, ops and/or model, got {bad}")
+        ap.error(f"--passes takes fwd, fwd+bwd, dropout, decode, ops, model and/or features, got {bad}")
     try:
         decode_sizes = dict(batches=[int(x) for x in args.decode_batches.split(",")],
                             lengths=[int(x) for x in args.decode_lengths.split(",")])
@@ -148,8 +150,11 @@ def main(argv=None) -> int:
     model_sizes = dict(size=args.model_size, train_shapes=args.model_train, gen_batches=batches,
                        prompt_len=args.model_prompt_len, new_tokens=args.model_new_tokens, runs=args.model_runs,
                        parts=parts, compile_causal_mask=args.model_compile_mask)
+    # the features pass: --shape's shapes where given (the value-dim rows keep D 192 / Dv 128)
+    features_sizes = dict(shapes=args.shape) if args.shape else {}
     run_bench(args.out, shapes=args.shape or DEFAULT_SHAPES, reps=args.reps, passes=passes,
-              decode_sizes=decode_sizes, ops_sizes=ops_sizes, model_sizes=model_sizes)
+              decode_sizes=decode_sizes, ops_sizes=ops_sizes, model_sizes=model_sizes,
+              features_sizes=features_sizes)
     return 0
 
 

@@ -275,6 +275,11 @@ def plot(rows: List[Dict], path: str, title: str) -> None:
 
             plot_model(sub, ax)
             continue
+        if pss == "features":
+            from .bench_features import plot_features
+
+            plot_features(sub, ax)
+            continue
         if pss == "decode":
             labels = [f"B{r['B']}\nKV {r['L']}" for r in sub]
             ax.bar([i - width / 2 for i in range(len(sub))], [r["bitstable_gbs"] or 0.0 for r in sub],
@@ -304,10 +309,11 @@ def plot(rows: List[Dict], path: str, title: str) -> None:
 def run_bench(out_dir: str, shapes=DEFAULT_SHAPES, reps: int = 100, stream=sys.stdout,
               passes: Sequence[str] = ("fwd", "fwd+bwd", "decode", "ops"),
               decode_sizes: Optional[Dict] = None, ops_sizes: Optional[Dict] = None,
-              model_sizes: Optional[Dict] = None) -> List[Dict]:
+              model_sizes: Optional[Dict] = None, features_sizes: Optional[Dict] = None) -> List[Dict]:
     """Run the benchmark and write bench.json, bench.md and bench.png into ``out_dir``.
     The "model" pass (opt-in) takes ``model_sizes``: keyword arguments of
-    ``bench_model.bench_model``."""
+    ``bench_model.bench_model``; the "features" pass (opt-in) ``features_sizes``, those of
+    ``bench_features.bench_features``."""
     os.makedirs(out_dir, exist_ok=True)
     device = _backend.describe()
     print(f"bitstable bench on {device}", file=stream, flush=True)
@@ -325,6 +331,14 @@ def run_bench(out_dir: str, shapes=DEFAULT_SHAPES, reps: int = 100, stream=sys.s
         op_rows = [dict(r, pass_="ops") for r in bench_ops(reps=reps, stream=stream, **(ops_sizes or {}))]
         rows += op_rows
         table += ("\n\n" if table else "") + "Batch-invariant ops (bf16) vs stock PyTorch:\n\n" + ops_table(op_rows)
+    if "features" in passes:
+        from .bench_features import bench_features, features_table
+
+        feat = bench_features(reps=reps, stream=stream, **(features_sizes or {}))
+        rows += feat
+        table += ("\n\n" if table else "") + ("What each feature costs over the same call without it (bf16, "
+                                              "causal; decode: CUDA-graph replay, eager cost beside):\n\n"
+                                              + features_table(feat))
     if "model" in passes:
         from .bench_model import bench_model, model_tables
 

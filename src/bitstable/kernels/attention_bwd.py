@@ -23,7 +23,8 @@ with unit head-dim stride; lse/delta [B, Hq, Lq] float32.
 import triton
 import triton.language as tl
 
-from .attention_core import LOG2E, score_transform, tanh_f32, tile_dot, visibility_mask
+from .attention_core import (LOG2E, head_offset, key_block_query_range, score_transform, sequence_bounds, tanh_f32, tile_dot, tile_key_range,
+                             visibility_mask)
 from .dropout import dropout_keep, sequence_key
 
 
@@ -130,7 +131,7 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, LSE, DELTA, row_base, mb, offs_m0
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["drop_lo", "drop_hi"])   # a new stream key per call: one variant
 def attention_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, ALIBI, CU_Q, CU_K,
     stride_qb, stride_qm, stride_qh,
@@ -164,20 +165,11 @@ def attention_bwd_dkdv_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads_kv
     h_kv = pid_bh % num_heads_kv
-    if VARLEN:
-        q_start = tl.load(CU_Q + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        seqlen_k = tl.load(CU_K + b + 1) - k_start
-        kv_off = k_start.to(tl.int64) * stride_kn + h_kv.to(tl.int64) * stride_kh
-        v_off = k_start.to(tl.int64) * stride_vn + h_kv.to(tl.int64) * stride_vh
-        dk_off = k_start.to(tl.int64) * stride_dkn + h_kv.to(tl.int64) * stride_dkh
-        dv_off = k_start.to(tl.int64) * stride_dvn + h_kv.to(tl.int64) * stride_dvh
-    else:
-        kv_off = b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
-        v_off = b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
-        dk_off = b.to(tl.int64) * stride_dkb + h_kv.to(tl.int64) * stride_dkh
-        dv_off = b.to(tl.int64) * stride_dvb + h_kv.to(tl.int64) * stride_dvh
+    q_start, seqlen_q, k_start, seqlen_k = sequence_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
+    kv_off = head_offset(b, k_start, h_kv, stride_kb, stride_kn, stride_kh, VARLEN)
+    v_off = head_offset(b, k_start, h_kv, stride_vb, stride_vn, stride_vh, VARLEN)
+    dk_off = head_offset(b, k_start, h_kv, stride_dkb, stride_dkn, stride_dkh, VARLEN)
+    dv_off = head_offset(b, k_start, h_kv, stride_dvb, stride_dvn, stride_dvh, VARLEN)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -190,28 +182,11 @@ def attention_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
 
-    # Query rows that can see this key block (positions aligned bottom-right).
+    # Query blocks that can see this key block, and those that see it whole.
     offset = seqlen_k - seqlen_q
-    row_lo = 0
-    row_hi = seqlen_q
-    if HAS_RIGHT:
-        row_lo = tl.maximum(pid_n * BLOCK_N - window_right - offset, 0)
-    if HAS_LEFT:
-        row_hi = tl.minimum(pid_n * BLOCK_N + BLOCK_N - 1 + window_left - offset + 1, seqlen_q)
-    m_lo = row_lo // BLOCK_M
-    m_hi = tl.cdiv(tl.maximum(row_hi, 0), BLOCK_M)
-    if VARLEN:  # a key block past this sequence's last key does nothing
-        m_hi = tl.where(pid_n * BLOCK_N >= seqlen_k, m_lo, m_hi)
-    # Query blocks whose every (row, key) pair with this key block is visible.
-    n0 = pid_n * BLOCK_N
-    full_lo = m_lo
-    full_hi = m_hi
-    if HAS_RIGHT:    # key n0+BN-1 <= row position + window_right for the block's first row
-        full_lo = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - offset - window_right, 0), BLOCK_M)
-    if HAS_LEFT:     # key n0 >= row position - window_left for the block's last row
-        t = n0 + window_left - offset - BLOCK_M + 1
-        full_hi = tl.where(t >= 0, t // BLOCK_M + 1, 0)
-    full_hi = tl.where(n0 + BLOCK_N <= seqlen_k, full_hi, 0)    # keys past the end need the mask
+    m_lo, m_hi, full_lo, full_hi = key_block_query_range(pid_n * BLOCK_N, seqlen_q, seqlen_k, window_left,
+                                                         window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                                                         VARLEN)
     full_lo = tl.minimum(tl.maximum(full_lo, m_lo), m_hi)
     full_hi = tl.maximum(tl.minimum(full_hi, m_hi), full_lo)
 
@@ -222,13 +197,11 @@ def attention_bwd_dkdv_kernel(
         alibi_slope_log2 = 0.0
         if HAS_ALIBI:
             alibi_slope_log2 = tl.load(ALIBI + b * stride_alibi_b + h).to(tl.float32) * LOG2E
+        q_base = Q + head_offset(b, q_start, h, stride_qb, stride_qm, stride_qh, VARLEN)
+        do_base = DO + head_offset(b, q_start, h, stride_dob, stride_dom, stride_doh, VARLEN)
         if VARLEN:
-            q_base = Q + q_start.to(tl.int64) * stride_qm + h.to(tl.int64) * stride_qh
-            do_base = DO + q_start.to(tl.int64) * stride_dom + h.to(tl.int64) * stride_doh
             row_base = h.to(tl.int64) * total_q + q_start
         else:
-            q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-            do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
             row_base = (b * num_heads_q + h).to(tl.int64) * seqlen_q
         if PER_HEAD_SUMS:   # each head's sum starts at zero; heads are added in order after
             dk_h = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -289,7 +262,7 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, nb, offs_n0, offs_d, d_ok,
     return tile_dot(ds.to(COMPUTE_DTYPE), k, dq, ROWWISE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["drop_lo", "drop_hi"])   # a new stream key per call: one variant
 def attention_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, ALIBI, CU_Q, CU_K,
     stride_qb, stride_qm, stride_qh,
@@ -314,22 +287,12 @@ def attention_bwd_dq_kernel(
     b = pid_bh // num_heads_q
     h = pid_bh % num_heads_q
     h_kv = h // group_size
-    if VARLEN:
-        q_start = tl.load(CU_Q + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        seqlen_k = tl.load(CU_K + b + 1) - k_start
-        q_off = q_start.to(tl.int64) * stride_qm + h.to(tl.int64) * stride_qh
-        do_off = q_start.to(tl.int64) * stride_dom + h.to(tl.int64) * stride_doh
-        dq_off = q_start.to(tl.int64) * stride_dqm + h.to(tl.int64) * stride_dqh
-        k_off = k_start.to(tl.int64) * stride_kn + h_kv.to(tl.int64) * stride_kh
-        v_off = k_start.to(tl.int64) * stride_vn + h_kv.to(tl.int64) * stride_vh
-    else:
-        q_off = b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        do_off = b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-        dq_off = b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-        k_off = b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
-        v_off = b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
+    q_start, seqlen_q, k_start, seqlen_k = sequence_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
+    q_off = head_offset(b, q_start, h, stride_qb, stride_qm, stride_qh, VARLEN)
+    do_off = head_offset(b, q_start, h, stride_dob, stride_dom, stride_doh, VARLEN)
+    dq_off = head_offset(b, q_start, h, stride_dqb, stride_dqm, stride_dqh, VARLEN)
+    k_off = head_offset(b, k_start, h_kv, stride_kb, stride_kn, stride_kh, VARLEN)
+    v_off = head_offset(b, k_start, h_kv, stride_vb, stride_vn, stride_vh, VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -352,15 +315,12 @@ def attention_bwd_dq_kernel(
     offset = seqlen_k - seqlen_q
     p_lo = pid_m * BLOCK_M + offset
     p_hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, seqlen_q) - 1 + offset
-    key_lo = 0
-    key_hi = seqlen_k
-    if HAS_LEFT:
-        key_lo = tl.maximum(p_lo - window_left, 0)
-    if HAS_RIGHT:
-        key_hi = tl.minimum(tl.maximum(p_hi + window_right + 1, 0), seqlen_k)
+    key_lo, key_hi, full_lo, full_hi = tile_key_range(p_lo, p_hi, seqlen_k, window_left, window_right,
+                                                      BLOCK_N, HAS_LEFT, HAS_RIGHT)
     if VARLEN:  # a tile past this sequence's last row does nothing
         key_hi = tl.where(pid_m * BLOCK_M >= seqlen_q, 0, key_hi)
-        key_lo = tl.minimum(key_lo, key_hi)
+        if HAS_LEFT:    # else key_lo is 0 <= key_hi, and stays a constant
+            key_lo = tl.minimum(key_lo, key_hi)
     k_base = K + k_off
     v_base = V + v_off
     seq_lo, seq_hi = sequence_key(SEQ_KEYS, b, HAS_SEQ_KEYS and DROPOUT)
@@ -368,15 +328,7 @@ def attention_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     n_lo = key_lo // BLOCK_N
     n_hi = tl.cdiv(key_hi, BLOCK_N)
-    # Key blocks whose every (row, key) pair with this query block is visible.
-    m0 = pid_m * BLOCK_M
-    full_lo = n_lo
-    full_hi = seqlen_k // BLOCK_N                  # blocks wholly inside the keys
-    if HAS_LEFT:     # first key >= position of the block's last row - window_left
-        full_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M - 1 + offset - window_left, 0), BLOCK_N)
-    if HAS_RIGHT:    # last key <= position of the block's first row + window_right
-        t = m0 + offset + window_right + 1
-        full_hi = tl.minimum(full_hi, tl.where(t >= 0, t // BLOCK_N, 0))
+    # Key blocks whose every (row, key) pair with this query block is visible: the forward's.
     full_lo = tl.minimum(tl.maximum(full_lo, n_lo), n_hi)
     full_hi = tl.maximum(tl.minimum(full_hi, n_hi), full_lo)
     # Key blocks in ascending order, masked / whole / masked as the dk/dv kernel's rows.

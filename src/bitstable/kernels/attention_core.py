@@ -122,6 +122,33 @@ def visibility_mask(pos_q, pos_k, seqlen_k, window_left, window_right,
 
 
 @triton.jit
+def sequence_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    """Sequence ``b``'s ``(q_start, seqlen_q, k_start, seqlen_k)``: its first row and key in
+    the packed tensors and its lengths.  ``VARLEN``: from the cumulative lengths ``CU_Q`` /
+    ``CU_K`` [num_seqs + 1] int32; dense: 0, 0 and the call's ``seqlen_q`` / ``seqlen_k``."""
+    q_start = 0
+    k_start = 0
+    if VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+    return q_start, seqlen_q, k_start, seqlen_k
+
+
+@triton.jit
+def head_offset(b, start, h, stride_b, stride_row, stride_h, VARLEN: tl.constexpr):
+    """Element offset (int64) of head ``h``'s first row of sequence ``b``: in a
+    [B, L, H, D] tensor ``b * stride_b + h * stride_h``; in a varlen pack [total, H, D]
+    (``VARLEN``) ``start * stride_row + h * stride_h``, ``start`` the sequence's first row."""
+    if VARLEN:
+        off = start.to(tl.int64) * stride_row + h.to(tl.int64) * stride_h
+    else:
+        off = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    return off
+
+
+@triton.jit
 def tile_key_range(p_lo, p_hi, seqlen_k, window_left, window_right, BLOCK_N: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Keys a tile of queries at positions ``p_lo .. p_hi`` can see, and the key blocks
@@ -142,6 +169,41 @@ def tile_key_range(p_lo, p_hi, seqlen_k, window_left, window_right, BLOCK_N: tl.
         key_hi = tl.minimum(tl.maximum(p_hi + window_right + 1, 0), seqlen_k)
         full_hi = tl.minimum(full_hi, tl.maximum(p_lo + window_right + 1, 0) // BLOCK_N)
     return key_lo, key_hi, full_lo, full_hi
+
+
+@triton.jit
+def key_block_query_range(n0, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                          VARLEN: tl.constexpr):
+    """Query blocks that can see the key block starting at key ``n0`` (positions aligned
+    bottom-right), and those whose every (row, key) pair with it is visible: the transpose
+    of :func:`tile_key_range`, for the dk/dv kernel.
+
+    Returns ``(m_lo, m_hi, full_lo, full_hi)`` in query blocks of ``BLOCK_M``: blocks
+    ``[m_lo, m_hi)`` hold some row that sees a key of the block; blocks ``[full_lo,
+    full_hi)`` (unclamped) see all of it, so they fold without mask work.  ``VARLEN``: a
+    key block past the sequence's last key is seen by none.
+    """
+    offset = seqlen_k - seqlen_q
+    row_lo = 0
+    row_hi = seqlen_q
+    if HAS_RIGHT:
+        row_lo = tl.maximum(n0 - window_right - offset, 0)
+    if HAS_LEFT:
+        row_hi = tl.minimum(n0 + BLOCK_N - 1 + window_left - offset + 1, seqlen_q)
+    m_lo = row_lo // BLOCK_M
+    m_hi = tl.cdiv(tl.maximum(row_hi, 0), BLOCK_M)
+    if VARLEN:  # a key block past this sequence's last key does nothing
+        m_hi = tl.where(n0 >= seqlen_k, m_lo, m_hi)
+    full_lo = m_lo
+    full_hi = m_hi
+    if HAS_RIGHT:    # key n0+BN-1 <= row position + window_right for the block's first row
+        full_lo = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - offset - window_right, 0), BLOCK_M)
+    if HAS_LEFT:     # key n0 >= row position - window_left for the block's last row
+        t = n0 + window_left - offset - BLOCK_M + 1
+        full_hi = tl.where(t >= 0, t // BLOCK_M + 1, 0)
+    full_hi = tl.where(n0 + BLOCK_N <= seqlen_k, full_hi, 0)    # keys past the end need the mask
+    return m_lo, m_hi, full_lo, full_hi
 
 
 @triton.jit

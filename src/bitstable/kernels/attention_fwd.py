@@ -18,7 +18,8 @@ q; lse ``[B, Hq, Lq]`` float32.  Query head ``h`` reads key/value head
 import triton
 import triton.language as tl
 
-from .attention_core import LOG2E, empty_state, finalize, fold_block, merge_states, tile_key_range
+from .attention_core import (LOG2E, empty_state, finalize, fold_block, head_offset, merge_states, sequence_bounds,
+                             tile_key_range)
 from .dropout import dropout_keep, sequence_key
 
 
@@ -83,6 +84,28 @@ def _process_block(j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, dr
 
 
 @triton.jit
+def _fold_bands(lo, a, bb, hi, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, drop,
+                MERGE_AT_SPLIT_END: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_N: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+                ROWWISE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, USE_TMA: tl.constexpr,
+                DROPOUT: tl.constexpr):
+    """Fold key blocks ``[lo, hi)`` in ascending order as three bands: ``[lo, a)`` masked,
+    ``[a, bb)`` whole (no mask work), ``[bb, hi)`` masked (``lo <= a <= bb <= hi``).
+
+    The one block walk of both loop structures; the other arguments are
+    :func:`_process_block`'s."""
+    for part in tl.static_range(3):
+        for j in range(lo if part == 0 else (a if part == 1 else bb),
+                       a if part == 0 else (bb if part == 1 else hi)):
+            m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
+                j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, drop, part != 1,
+                MERGE_AT_SPLIT_END, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE,
+                HAS_SOFTCAP, HAS_ALIBI, HAS_LEFT, HAS_RIGHT, USE_TMA, DROPOUT)
+    return m_s, l_s, acc_s, m_t, l_t, acc_t
+
+
+@triton.jit(do_not_specialize=["drop_lo", "drop_hi"])   # a new stream key per call: one variant
 def attention_fwd_kernel(
     Q, K, V, O, LSE, ALIBI, CU_Q, CU_K,
     stride_qb, stride_qm, stride_qh,
@@ -129,16 +152,7 @@ def attention_fwd_kernel(
     h = pid_bh % num_heads_q
     h_kv = h // group_size
 
-    if VARLEN:
-        q_start = tl.load(CU_Q + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        seqlen_k = tl.load(CU_K + b + 1) - k_start
-        row0 = q_start.to(tl.int64)
-        key0 = k_start.to(tl.int64)
-    else:
-        row0 = b.to(tl.int64) * 0
-        key0 = b.to(tl.int64) * 0
+    q_start, seqlen_q, k_start, seqlen_k = sequence_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -146,18 +160,13 @@ def attention_fwd_kernel(
     row_ok = offs_m < seqlen_q
     pos_q = offs_m + (seqlen_k - seqlen_q)
 
-    if VARLEN:
-        q_base = Q + row0 * stride_qm + h.to(tl.int64) * stride_qh
-        k_src = K + key0 * stride_kn + h_kv.to(tl.int64) * stride_kh
-        v_src = V + key0 * stride_vn + h_kv.to(tl.int64) * stride_vh
+    q_base = Q + head_offset(b, q_start, h, stride_qb, stride_qm, stride_qh, VARLEN)
+    if USE_TMA and not VARLEN:   # descriptors over the whole k / v
+        k_src = K
+        v_src = V
     else:
-        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        if USE_TMA:
-            k_src = K
-            v_src = V
-        else:
-            k_src = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
-            v_src = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
+        k_src = K + head_offset(b, k_start, h_kv, stride_kb, stride_kn, stride_kh, VARLEN)
+        v_src = V + head_offset(b, k_start, h_kv, stride_vb, stride_vn, stride_vh, VARLEN)
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
     q = q.to(COMPUTE_DTYPE)
@@ -193,13 +202,10 @@ def attention_fwd_kernel(
             hi = tl.minimum(blk_hi, sp * SPLIT_BLOCKS + SPLIT_BLOCKS)
             a = tl.minimum(tl.maximum(mid_lo, lo), hi)
             bb = tl.minimum(tl.maximum(mid_hi, a), hi)
-            for part in tl.static_range(3):      # [lo, a) masked, [a, bb) whole, [bb, hi) masked
-                for j in range(lo if part == 0 else (a if part == 1 else bb),
-                               a if part == 0 else (bb if part == 1 else hi)):
-                    m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                        j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, drop, part != 1, False,
-                        EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
-                        HAS_LEFT, HAS_RIGHT, USE_TMA, DROPOUT)
+            m_s, l_s, acc_s, m_t, l_t, acc_t = _fold_bands(
+                lo, a, bb, hi, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, drop, False,
+                EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
+                HAS_LEFT, HAS_RIGHT, USE_TMA, DROPOUT)
             m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
             m_s = tl.zeros_like(m_s) + float("-inf")
             l_s = tl.zeros_like(l_s)
@@ -207,28 +213,22 @@ def attention_fwd_kernel(
     else:
         # Flat loops (masked edge, whole blocks, masked edge); the split merge is a branch
         # taken at each split's last block.
-        for part in tl.static_range(3):          # [blk_lo, mid_lo) masked, whole, [mid_hi, blk_hi) masked
-            for j in range(blk_lo if part == 0 else (mid_lo if part == 1 else mid_hi),
-                           mid_lo if part == 0 else (mid_hi if part == 1 else blk_hi)):
-                m_s, l_s, acc_s, m_t, l_t, acc_t = _process_block(
-                    j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, drop, part != 1, True,
-                    EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
-                    HAS_LEFT, HAS_RIGHT, USE_TMA, DROPOUT)
+        m_s, l_s, acc_s, m_t, l_t, acc_t = _fold_bands(
+            blk_lo, mid_lo, mid_hi, blk_hi, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, drop,
+            True, EVEN_D, HEAD_DIM, BLOCK_N, SPLIT_BLOCKS, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,
+            HAS_LEFT, HAS_RIGHT, USE_TMA, DROPOUT)
         # The last, possibly partial, split.  Merging an empty split is the identity.
         m_t, l_t, acc_t = merge_states(m_t, l_t, acc_t, m_s, l_s, acc_s)
 
     out, lse = finalize(m_t, l_t, acc_t)
     if DROPOUT:
         out = out * drop_scale
-    if VARLEN:
-        o_base = O + row0 * stride_om + h.to(tl.int64) * stride_oh
-    else:
-        o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    o_base = O + head_offset(b, q_start, h, stride_ob, stride_om, stride_oh, VARLEN)
     tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d < head_dim)[None, :])
     if WRITE_LSE:
         if VARLEN:
-            lse_ptrs = LSE + h.to(tl.int64) * total_q + row0 + offs_m
+            lse_ptrs = LSE + h.to(tl.int64) * total_q + q_start + offs_m
         else:
             lse_ptrs = LSE + pid_bh.to(tl.int64) * seqlen_q + offs_m
         tl.store(lse_ptrs, lse, mask=row_ok)

@@ -86,7 +86,7 @@ def dropout_keep(stream_lo, stream_hi, seq_lo, seq_hi, head, rows, key_start, th
     return tl.reshape(keep, [rows.shape[0], BLOCK_N])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stream_lo", "stream_hi"])   # a new stream key per call: one variant
 def dropout_mask_kernel(OUT, SEQ_KEYS, CU_Q, CU_K, stream_lo, stream_hi, threshold,
                         num_heads, seqlen_q, seqlen_k, stride_ob, stride_oh, stride_om,
                         HAS_SEQ_KEYS: tl.constexpr, VARLEN: tl.constexpr,
