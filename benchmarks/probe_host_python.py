@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Probe (CPU, no GPU needed): how many microseconds of bitstable's own Python one eager call
+costs, with every Triton kernel launch stubbed out.
+
+Runs under Triton's interpreter with ``InterpretedFunction.run`` replaced by a no-op, so a
+call does all its Python (argument checks, dispatch, autograd, plans, allocations) and
+launches nothing.  The GPU's host time per call adds Triton's launcher, TMA descriptors and
+the CUDA driver on top (``bitstable bench --passes model --model-parts overhead`` measures
+that on a GPU); this probe isolates the part bitstable's code controls.
+
+    python benchmarks/probe_host_python.py [--reps 300] [--profile CASE]
+
+Prints the median us per call of each case next to the stock PyTorch call of the same
+shape (CPU kernels, not stubbed: a scale reference only).  ``--profile CASE`` prints
+cProfile's top functions for that case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+import torch  # noqa: E402
+from triton.runtime import interpreter  # noqa: E402
+
+interpreter.InterpretedFunction.run = lambda self, *args, **kwargs: None   # no kernel runs
+
+import bitstable  # noqa: E402
+from bitstable import ops  # noqa: E402
+
+
+def _cases():
+    g = torch.Generator().manual_seed(0)
+    dt = torch.float16
+    q, k, v = (torch.randn(1, 16, 2, 64, generator=g, dtype=dt) for _ in range(3))
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+    dout = torch.randn(1, 16, 2, 64, generator=g, dtype=dt)
+    kc, vc = torch.zeros(2, 64, 2, 64, dtype=dt), torch.zeros(2, 64, 2, 64, dtype=dt)
+    qd, kn = torch.randn(2, 1, 2, 64, generator=g, dtype=dt), torch.randn(2, 1, 2, 64, generator=g, dtype=dt)
+    lens = torch.tensor([10, 20], dtype=torch.int32)
+    a, w = torch.randn(8, 64, generator=g, dtype=dt), torch.randn(96, 64, generator=g, dtype=dt)
+    x = torch.randn(8, 96, generator=g, dtype=dt)
+
+    def fwd_bwd():
+        out = bitstable.flash_attn_func(qg, kg, vg, causal=True)
+        torch.autograd.grad(out, (qg, kg, vg), dout)
+
+    def sdpa_fwd_bwd():
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2), is_causal=True)
+        torch.autograd.grad(out, (qg, kg, vg), dout.transpose(1, 2))
+
+    return {
+        "attn fwd": (lambda: bitstable.flash_attn_func(q, k, v, causal=True),
+                     lambda: torch.nn.functional.scaled_dot_product_attention(
+                         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)),
+        "attn fwd+bwd": (fwd_bwd, sdpa_fwd_bwd),
+        "kvcache decode": (lambda: bitstable.flash_attn_with_kvcache(qd, kc, vc, kn, kn, cache_seqlens=lens,
+                                                                     causal=True), None),
+        "ops.mm": (lambda: ops.mm(a, w.t()), lambda: torch.mm(a, w.t())),
+        "ops.softmax": (lambda: ops.softmax(x, -1), lambda: torch.softmax(x, -1)),
+        "ops.rms_norm": (lambda: ops.rms_norm(x, (96,), x[0]), lambda: torch.rms_norm(x, (96,), x[0])),
+    }
+
+
+def _median_us(fn, reps: int) -> float:
+    for _ in range(20):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(ts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument("--profile", default="", help="a case name to run under cProfile")
+    args = ap.parse_args(argv)
+    cases = _cases()
+    if args.profile:
+        import cProfile
+        import pstats
+
+        fn = cases[args.profile][0]
+        for _ in range(20):
+            fn()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.reps):
+            fn()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+        return 0
+    print("| call | bitstable Python, kernels stubbed (us) | stock CPU call (us) |")
+    print("|---|---|---|")
+    for name, (ours, stock) in cases.items():
+        s = f"{_median_us(stock, args.reps):.1f}" if stock else "-"
+        print(f"| {name} | {_median_us(ours, args.reps):.1f} | {s} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
