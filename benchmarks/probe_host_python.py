@@ -8,7 +8,11 @@ launches nothing.  The GPU's host time per call adds Triton's launcher, TMA desc
 the CUDA driver on top (``bitstable bench --passes model --model-parts overhead`` measures
 that on a GPU); this probe isolates the part bitstable's code controls.
 
-    python benchmarks/probe_host_python.py [--reps 300] [--profile CASE]
+    python benchmarks/probe_host_python.py [--reps 300] [--profile CASE] [--gpu]
+
+``--gpu``: on a GPU with the real kernels and no stubs (fp16 inputs), back-to-back eager calls synchronised after each, so the times are host
+time plus the tiny kernels; with ``--profile`` cProfile shows where the host time goes
+(Triton's launcher, descriptors, allocations), the question issue 20 leaves open.
 
 Prints the median us per call of each case next to the stock PyTorch call of the same
 shape (CPU kernels, not stubbed: a scale reference only).  ``--profile CASE`` prints
@@ -23,13 +27,18 @@ import statistics
 import sys
 import time
 
-os.environ["TRITON_INTERPRET"] = "1"
+GPU = "--gpu" in sys.argv
+if not GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 import torch  # noqa: E402
-from triton.runtime import interpreter  # noqa: E402
 
-interpreter.InterpretedFunction.run = lambda self, *args, **kwargs: None   # no kernel runs
+if not GPU:
+    from triton.runtime import interpreter  # noqa: E402
+
+    interpreter.InterpretedFunction.run = lambda self, *args, **kwargs: None   # no kernel runs
+DEV = "cuda" if GPU else "cpu"
 
 import bitstable  # noqa: E402
 from bitstable import ops  # noqa: E402
@@ -38,14 +47,14 @@ from bitstable import ops  # noqa: E402
 def _cases():
     g = torch.Generator().manual_seed(0)
     dt = torch.float16
-    q, k, v = (torch.randn(1, 16, 2, 64, generator=g, dtype=dt) for _ in range(3))
+    q, k, v = (torch.randn(1, 16, 2, 64, generator=g, dtype=dt).to(DEV) for _ in range(3))
     qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
-    dout = torch.randn(1, 16, 2, 64, generator=g, dtype=dt)
-    kc, vc = torch.zeros(2, 64, 2, 64, dtype=dt), torch.zeros(2, 64, 2, 64, dtype=dt)
-    qd, kn = torch.randn(2, 1, 2, 64, generator=g, dtype=dt), torch.randn(2, 1, 2, 64, generator=g, dtype=dt)
-    lens = torch.tensor([10, 20], dtype=torch.int32)
-    a, w = torch.randn(8, 64, generator=g, dtype=dt), torch.randn(96, 64, generator=g, dtype=dt)
-    x = torch.randn(8, 96, generator=g, dtype=dt)
+    dout = torch.randn(1, 16, 2, 64, generator=g, dtype=dt).to(DEV)
+    kc, vc = torch.zeros(2, 64, 2, 64, dtype=dt, device=DEV), torch.zeros(2, 64, 2, 64, dtype=dt, device=DEV)
+    qd, kn = (torch.randn(2, 1, 2, 64, generator=g, dtype=dt).to(DEV) for _ in range(2))
+    lens = torch.tensor([10, 20], dtype=torch.int32, device=DEV)
+    a, w = (torch.randn(n, 64, generator=g, dtype=dt).to(DEV) for n in (8, 96))
+    x = torch.randn(8, 96, generator=g, dtype=dt).to(DEV)
 
     def fwd_bwd():
         out = bitstable.flash_attn_func(qg, kg, vg, causal=True)
@@ -69,13 +78,20 @@ def _cases():
     }
 
 
+def _sync():
+    if GPU:
+        torch.cuda.synchronize()
+
+
 def _median_us(fn, reps: int) -> float:
     for _ in range(20):
         fn()
+    _sync()
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
+        _sync()
         ts.append(time.perf_counter() - t0)
     return 1e6 * statistics.median(ts)
 
@@ -84,6 +100,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=300)
     ap.add_argument("--profile", default="", help="a case name to run under cProfile")
+    ap.add_argument("--gpu", action="store_true", help="real kernels on the GPU, nothing stubbed")
     args = ap.parse_args(argv)
     cases = _cases()
     if args.profile:
@@ -100,7 +117,8 @@ def main(argv=None) -> int:
         prof.disable()
         pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
         return 0
-    print("| call | bitstable Python, kernels stubbed (us) | stock CPU call (us) |")
+    print("| call | bitstable (us) | stock (us) |" if GPU else
+          "| call | bitstable Python, kernels stubbed (us) | stock CPU call (us) |")
     print("|---|---|---|")
     for name, (ours, stock) in cases.items():
         s = f"{_median_us(stock, args.reps):.1f}" if stock else "-"

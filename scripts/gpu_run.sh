@@ -3,7 +3,7 @@
 # contract checks next to stock PyTorch, and the side-by-side benchmark.
 # Results go under $OUT (default ./gpu-out); the short table prints last.
 #   bash scripts/gpu_run.sh [--explore] [--no-tests] [--no-verify] [--no-bench] [--demo]
-#                           [--properties] [--hash] [--sanitizer]
+#                           [--properties] [--hash] [--sanitizer] [--host-probe]
 #   (PYTEST_ARGS=... narrows the tests; pytest-xdist, where installed, runs them in 8 workers;
 #    BENCH_PASSES=fwd,ops,model,... picks the bench passes; PROPERTY_N the sweep's configurations;
 #    PYTEST_TIMEOUT=S stops the tests after S seconds, 0 = never)
@@ -13,10 +13,10 @@ OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR="$PWD/.triton_cache"
-EXPLORE=0; TESTS=1; VERIFY=1; BENCH=1; DEMO=0; PROPS=0; HASH=0; SANITIZE=0
+EXPLORE=0; TESTS=1; VERIFY=1; BENCH=1; DEMO=0; PROPS=0; HASH=0; SANITIZE=0; HOSTPROBE=0
 for a in "$@"; do
   case "$a" in --explore) EXPLORE=1 ;; --no-tests) TESTS=0 ;; --no-verify) VERIFY=0 ;; --no-bench) BENCH=0 ;;
-    --demo) DEMO=1 ;; --properties) PROPS=1 ;; --hash) HASH=1 ;; --sanitizer) SANITIZE=1 ;; esac
+    --demo) DEMO=1 ;; --properties) PROPS=1 ;; --hash) HASH=1 ;; --sanitizer) SANITIZE=1 ;; --host-probe) HOSTPROBE=1 ;; esac
 done
 {
   date -u +"date: %Y-%m-%d %H:%M:%S UTC"
@@ -52,6 +52,12 @@ if [ "$SANITIZE" = 1 ]; then
     echo "compute-sanitizer --tool $tool:" | tee -a "$OUT/run.log"
     timeout "${SANITIZER_TIMEOUT:-0}" compute-sanitizer --tool "$tool" python3 scripts/sanitize_calls.py 2>&1 \
       | tail -4 | tee -a "$OUT/run.log"
+  done
+fi
+if [ "$HOSTPROBE" = 1 ]; then   # host time per eager call, and where it goes (cProfile)
+  python3 benchmarks/probe_host_python.py --gpu 2>&1 | tee "$OUT/host_probe.md" | tee -a "$OUT/run.log"
+  for c in "attn fwd" "attn fwd+bwd" "kvcache decode"; do
+    python3 benchmarks/probe_host_python.py --gpu --reps 200 --profile "$c" > "$OUT/host_profile_${c// /_}.txt" 2>&1
   done
 fi
 if [ "$BENCH" = 1 ]; then
