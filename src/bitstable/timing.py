@@ -5,6 +5,7 @@ bench_model): one definition of how a kernel or an eager call is timed.
   launch overhead included for kernels of a few microseconds; plain calls under the
   interpreter).
 * :func:`time_graph_ms`: median ms of CUDA-graph replays (kernel time, no host overhead).
+* :func:`with_backward`: a forward + backward call to time.
 """
 
 from __future__ import annotations
@@ -38,6 +39,18 @@ def time_graph_ms(fn: Callable, reps: int) -> float:
     import triton
 
     return triton.testing.do_bench_cudagraph(fn, rep=max(reps, 20), return_mode="median")
+
+
+def with_backward(fn: Callable, dout, inputs) -> Callable:
+    """A call of ``fn``'s forward and backward (``dout`` into its output; the gradients
+    land in ``inputs``' ``.grad``, cleared first); returns the output."""
+    def run():
+        for t in inputs:
+            t.grad = None
+        out = fn()
+        out.backward(dout)
+        return out
+    return run
 
 
 def fmt(x, spec):

@@ -20,6 +20,7 @@ import torch
 
 from .. import _backend
 from ..timing import fmt as _fmt, time_graph_ms as _time_graph_ms, time_ms as _time_ms  # noqa: F401
+from ..timing import with_backward as _with_backward
 from ..attention import flash_attn_func
 
 DEFAULT_SHAPES: List[Tuple[int, int, int, int]] = [
@@ -46,17 +47,6 @@ def _extra_memory(fn: Callable) -> Optional[int]:
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     return int(peak - base - out.numel() * out.element_size())
-
-
-def _with_backward(fn: Callable, dout: torch.Tensor, inputs) -> Callable:
-    """Forward + backward of ``fn`` (grads into ``inputs``); returns the output."""
-    def run():
-        for t in inputs:
-            t.grad = None
-        out = fn()
-        out.backward(dout)
-        return out
-    return run
 
 
 def sdpa_fn(backend: str, q, k, v, causal: bool, dout=None, dropout_p: float = 0.0) -> Optional[Callable]:

@@ -27,19 +27,12 @@ import torch
 
 from .. import _backend
 from ..attention import flash_attn_func
-from ..timing import fmt as _fmt, time_graph_ms, time_ms
+from ..timing import fmt as _fmt, time_graph_ms, time_ms, with_backward
 
 #: (B, H, L, D) of the dense rows; the value-dim rows use D = 192 and Dv = 128 / 192.
 FEATURE_SHAPES: Tuple[Tuple[int, int, int, int], ...] = ((4, 16, 4096, 128), (2, 32, 8192, 128))
 #: (B, cache length) of the rotary decode rows (32 query heads, 8 kv heads, D 128).
 ROTARY_DECODE: Tuple[Tuple[int, int], ...] = ((1, 16384), (8, 8192), (64, 4096))
-
-
-def _fwd_bwd(fn, dout, inputs):
-    def run():
-        out = fn()
-        return torch.autograd.grad(out, inputs, dout)
-    return run
 
 
 def bench_features(shapes: Sequence[Tuple[int, int, int, int]] = FEATURE_SHAPES,
@@ -70,8 +63,8 @@ def bench_features(shapes: Sequence[Tuple[int, int, int, int]] = FEATURE_SHAPES,
                 q, k, v = (rnd(B, L, H, D, grad=True) for _ in range(3))
                 sink = torch.randn(H, device=device, dtype=torch.float32, generator=g).requires_grad_(True)
                 dout = rnd(B, L, H, D)
-                base = _fwd_bwd(lambda: flash_attn_func(q, k, v, causal=True), dout, (q, k, v))
-                feat = _fwd_bwd(lambda: flash_attn_func(q, k, v, causal=True, learnable_sink=sink), dout,
+                base = with_backward(lambda: flash_attn_func(q, k, v, causal=True), dout, (q, k, v))
+                feat = with_backward(lambda: flash_attn_func(q, k, v, causal=True, learnable_sink=sink), dout,
                                 (q, k, v, sink))
                 row = dict(B=B, H=H, L=L, D=D, Dv=D)
             else:
@@ -79,8 +72,8 @@ def bench_features(shapes: Sequence[Tuple[int, int, int, int]] = FEATURE_SHAPES,
                 q, k = (rnd(B, L, H, Dq, grad=True) for _ in range(2))
                 v_full, v_small = rnd(B, L, H, Dq, grad=True), rnd(B, L, H, Dv, grad=True)
                 d_full, d_small = rnd(B, L, H, Dq), rnd(B, L, H, Dv)
-                base = _fwd_bwd(lambda: flash_attn_func(q, k, v_full, causal=True), d_full, (q, k, v_full))
-                feat = _fwd_bwd(lambda: flash_attn_func(q, k, v_small, causal=True), d_small, (q, k, v_small))
+                base = with_backward(lambda: flash_attn_func(q, k, v_full, causal=True), d_full, (q, k, v_full))
+                feat = with_backward(lambda: flash_attn_func(q, k, v_small, causal=True), d_small, (q, k, v_small))
                 row = dict(B=B, H=H, L=L, D=Dq, Dv=Dv)
             row.update(base_ms=time_ms(base, reps), bitstable_ms=time_ms(feat, reps), causal=True)
         else:
