@@ -18,6 +18,7 @@ Progress goes to stderr; the table to stdout; JSON (rewritten as the sweep goes)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -141,8 +142,6 @@ def main(argv=None) -> int:
     if args.total:
         args.n = -(-args.total // len(names))
     from bitstable._backend import describe
-
-    import dataclasses
 
     meta = {"device": describe(), "profile": tp.PROFILE.name, "sizes": dataclasses.asdict(tp.PROFILE),
             "scale": float(os.environ.get("BITSTABLE_PROPERTY_SCALE", "1")), "n": args.n, "seed": args.seed,

@@ -121,9 +121,9 @@ def flash_backward_slack(q, k, v, out, dout, dlse=None, **kw) -> Tuple[float, fl
       softmax, e.g. softmax_scale 1 at D 56 in bf16, it is several times stock's error);
     * ``dP`` and ``Delta`` are fp32 sums in different orders: one fp32 unit of roundoff of
       ``P * (|dO| @ |V|^T)``, carried through ``|K|`` (dq) or ``|Q|`` (dk);
-    * ``P = exp2(s * c - lse * c)`` (``s`` the scaled score, ``c = log2 e``) in fp32 rounds ``s * c``, ``lse * c``
-      and their difference, each at fp32's half unit of its own magnitude, which can be tens
-      when softmax_scale is large: a relative error of up to ``ln 2 * eps32 * (|s c| + |lse c|
+    * ``P = exp2(s * c - lse * c)`` (``s`` the scaled score, ``c = log2 e``) in fp32 rounds
+      ``s * c``, ``lse * c`` and their difference, each at fp32's half unit of its own
+      magnitude, which can be tens when softmax_scale is large: a relative error of up to ``ln 2 * eps32 * (|s c| + |lse c|
       + |s c - lse c|)`` in each weight (stock's ``exp(s - max)`` sees only the small
       difference), carried through ``|dO|`` (dv) and through ``|dS|`` and ``|K|`` / ``|Q|``
       (dq / dk).
@@ -144,28 +144,23 @@ def flash_backward_slack(q, k, v, out, dout, dlse=None, **kw) -> Tuple[float, fl
     scale = kw.get("softmax_scale") or 1.0 / math.sqrt(D)
     qh, kh, vh, doh = (t.detach().to(torch.float64).transpose(1, 2) for t in (q, k, v, dout))
     kh, vh = kh.repeat_interleave(g, dim=1), vh.repeat_interleave(g, dim=1)
-    s = torch.matmul(qh, kh.transpose(-1, -2)) * scale
-    if kw.get("softcap", 0.0) > 0:
-        s = torch.tanh(s / kw["softcap"]) * kw["softcap"]
-    if kw.get("alibi_slopes") is not None:
-        s = s + alibi_bias(kw["alibi_slopes"], B, Hq, Lq, Lk, torch.float64)
-    ok = visibility(Lq, Lk, kw.get("causal", False), tuple(kw.get("window_size", (-1, -1))), q.device)
-    p = torch.softmax(s.masked_fill(~ok, float("-inf")), dim=-1).masked_fill(~ok.any(-1)[:, None], 0.0)
+    s, ok = attention_scores(q, k, scale, kw.get("causal", False), tuple(kw.get("window_size", (-1, -1))),
+                             kw.get("softcap", 0.0), kw.get("alibi_slopes"), torch.float64)   # -inf: unseen
+    p = torch.softmax(s, dim=-1).masked_fill(~ok.any(-1)[:, None], 0.0)
     ds = p * torch.matmul(doh.abs(), vh.abs().transpose(-1, -2))
     mq = scale * torch.matmul(ds, kh.abs()).max().item()
     mk = scale * torch.matmul(ds.transpose(-1, -2), qh.abs()).reshape(B, Hk, g, Lk, D).sum(2).max().item()
     eps32 = torch.finfo(torch.float32).eps
     # the recompute term: each weight's relative error from the base-2 exponent's roundings
     c = math.log2(math.e)                      # s is already scaled
-    lse = torch.logsumexp(s.masked_fill(~ok, float("-inf")), dim=-1, keepdim=True)
-    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    sc, lc = (s * c).masked_fill(~ok, 0.0), lse * c
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    lc = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)) * c
+    sc = (s * c).masked_fill(~ok, 0.0)
     rel = math.log(2.0) * eps32 * (sc.abs() + lc.abs() + (sc - lc).abs())
-    pr = p * rel
     dp = torch.matmul(doh, vh.transpose(-1, -2))
-    ds_abs = (p * (dp - (p * dp).sum(-1, keepdim=True) + dlse[..., None])).abs()
-    rq = scale * torch.matmul(ds_abs * rel, kh.abs()).max().item()
-    rk = scale * torch.matmul((ds_abs * rel).transpose(-1, -2), qh.abs()).reshape(B, Hk, g, Lk, D).sum(2).max().item()
-    rv = torch.matmul(pr.transpose(-1, -2), doh.abs()).reshape(B, Hk, g, Lk, -1).sum(2).max().item()
+    dsr = (p * (dp - (p * dp).sum(-1, keepdim=True) + dlse[..., None])).abs() * rel
+    rq = scale * torch.matmul(dsr, kh.abs()).max().item()
+    rk = scale * torch.matmul(dsr.transpose(-1, -2), qh.abs()).reshape(B, Hk, g, Lk, D).sum(2).max().item()
+    rv = torch.matmul((p * rel).transpose(-1, -2), doh.abs()).reshape(B, Hk, g, Lk, -1).sum(2).max().item()
     shift = [(a - b).abs().max().item() if a.numel() else 0.0 for a, b in zip(g_stored, g_exact)]
     return shift[0] + eps32 * mq + rq, shift[1] + eps32 * mk + rk, rv
