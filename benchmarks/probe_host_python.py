@@ -101,8 +101,24 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=300)
     ap.add_argument("--profile", default="", help="a case name to run under cProfile")
     ap.add_argument("--gpu", action="store_true", help="real kernels on the GPU, nothing stubbed")
+    ap.add_argument("--trace", default="", help="a case name to run under torch.profiler (GPU: kernel times)")
     args = ap.parse_args(argv)
     cases = _cases()
+    if args.trace:
+        from torch.profiler import ProfilerActivity, profile
+
+        fn = cases[args.trace][0]
+        for _ in range(20):
+            fn()
+        _sync()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if GPU else [])
+        with profile(activities=acts) as prof:
+            for _ in range(args.reps):
+                fn()
+                _sync()
+        key = "self_cuda_time_total" if GPU else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=25))
+        return 0
     if args.profile:
         import cProfile
         import pstats
@@ -116,6 +132,7 @@ def main(argv=None) -> int:
             fn()
         prof.disable()
         pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         return 0
     print("| call | bitstable (us) | stock (us) |" if GPU else
           "| call | bitstable Python, kernels stubbed (us) | stock CPU call (us) |")

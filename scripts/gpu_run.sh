@@ -57,7 +57,8 @@ fi
 if [ "$HOSTPROBE" = 1 ]; then   # host time per eager call, and where it goes (cProfile)
   python3 benchmarks/probe_host_python.py --gpu 2>&1 | tee "$OUT/host_probe.md" | tee -a "$OUT/run.log"
   for c in "attn fwd" "attn fwd+bwd" "kvcache decode"; do
-    python3 benchmarks/probe_host_python.py --gpu --reps 200 --profile "$c" > "$OUT/host_profile_${c// /_}.txt" 2>&1
+    python3 benchmarks/probe_host_python.py --gpu --reps 200 --profile "$c" > "$OUT/host_profile_$(echo "$c" | tr ' +' '__').txt" 2>&1
+    python3 benchmarks/probe_host_python.py --gpu --reps 50 --trace "$c" > "$OUT/host_trace_$(echo "$c" | tr ' +' '__').txt" 2>&1
   done
 fi
 if [ "$BENCH" = 1 ]; then

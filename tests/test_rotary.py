@@ -63,3 +63,26 @@ def test_errors():
     with pytest.raises(ValueError, match="rotary_cos must have shape"):
         check_rotary(cos[0], sin[0], 16, torch.float16, cos.device)
     assert check_rotary(cos, sin, 16, torch.float16, cos.device) == 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32,
+                                   pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("interleaved", [False, True], ids=["halves", "interleaved"])
+@pytest.mark.parametrize("along", [False, True], ids=["at-length", "along"])
+def test_the_kernel_is_apply_rotary_bit_for_bit(dtype, interleaved, along, device):
+    """kernels/rotary.py (``rotate``, what flash_attn_with_kvcache runs) gives apply_rotary's
+    bits: whole-D and partial rotary dims, a head dim that is not a power of two, positions
+    from a device length vector, a strided input.  bf16 on the GPU only: the interpreter
+    truncates fp32 -> bf16 instead of rounding to nearest even."""
+    from bitstable.attention.rotary import rotate
+
+    g = torch.Generator().manual_seed(52)
+    for D, r in ((32, 32), (59, 32), (40, 18)):
+        x = torch.randn(3, 5, 8, D, generator=g).to(dtype).to(device).transpose(1, 2).contiguous().transpose(1, 2)
+        x = x[:, :, 1:7]                             # [3, 5, 6, D], strided over tokens and heads
+        cos, sin = (t.to(dtype).to(device) for t in _tables(60, r))
+        base = torch.tensor([0, 9, 54], dtype=torch.int32, device=device)
+        pos = base.long()[:, None] + (torch.arange(5, device=device)[None, :] if along else 0)
+        want = apply_rotary(x, cos, sin, pos.expand(3, 5), interleaved)
+        got = rotate(x, cos, sin, base, along, interleaved)
+        assert torch.equal(got, want), (D, r)

@@ -165,11 +165,13 @@ def keep_mask_reference(dropout: Dropout, seq_keys, nheads: int, seqlen_q: int,
         kk = torch.arange(seqlen_k, dtype=torch.int64).view(1, 1, -1)
         h = torch.arange(nheads, dtype=torch.int64).view(-1, 1, 1)
         shape = (nheads, seqlen_q, seqlen_k)
-        r = philox4x32_10_reference((kk // 8).expand(shape), q.expand(shape), h.expand(shape),
+        r = philox4x32_10_reference((4 * (kk // 16) + (kk % 8) // 2).expand(shape),
+                                    (16 * (q // 16) + q % 8).expand(shape), h.expand(shape),
                                     torch.full(shape, key & _U32, dtype=torch.int64),
                                     dropout.stream & _U32, (dropout.stream >> 32) ^ (key >> 32))
-        word = torch.stack(r, 0).gather(0, ((kk % 8) // 2).expand(shape).unsqueeze(0)).squeeze(0)
-        draw = (word >> (16 * (kk % 2))) & 0xFFFF        # key 8g + 2i + h: half h of r[i]
+        which = ((kk // 8) % 2 + 2 * ((q // 8) % 2)).expand(shape)
+        word = torch.stack(r, 0).gather(0, which.unsqueeze(0)).squeeze(0)
+        draw = (word >> (16 * (kk % 2))) & 0xFFFF        # half key % 2 of that output
         rows.append(draw >= dropout.threshold)
     return torch.stack(rows, 0)
 

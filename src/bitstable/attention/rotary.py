@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import triton
 
 
 def check_rotary(rotary_cos, rotary_sin, head_dim: int, dtype: torch.dtype, device) -> Optional[int]:
@@ -61,3 +62,28 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position
         x1, x2 = xf[..., :r // 2], xf[..., r // 2:]
         rot = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
     return torch.cat((rot.to(x.dtype), x[..., r:]), dim=-1) if r < x.shape[-1] else rot.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, base: torch.Tensor, along: bool,
+           interleaved: bool = False) -> torch.Tensor:
+    """:func:`apply_rotary` in one kernel launch (kernels/rotary.py), bit for bit: ``x``
+    [B, L, H, D] rotated at positions ``base[b] + t`` (``along``) or ``base[b]``; ``base``
+    [B] int32 on x's device (cache_seqlens: nothing is read on the host).  A new tensor."""
+    from ..kernels.rotary import rotary_kernel
+
+    B, L, H, D = x.shape
+    out = torch.empty((B, L, H, D), dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        return out
+    if x.stride(3) != 1:
+        x = x.contiguous()
+    cos = cos if cos.stride(1) == 1 else cos.contiguous()
+    sin = sin if sin.stride() == cos.stride() else sin.contiguous()
+    cos = cos if sin.stride() == cos.stride() else cos.contiguous()
+    half = cos.shape[1]
+    rotary_kernel[(B, L)](x, out, cos, sin, base, x.stride(0), x.stride(1), x.stride(2),
+                          out.stride(0), out.stride(1), out.stride(2), cos.stride(0), H, D, half,
+                          BLOCK_H=triton.next_power_of_2(H), BLOCK_HALF=triton.next_power_of_2(half),
+                          BLOCK_D=triton.next_power_of_2(D), ALONG=bool(along), INTERLEAVED=bool(interleaved),
+                          PASS_THROUGH=2 * half < D, enable_fp_fusion=False)
+    return out

@@ -7,16 +7,24 @@ they use:
 * philox key ``(k0, k1 ^ seq_hi)``: ``(k0, k1)`` is the call's 64-bit stream key (made on
   the host from torch's generator seed and offset, ``attention/dropout.py``), ``seq_hi``
   the high 32 bits of the sequence's key;
-* philox counter ``(key // 8, query, head, seq_lo)``: ``key`` and ``query`` are the
-  positions inside the sequence (0-based, not aligned), ``head`` the query head,
-  ``seq_lo`` the low 32 bits of the sequence's key (by default its batch index);
-* the four 32-bit outputs ``r[0..3]`` give eight 16-bit draws: key ``8 * (key // 8) + 2i``
-  takes the low half of ``r[i]``, key ``8 * (key // 8) + 2i + 1`` its high half;
-* a (query, key) entry is kept iff its draw is ``>= threshold``, with
-  ``threshold = floor(dropout_p * 2**16)``.
+* philox counter ``(4 * (key // 16) + (key % 8) // 2, 16 * (query // 16) + query % 8, head,
+  seq_lo)``: ``key`` and ``query`` are the positions inside the sequence (0-based, not
+  aligned), ``head`` the query head, ``seq_lo`` the low 32 bits of the sequence's key (by
+  default its batch index).  One call serves the query pair (q, q + 8) of a 16-row block
+  and, in a 16-key block, the keys ``8i + 2c + h`` (i, h in {0, 1}) of one ``c``;
+* the four 32-bit outputs give eight 16-bit draws: entry (query, key) takes half
+  ``key % 2`` (0: the low 16 bits) of output ``(key // 8) % 2 + 2 * ((query // 8) % 2)``;
+* an entry is kept iff its draw is ``>= threshold``, with ``threshold = floor(dropout_p *
+  2**16)``.
 
-Eight entries per Philox call (four 32-bit outputs halved): the integer work is what
-dropout costs in every tile, and 16-bit draws keep ``p`` exact to 2**-16.
+Why this shape: eight entries per Philox call (the integer work is what dropout costs in
+every tile; 16-bit draws keep ``p`` exact to 2**-16), and the eight are the entries one
+thread holds of a Hopper MMA accumulator (rows r and r + 8, column pairs 2c, 2c + 1 of two
+8-column groups), so the mask needs no exchange through shared memory: in the sm_90 SASS
+of the dq kernel (64x64 tiles, 4 warps) the dropout variant has the plain variant's shared
+loads, stores and barriers, where assembling an [M, N] mask from per-key-group draws
+added 112 shared loads and 16 barriers.  Tiles must start at multiples of 16 rows and 16
+keys and hold multiples of 16 (every config does).
 
 So a row's mask depends on nothing but its sequence's key, its head and the two
 positions: not on the batch around it, the block sizes or the launch.  Philox4x32-10 is
@@ -58,32 +66,31 @@ def sequence_key(SEQ_KEYS, b, HAS_SEQ_KEYS: tl.constexpr):
 @triton.jit
 def dropout_keep(stream_lo, stream_hi, seq_lo, seq_hi, head, rows, key_start, threshold,
                  BLOCK_N: tl.constexpr):
-    """[M, BLOCK_N] bool keep-mask of query rows ``rows`` [M] (int, positions in the
-    sequence) against keys ``key_start .. key_start + BLOCK_N - 1`` (``key_start`` a
-    multiple of 8, BLOCK_N too) of query head ``head``.  ``stream_lo``, ``stream_hi`` (the call's stream
-    key) and ``threshold`` (the 16-bit drop threshold) are 32-bit values in the low bits of
-    int64 arguments (the host sets bit 40 so that Triton always types them int64)."""
-    G: tl.constexpr = BLOCK_N // 8
+    """[M, BLOCK_N] bool keep-mask of query rows ``rows`` [M] (``row0 + arange(M)``, positions
+    in the sequence, row0 and M multiples of 16) against keys ``key_start .. key_start +
+    BLOCK_N - 1`` (``key_start`` and BLOCK_N multiples of 16) of query head ``head``.
+    ``stream_lo``, ``stream_hi`` (the call's stream key) and ``threshold`` (the 16-bit drop
+    threshold) are 32-bit values in the low bits of int64 arguments (the host sets bit 40 so
+    that Triton always types them int64)."""
+    M: tl.constexpr = rows.shape[0]
+    R: tl.constexpr = M // 16
+    G: tl.constexpr = BLOCK_N // 4            # (J, c) groups: 4 per 16 keys
     k0 = (stream_lo & 0xFFFFFFFF).to(tl.uint32)
     k1 = (stream_hi & 0xFFFFFFFF).to(tl.uint32) ^ seq_hi
-    groups = (key_start // 8 + tl.arange(0, G)).to(tl.uint32)
-    c0 = tl.zeros([rows.shape[0], G], tl.uint32) + groups[None, :]
-    c1 = tl.zeros([rows.shape[0], G], tl.uint32) + rows.to(tl.uint32)[:, None]
-    c2 = tl.zeros([rows.shape[0], G], tl.uint32) + head.to(tl.uint32)
-    c3 = tl.zeros([rows.shape[0], G], tl.uint32) + seq_lo
+    # rows [M] -> [R, 8, 2(s)]; the first of each pair (s = 0) keys the counter
+    rows_lo, rows_hi = tl.split(tl.permute(tl.reshape(rows, [R, 2, 8]), (0, 2, 1)))
+    groups = ((key_start // 16) * 4 + tl.arange(0, G)).to(tl.uint32)
+    shape: tl.constexpr = [R, 8, G]
+    c0 = tl.zeros(shape, tl.uint32) + groups[None, None, :]
+    c1 = tl.zeros(shape, tl.uint32) + rows_lo.to(tl.uint32)[:, :, None]
+    c2 = tl.zeros(shape, tl.uint32) + head.to(tl.uint32)
+    c3 = tl.zeros(shape, tl.uint32) + seq_lo
     r0, r1, r2, r3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
-    thr = (threshold & 0xFFFF).to(tl.uint32)
-    # keep bits per (row, group): [M, G] for each of the eight draws
-    k00, k01 = (r0 & 0xFFFF) >= thr, (r0 >> 16) >= thr
-    k10, k11 = (r1 & 0xFFFF) >= thr, (r1 >> 16) >= thr
-    k20, k21 = (r2 & 0xFFFF) >= thr, (r2 >> 16) >= thr
-    k30, k31 = (r3 & 0xFFFF) >= thr, (r3 >> 16) >= thr
-    # join(a, b) stacks on a new last dim, so a row-major flatten of
-    # join(join(join(x0, x4), join(x2, x6)), join(join(x1, x5), join(x3, x7))) puts x_t at
-    # flat offset t (the last join picks bit 0 of t, the middle bit 1, the first bit 2);
-    # x_{2i + h} is half h of r[i], key 8g + 2i + h.
-    keep = tl.join(tl.join(tl.join(k00, k20), tl.join(k10, k30)), tl.join(tl.join(k01, k21), tl.join(k11, k31)))
-    return tl.reshape(keep, [rows.shape[0], BLOCK_N])
+    x0 = tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16))   # [R, 8, G, h, i], s=0
+    x1 = tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16))   # s = 1
+    x = tl.reshape(tl.join(x0, x1), [R, 8, BLOCK_N // 16, 4, 2, 2, 2])              # R, t, J, c, h, i, s
+    x = tl.reshape(tl.permute(x, (0, 6, 1, 2, 5, 3, 4)), [M, BLOCK_N])             # R, s, t, J, i, c, h
+    return x >= (threshold & 0xFFFF).to(tl.uint32)
 
 
 @triton.jit(do_not_specialize=["stream_lo", "stream_hi"])   # a new stream key per call: one variant

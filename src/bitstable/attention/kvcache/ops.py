@@ -20,7 +20,7 @@ from ...configs import arch_key, attention_config
 from ...launch_options import LaunchOptions
 from ...launch_options import current as _current_options
 from ..launch import resolve_split_size
-from ..rotary import apply_rotary, check_rotary
+from ..rotary import check_rotary, rotate
 from ..sinks import apply_learnable_sink, check_learnable_sink
 from ..validation import last_dim_contiguous
 from .append import append
@@ -28,15 +28,6 @@ from .launch import launch_decode
 from .plan import plan_call
 from .stock import stock_kvcache
 from .validation import validate
-
-
-def _rotary_positions(call, length: int, along: bool) -> torch.Tensor:
-    """[B, length] int64 absolute positions: from each row's cache_seqlens on (``along``),
-    or all at cache_seqlens."""
-    base = call.cache_seqlens.long()[:, None]
-    if not along:
-        return base.expand(-1, length)
-    return base + torch.arange(length, device=base.device)[None, :]
 
 
 def _check_rotary_range(call, rotary_cos, q, n_new: int, along: bool) -> None:
@@ -79,10 +70,10 @@ def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
     else:   # the split size is still checked before the append
         resolve_split_size(attention_config(arch_key(q.device), q.dtype, q.shape[3]).block_n, split_size)
     if rotary_dim is not None and q.shape[0] > 0:
-        q = apply_rotary(q, rotary_cos, rotary_sin, _rotary_positions(call, q.shape[1], along), rotary_interleaved)
+        # one launch each (kernels/rotary.py; apply_rotary's bits), positions from the device lengths
+        q = rotate(q, rotary_cos, rotary_sin, call.cache_seqlens, along, rotary_interleaved)
         if k is not None and call.n_new > 0:
-            k = apply_rotary(k, rotary_cos, rotary_sin, _rotary_positions(call, call.n_new, True),
-                             rotary_interleaved)
+            k = rotate(k, rotary_cos, rotary_sin, call.cache_seqlens, True, rotary_interleaved)
     if k is not None and call.n_new > 0 and q.shape[0] > 0:
         append(k_cache, v_cache, k, v, call.cache_seqlens, call.cache_batch_idx, call.block_table,
                call.page_size)

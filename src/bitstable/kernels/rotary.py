@@ -1,0 +1,51 @@
+"""Rotary position embedding in one launch: attention/rotary.py's function, bit for bit.
+
+One program per (batch row, token).  The token's position is ``BASE[b] + t`` (``ALONG``) or
+``BASE[b]``; its row of ``COS`` / ``SIN`` [seqlen_ro, R / 2] rotates the first ``R`` dims
+of each of its ``H`` heads (halves, or even/odd pairs when ``INTERLEAVED``), the other dims
+are copied.  ``(x1, x2) -> (x1 c - x2 s, x1 s + x2 c)`` in float32 with each product and
+sum rounded on its own (the launcher turns off FMA contraction), then rounded once to the
+output dtype: the same operations, in the same order, as the torch function, so the same
+bits.  Elementwise: a token's output depends on nothing but its own values and position.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def rotary_kernel(X, OUT, COS, SIN, BASE,
+                  stride_xb, stride_xt, stride_xh, stride_ob, stride_ot, stride_oh, stride_cs,
+                  H, D, HALF,
+                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+                  ALONG: tl.constexpr, INTERLEAVED: tl.constexpr, PASS_THROUGH: tl.constexpr):
+    """Grid (B, L).  X / OUT [B, L, H, D] (unit stride on D); COS / SIN [seqlen_ro, HALF];
+    BASE [B] int32; R = 2 * HALF <= D; BLOCK_HALF >= HALF, BLOCK_D >= D."""
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1).to(tl.int64)
+    pos = tl.load(BASE + b).to(tl.int64)
+    if ALONG:
+        pos = pos + t
+    offs_h = tl.arange(0, BLOCK_H)[:, None]
+    offs_i = tl.arange(0, BLOCK_HALF)[None, :]
+    ok = (offs_h < H) & (offs_i < HALF)
+    c = tl.load(COS + pos * stride_cs + offs_i, mask=offs_i < HALF, other=0.0).to(tl.float32)
+    s = tl.load(SIN + pos * stride_cs + offs_i, mask=offs_i < HALF, other=0.0).to(tl.float32)
+    if INTERLEAVED:
+        d1 = 2 * offs_i
+        d2 = 2 * offs_i + 1
+    else:
+        d1 = offs_i
+        d2 = offs_i + HALF
+    x_row = X + b * stride_xb + t * stride_xt + offs_h * stride_xh
+    o_row = OUT + b * stride_ob + t * stride_ot + offs_h * stride_oh
+    x1 = tl.load(x_row + d1, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(x_row + d2, mask=ok, other=0.0).to(tl.float32)
+    o1 = x1 * c - x2 * s
+    o2 = x1 * s + x2 * c
+    tl.store(o_row + d1, o1.to(OUT.dtype.element_ty), mask=ok)
+    tl.store(o_row + d2, o2.to(OUT.dtype.element_ty), mask=ok)
+    if PASS_THROUGH:       # dims R .. D-1 unrotated
+        offs_d = tl.arange(0, BLOCK_D)[None, :]
+        rest = (offs_h < H) & (offs_d >= 2 * HALF) & (offs_d < D)
+        tl.store(o_row + offs_d, tl.load(x_row + offs_d, mask=rest), mask=rest)
