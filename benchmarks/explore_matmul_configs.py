@@ -57,7 +57,19 @@ if len(sys.argv) > 1 and sys.argv[1] == "layouts":   # every operand layout (ben
              MatmulConfig(128, 128, 128, 8, 3), MatmulConfig(256, 128, 64, 8, 3, 16)]
     SHAPES = [(8, 4096, 4096), (1, 4096, 14336), (64, 4096, 4096), (256, 4096, 4096), (1024, 4096, 4096),
               (4096, 4096, 4096), (8192, 8192, 8192), (4096, 14336, 4096)]
-GRAPH = len(sys.argv) > 1 and sys.argv[1] in ("round3", "probe", "layouts")
+if len(sys.argv) > 1 and sys.argv[1] == "tma":   # the copy-engine kernel (kernels/matmul_tma.py), M >= 256
+    from bitstable.cli.bench_ops import MATMUL_LAYOUTS as LAYOUTS
+
+    def _t(bm, bn, w, s, **kw):
+        return MatmulConfig(bm, bn, 64, w, s, tma=True, **kw)
+    SMALL = []
+    LARGE = [None, _t(128, 256, 8, 3), _t(128, 256, 8, 3, persistent=True),
+             _t(128, 256, 8, 3, persistent=True, flatten=True), _t(128, 128, 8, 4, persistent=True),
+             _t(128, 128, 4, 4, persistent=True), _t(256, 128, 8, 3, persistent=True),
+             _t(64, 128, 4, 5, persistent=True), _t(128, 256, 8, 4, persistent=True)]
+    SHAPES = [(256, 4096, 4096), (512, 4096, 4096), (1024, 4096, 4096), (4096, 4096, 4096),
+              (8192, 8192, 8192), (4096, 14336, 4096), (4096, 4096, 14336)]
+GRAPH = len(sys.argv) > 1 and sys.argv[1] in ("round3", "probe", "layouts", "tma")
 
 
 def probe():
@@ -112,7 +124,7 @@ def main():
             cub = _time(lambda: torch.mm(a, b))
             cands = SMALL if M <= 128 else LARGE
             ref = None
-            for cfg in cands + ([SMALL[0]] if M > 128 else LARGE[:1]):
+            for cfg in cands + ([SMALL[0]] if M > 128 and SMALL else LARGE[:1] if M <= 128 else []):
                 try:
                     with launch_options.forced(matmul_config=cfg):
                         out = mm_mod.mm(a, b)
@@ -126,7 +138,8 @@ def main():
                 same = torch.equal(out, ref) and torch.equal(row0, ref[:1])
                 tf = 2.0 * M * N * K / ms / 1e9
                 c = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} g{cfg.group_m}"
-                     if cfg else "table")
+                     + (" tma" if cfg.tma else "") + (" persistent" if cfg.persistent else "")
+                     + (" flat" if cfg.flatten else "") if cfg else "table")
                 print(f"| {M} | {N} | {K} | {layout} | {c} | {ms:.4f} | {tf:.0f} | {cub:.4f} | {cub / ms:.2f}x "
                       f"| {same} |", flush=True)
             del a, b

@@ -49,6 +49,16 @@ def test_matmul_classes_share_block_k_where_it_orders_the_sum_and_end_unbounded(
         bounds = [b for b, _ in classes]
         assert bounds[-1] is None and all(b is not None for b in bounds[:-1]), key
         assert bounds[:-1] == sorted(bounds[:-1]), key
+    # the copy-engine tiles name classes of the same table and keep its K order
+    from bitstable.configs import _MATMUL_TMA
+
+    for key, table in _MATMUL_TMA.items():
+        bounds = {b for b, _ in _MATMUL[key]}
+        assert set(table) <= bounds, key
+        for bound, cfg in table.items():
+            assert cfg.tma and cfg.chunk_blocks == 0, key
+            if key[0] != "sm90":
+                assert {cfg.block_k} == {c.block_k for _, c in _MATMUL[key]}, key
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])

@@ -62,6 +62,43 @@ def test_mm_bits_do_not_depend_on_layouts_and_rows_on_m(dtype, mkn, device):
     assert err <= 2 * stock + torch.finfo(dtype).eps * exact.abs().max().item()
 
 
+def test_copy_engine_kernel_runs_where_descriptors_fit_with_the_pointer_kernels_bits(monkeypatch):
+    """fp16 products of M > 16 take kernels/matmul_tma.py under the interpreter (as M >= 256
+    does on sm90) in every layout with a unit stride; an operand the copy engine cannot take
+    (a row stride of 90 bytes) falls back to the pointer kernel; either way the bits are the
+    pointer kernel's (rows against M <= 16, and against the pointer kernel forced)."""
+    import importlib
+
+    mm_mod = importlib.import_module("bitstable.ops.matmul")
+    used = []
+    real = mm_mod._launch_tma
+    monkeypatch.setattr(mm_mod, "_launch_tma", lambda *a, **k: used.append(real(*a, **k)) or used[-1])
+    a = _r(40, 48, dtype=torch.float16, device="cpu", seed=0)
+    b = _r(48, 32, dtype=torch.float16, device="cpu", seed=1)
+    outs = {}
+    for la, av in _layouts(a).items():
+        for lb, bv in _layouts(b).items():
+            used.clear()
+            outs[la, lb] = ops.mm(av, bv)
+            assert used == [True], (la, lb, used)
+    monkeypatch.setattr(mm_mod, "TensorDescriptor", None)      # the pointer kernel, same tiles' class
+    used.clear()
+    pointer = ops.mm(a, b)
+    assert used == [False]
+    for key, out in outs.items():
+        assert torch.equal(out, pointer), key
+    monkeypatch.undo()
+    assert torch.equal(ops.mm(a[:16], b), pointer[:16])           # the M <= 16 class: pointer kernel
+    odd = _r(40, 45, dtype=torch.float16, device="cpu", seed=2)   # 90-byte rows: no descriptor
+    w = _r(45, 32, dtype=torch.float16, device="cpu", seed=3)
+    used.clear()
+    monkeypatch.setattr(mm_mod, "_launch_tma", lambda *a, **k: used.append(real(*a, **k)) or used[-1])
+    out = ops.mm(odd, w)
+    assert used == [False]
+    exact = odd.double() @ w.double()
+    assert (out.double() - exact).abs().max() <= 2 * (torch.mm(odd, w).double() - exact).abs().max() + 1e-3
+
+
 @pytest.mark.parametrize("size", [pytest.param((2, 24, 3, 16), id="cpu"),
                                   pytest.param((4, 1024, 8, 128), id="gpu", marks=pytest.mark.gpu)])
 def test_bmm_views_of_attention_give_the_bits_of_contiguous_operands(size, device):

@@ -29,6 +29,7 @@ from kernels.attention_decode_wgmma import HAVE_GLUON  # noqa: E402
 from kernels.attention_fwd import attention_fwd_kernel  # noqa: E402
 from kernels.dropout import dropout_mask_kernel  # noqa: E402
 from kernels.matmul import matmul_kernel  # noqa: E402
+from kernels.matmul_tma import matmul_tma_kernel  # noqa: E402
 from kernels.rowwise import layer_norm_kernel, row_sum_kernel, softmax_kernel  # noqa: E402
 
 
@@ -92,7 +93,7 @@ def build_gluon_decode(d: int, batch_idx: bool) -> None:
 
 _KERNELS = {fn.__name__: fn for fn in (
     attention_fwd_kernel, attention_bwd_dkdv_kernel, attention_bwd_dq_kernel, attention_bwd_preprocess_kernel,
-    attention_split_partial_kernel, attention_split_combine_kernel, matmul_kernel, softmax_kernel,
+    attention_split_partial_kernel, attention_split_combine_kernel, matmul_kernel, matmul_tma_kernel, softmax_kernel,
     row_sum_kernel, layer_norm_kernel, dropout_mask_kernel)}
 _TL = {"bf16": tl.bfloat16, "fp32": tl.float32}
 
@@ -174,6 +175,14 @@ def variants(full: bool):
         job(matmul_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=g, COMPUTE_DTYPE="bf16",
                                 ROWWISE=False, CHUNK_BLOCKS=0, MASK_ROWS=rows, MASK_M=mm_, MASK_N=nn),
             ("A", "B", "C"), num_warps=w, num_stages=s)
+    # the copy-engine matmul (kernels/matmul_tma.py): every operand layout, persistent + flattened
+    for a_t, b_t, flat in ((False, True, True), (False, False, False), (True, False, True), (True, True, False)):
+        a_box = "[64,128]" if a_t else "[128,64]"
+        b_box = "[256,64]" if b_t else "[64,256]"
+        job(matmul_tma_kernel, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, A_T=a_t, B_T=b_t,
+                                    COMPUTE_DTYPE="bf16", ROWWISE=False, FLATTEN=flat), (),
+            desc={"a_desc": f"tensordesc<bf16{a_box}>", "b_desc": f"tensordesc<bf16{b_box}>",
+                  "c_desc": "tensordesc<bf16[128,256]>"}, num_warps=8, num_stages=3)
     job(matmul_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, COMPUTE_DTYPE="fp32",
                             ROWWISE=False, CHUNK_BLOCKS=4, MASK_ROWS=False, MASK_M=False, MASK_N=False),
         ("A", "B", "C"), num_warps=4, num_stages=2)

@@ -121,6 +121,13 @@ class MatmulConfig:
     group_m: int = 8
     chunk_blocks: int = 0   # > 0: float32 blocked summation over K (chunks of this many blocks)
     mask_rows: bool = False  # spare rows/columns of a tile masked, not clamped (launch-only)
+    # Launch-only as well: operands through the copy engine (kernels/matmul_tma.py, where
+    # the tensors allow it, else the pointer kernel with the same tiles), a persistent grid
+    # of at most one program per SM, and the persistent loop flattened with the K loop so
+    # the pipeline does not drain between tiles.  Same K order, same bits.
+    tma: bool = False
+    persistent: bool = False
+    flatten: bool = False
 
 
 # Timed next to cuBLAS (benchmarks/explore_matmul_configs.py; H200 results in
@@ -162,6 +169,24 @@ _MATMUL = {
                               (None, MatmulConfig(32, 16, 16, 4, 1, 2, 2))],
 }
 
+# Two-d products whose operands the copy engine can take (kernels/matmul_tma.py: 16-byte
+# aligned bases and strides, a unit stride in each matrix) run these tiles instead, by the
+# same M classes; the others keep the pointer kernel's tiles above.  Launch-only: timed on
+# an H200 next to cuBLAS with every candidate giving the bits of the pointer table at that
+# M, row 0 = the M=1 product, in the three layouts (benchmarks/explore_matmul_configs.py
+# tma, results/2026-12-02-h200-session12/): M 256 0.96-1.13x cuBLAS, 512 0.95-1.06x,
+# >= 1024 0.98-1.06x, where the pointer tiles reached 0.72-0.94x.  Classes not named
+# (M <= 128, memory-bound) keep the pointer kernel.
+_SM90_16BIT_MM_TMA = {384: MatmulConfig(64, 128, 64, 4, 5, tma=True, persistent=True),
+                      768: MatmulConfig(128, 128, 64, 8, 4, tma=True, persistent=True),
+                      None: MatmulConfig(128, 256, 64, 8, 3, tma=True, persistent=True, flatten=True)}
+# Under the interpreter the upper class, so the CPU suite compares the two kernels' bits
+# (rows of M > 16 through descriptors against M <= 16 through pointers).
+_INTERPRETER_16BIT_MM_TMA = {None: MatmulConfig(32, 16, 16, 4, 1, 2, tma=True, persistent=True)}
+_MATMUL_TMA = {("sm90", "bf16"): _SM90_16BIT_MM_TMA, ("sm90", "fp16"): _SM90_16BIT_MM_TMA,
+               ("interpreter", "bf16"): _INTERPRETER_16BIT_MM_TMA,
+               ("interpreter", "fp16"): _INTERPRETER_16BIT_MM_TMA}
+
 #: (rows per program, warps) of the split-KV combine kernel, per arch.  Launch-only:
 #: each row merges its own splits elementwise, so the tile changes no bits (tested).
 #: One row per program on GPUs: a decode step has one query row per head, and the
@@ -187,6 +212,16 @@ def matmul_config(arch: str, dtype: torch.dtype, m: int, b_n_major: bool = False
             if b_n_major:
                 return _MATMUL_N_MAJOR_B.get((arch, _DTYPE_KEYS[dtype]), {}).get(bound, cfg)
             return cfg
+    raise AssertionError("the last matmul class must be unbounded")
+
+
+def matmul_tma_config(arch: str, dtype: torch.dtype, m: int):
+    """The copy-engine tiles for ``(arch, dtype)`` and a 2-d product with ``m`` rows (the
+    class of :func:`matmul_config`), or None where that class keeps the pointer kernel."""
+    table = _MATMUL_TMA.get((arch, _DTYPE_KEYS[dtype]), {})
+    for bound, _ in matmul_classes(arch, dtype):
+        if bound is None or m <= bound:
+            return table.get(bound)
     raise AssertionError("the last matmul class must be unbounded")
 
 

@@ -22,10 +22,16 @@ from typing import Optional
 import torch
 import triton
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton without host-side tensor descriptors
+    TensorDescriptor = None
+
 from .. import _poison
 from .._backend import compute_dtype, interpreting, kernel_device_type
-from ..configs import arch_key, matmul_classes, matmul_config
+from ..configs import arch_key, matmul_classes, matmul_config, matmul_tma_config
 from ..kernels.matmul import matmul_kernel
+from ..kernels.matmul_tma import matmul_tma_kernel
 from ..launch_options import _ACTIVE as _LAUNCH_OPTIONS
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -69,6 +75,56 @@ def _kwargs(cfg, dtype) -> dict:
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def _tma_kwargs(cfg, dtype) -> dict:
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                COMPUTE_DTYPE=compute_dtype(dtype), ROWWISE=interpreting(), FLATTEN=cfg.flatten,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+#: device index -> its SM count (the persistent grid's size).
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    n = _SM_COUNT.get(device.index)
+    if n is None:
+        n = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        _SM_COUNT[device.index] = n
+    return n
+
+
+def _tma_matrix(t: torch.Tensor, rows: int, cols: int, s_row: int, s_col: int, box_rows: int, box_cols: int):
+    """A host tensor descriptor over the [rows, cols] matrix ``t`` (strides ``s_row``,
+    ``s_col``), or over its transpose's storage when it is column-major: ``(descriptor,
+    transposed)``; None when the copy engine cannot take it (16-byte aligned base and
+    non-unit stride needed)."""
+    es = t.element_size()
+    if t.data_ptr() % 16:
+        return None
+    if s_col == 1 and (s_row * es) % 16 == 0 and (rows == 1 or s_row >= cols):
+        return TensorDescriptor(t, [rows, cols], [s_row, 1], [box_rows, box_cols]), False
+    if s_row == 1 and (s_col * es) % 16 == 0 and (cols == 1 or s_col >= rows):
+        return TensorDescriptor(t, [cols, rows], [s_col, 1], [box_cols, box_rows]), True
+    return None
+
+
+def _launch_tma(a, b, c, M: int, N: int, K: int, sa, sb, cfg, kwargs) -> bool:
+    """c [M, N] (row-major, fresh) = a @ b through :func:`matmul_tma_kernel` with ``cfg``'s
+    tiles; False (nothing launched) when a descriptor cannot be made for these tensors, and
+    the caller runs the pointer kernel with its class's tiles (the same bits: same K order)."""
+    if TensorDescriptor is None or (N * c.element_size()) % 16 or c.data_ptr() % 16:
+        return False
+    da = _tma_matrix(a, M, K, sa[1], sa[2], cfg.block_m, cfg.block_k)
+    db = _tma_matrix(b, K, N, sb[1], sb[2], cfg.block_k, cfg.block_n) if da is not None else None
+    if db is None:
+        return False
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    grid = (min(tiles, _sm_count(c.device)) if cfg.persistent else tiles,)
+    c_desc = TensorDescriptor(c, [M, N], [N, 1], [cfg.block_m, cfg.block_n])
+    matmul_tma_kernel[grid](da[0], db[0], c_desc, M, N, K, A_T=da[1], B_T=db[1], **kwargs)
+    return True
+
+
 def _plan(device: torch.device, dtype: torch.dtype):
     key = (device.type, device.index, dtype)
     plan = _PLANS.get(key)
@@ -77,7 +133,9 @@ def _plan(device: torch.device, dtype: torch.dtype):
         plan = []
         for bound, _ in matmul_classes(arch, dtype):
             m = bound if bound is not None else 1 << 62
-            pair = tuple((cfg, _kwargs(cfg, dtype))
+            tma = matmul_tma_config(arch, dtype, m)
+            tma = (tma, _tma_kwargs(tma, dtype)) if tma is not None else (None, None)
+            pair = tuple((cfg, _kwargs(cfg, dtype)) + tma
                          for cfg in (matmul_config(arch, dtype, m, False), matmul_config(arch, dtype, m, True)))
             plan.append((bound, pair))
         if device.index is not None or interpreting():
@@ -110,13 +168,16 @@ def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, Bt: int, M: int, 
     b_n_major = sbn == 1 and sbk != 1
     forced = (_LAUNCH_OPTIONS[0] if options is None else options).matmul_config
     if forced is not None:
-        cfg = forced
-        kwargs = _kwargs(cfg, a.dtype)
+        cfg, kwargs = forced, _kwargs(forced, a.dtype)
+        tma_cfg, tma_kwargs = (forced, _tma_kwargs(forced, a.dtype)) if forced.tma else (None, None)
     else:
         for bound, pair in _plan(a.device, a.dtype):
             if bound is None or M <= bound:
-                cfg, kwargs = pair[b_n_major]
+                cfg, kwargs, tma_cfg, tma_kwargs = pair[b_n_major]
                 break
+    if tma_cfg is not None and Bt == 1 and c.dim() == 2 and _launch_tma(a, b, c, M, N, K, sa, sb, tma_cfg,
+                                                                         tma_kwargs):
+        return c
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), Bt)
     matmul_kernel[grid](a, b, c, M, N, K, sab, sam, sak, sbb, sbk, sbn, sc[0], sc[1], sc[2],
                         MASK_M=sam == 1 and sak != 1, MASK_N=b_n_major, **kwargs)
