@@ -37,6 +37,19 @@ def kernel_device_type() -> str:
 _COMPUTE_DTYPES: dict = {}
 
 
+_SM_COUNTS: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """The number of SMs of ``device`` (a persistent grid's size), read once per device;
+    4 where kernels run through the interpreter (CPU tensors)."""
+    n = _SM_COUNTS.get((device.type, device.index))
+    if n is None:
+        n = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        _SM_COUNTS[(device.type, device.index)] = n
+    return n
+
+
 def compute_dtype(dtype: torch.dtype):
     """The triton dtype the kernels multiply tiles of ``dtype`` in.
 

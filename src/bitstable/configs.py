@@ -122,7 +122,7 @@ class MatmulConfig:
     chunk_blocks: int = 0   # > 0: float32 blocked summation over K (chunks of this many blocks)
     mask_rows: bool = False  # spare rows/columns of a tile masked, not clamped (launch-only)
     # Launch-only as well: operands through the copy engine (kernels/matmul_tma.py, where
-    # the tensors allow it, else the pointer kernel with the same tiles), a persistent grid
+    # the tensors allow it, else the pointer kernel with its class's tiles), a persistent grid
     # of at most one program per SM, and the persistent loop flattened with the K loop so
     # the pipeline does not drain between tiles.  Same K order, same bits.
     tma: bool = False

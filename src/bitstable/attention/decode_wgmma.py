@@ -9,12 +9,12 @@ changes an output.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 import triton
 
+from .._backend import sm_count
 from .launch import tma_eligible
 
 try:
@@ -31,18 +31,13 @@ _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 #: (tools/compile_check_sm90.py); older releases keep the Triton kernel.
 _TRITON_OK = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 6)
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def table_stages(waves, programs: int, device: torch.device) -> int:
     """Pipeline stages the config table's ``decode_wgmma_waves`` gives a grid of ``programs``
     partial programs on ``device`` (0: the Triton kernel).  Few waves leave each SM one
     program's serial fold to run, where the Gluon kernel's overlap pays; with many, the
     Triton kernel measured faster."""
     for max_waves, stages in waves:
-        if programs <= max_waves * _sm_count(device):
+        if programs <= max_waves * sm_count(device):
             return stages
     return 0
 

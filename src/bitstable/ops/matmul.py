@@ -28,7 +28,7 @@ except ImportError:  # triton without host-side tensor descriptors
     TensorDescriptor = None
 
 from .. import _poison
-from .._backend import compute_dtype, interpreting, kernel_device_type
+from .._backend import compute_dtype, interpreting, kernel_device_type, sm_count
 from ..configs import arch_key, matmul_classes, matmul_config, matmul_tma_config
 from ..kernels.matmul import matmul_kernel
 from ..kernels.matmul_tma import matmul_tma_kernel
@@ -68,29 +68,21 @@ def _unit_stride_view(t: torch.Tensor) -> torch.Tensor:
 _PLANS: dict = {}
 
 
-def _kwargs(cfg, dtype) -> dict:
+def _tile_kwargs(cfg, dtype) -> dict:
+    """The launch arguments both matmul kernels take from a config."""
     return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                CHUNK_BLOCKS=cfg.chunk_blocks, MASK_ROWS=cfg.mask_rows,
                 COMPUTE_DTYPE=compute_dtype(dtype), ROWWISE=interpreting(),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def _kwargs(cfg, dtype) -> dict:
+    """kernels/matmul.py's launch arguments (the pointer kernel)."""
+    return dict(_tile_kwargs(cfg, dtype), CHUNK_BLOCKS=cfg.chunk_blocks, MASK_ROWS=cfg.mask_rows)
+
+
 def _tma_kwargs(cfg, dtype) -> dict:
-    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                COMPUTE_DTYPE=compute_dtype(dtype), ROWWISE=interpreting(), FLATTEN=cfg.flatten,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-#: device index -> its SM count (the persistent grid's size).
-_SM_COUNT: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    n = _SM_COUNT.get(device.index)
-    if n is None:
-        n = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        _SM_COUNT[device.index] = n
-    return n
+    """kernels/matmul_tma.py's launch arguments (the copy-engine kernel)."""
+    return dict(_tile_kwargs(cfg, dtype), FLATTEN=cfg.flatten)
 
 
 def _tma_matrix(t: torch.Tensor, rows: int, cols: int, s_row: int, s_col: int, box_rows: int, box_cols: int):
@@ -119,7 +111,7 @@ def _launch_tma(a, b, c, M: int, N: int, K: int, sa, sb, cfg, kwargs) -> bool:
     if db is None:
         return False
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    grid = (min(tiles, _sm_count(c.device)) if cfg.persistent else tiles,)
+    grid = (min(tiles, sm_count(c.device)) if cfg.persistent else tiles,)
     c_desc = TensorDescriptor(c, [M, N], [N, 1], [cfg.block_m, cfg.block_n])
     matmul_tma_kernel[grid](da[0], db[0], c_desc, M, N, K, A_T=da[1], B_T=db[1], **kwargs)
     return True
