@@ -308,13 +308,18 @@ def test_cache_batch_idx_and_lse(device):
 
 
 def test_bad_input_leaves_the_cache_untouched(device):
+    """Host-checked values (an int or CPU lengths; every tensor on the CPU) raise before the
+    cache is written.  GPU-resident batch indices and page ids are the kernels' to check
+    (tests/test_kvcache_device_checks.py), so those two raise where they are on the CPU."""
+    from bitstable.attention.kvcache.validation import host_readable
+
     g = torch.Generator().manual_seed(4)
     kc = torch.randn(2, 32, 2, 32, generator=g).half().to(device)
     vc = torch.randn(2, 32, 2, 32, generator=g).half().to(device)
     q = torch.randn(2, 4, 4, 32, generator=g).half().to(device)
     k = torch.randn(2, 4, 2, 32, generator=g).half().to(device)
     before = (kc.clone(), vc.clone())
-    lens = torch.tensor([10, 30], dtype=torch.int32, device=device)
+    lens = torch.tensor([10, 30], dtype=torch.int32)      # CPU lengths: checked on the host
     with pytest.raises(ValueError, match="cache too small: sequence 1 needs 34 slots"):
         flash_attn_with_kvcache(q, kc, vc, k=k, v=k, cache_seqlens=lens)
     with pytest.raises(TypeError, match="cache_seqlens must be int32"):
@@ -325,15 +330,20 @@ def test_bad_input_leaves_the_cache_untouched(device):
     pages_v = pages_k.clone()
     pbefore = pages_k.clone()
     table = torch.tensor([[0, 1], [2, 7]], dtype=torch.int32, device=device)
-    with pytest.raises(ValueError, match="block_table row 1 names pages outside"):
+    if host_readable(table):
+        with pytest.raises(ValueError, match="block_table row 1 names pages outside"):
+            flash_attn_with_kvcache(q, pages_k, pages_v, k=k, v=k, cache_seqlens=torch.tensor(
+                [0, 14], dtype=torch.int32), block_table=table)
+    with pytest.raises(ValueError, match="cache too small: .*needs 34 slots after the append, block_table gives 32"):
         flash_attn_with_kvcache(q, pages_k, pages_v, k=k, v=k, cache_seqlens=torch.tensor(
-            [0, 14], dtype=torch.int32, device=device), block_table=table)
+            [0, 30], dtype=torch.int32, device=device), block_table=table)
     with pytest.raises(ValueError, match="page size .* must be a multiple of 16"):
         flash_attn_with_kvcache(q, pages_k[:, :8], pages_v[:, :8], cache_seqlens=0,
                                 block_table=table[:, :1] * 0)
-    with pytest.raises(ValueError, match="cache_batch_idx entries must be in"):
-        flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens,
-                                cache_batch_idx=torch.tensor([0, 5], dtype=torch.int32, device=device))
+    idx = torch.tensor([0, 5], dtype=torch.int32, device=device)
+    if host_readable(idx):
+        with pytest.raises(ValueError, match="cache_batch_idx entries must be in"):
+            flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, cache_batch_idx=idx)
     assert torch.equal(kc, before[0]) and torch.equal(vc, before[1]) and torch.equal(pages_k, pbefore)
 
 

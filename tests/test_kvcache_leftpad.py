@@ -81,6 +81,15 @@ def test_bad_leftpad_raises_before_the_cache_is_written(bad, exc, match, device)
     else:
         pad = torch.tensor(bad, dtype=torch.int32, device=device)
     before = k_cache.clone(), v_cache.clone()
+    from bitstable.attention.kvcache.validation import host_readable
+
+    if isinstance(bad, list) and not host_readable(pad):
+        # GPU-resident values are the kernels' to check: the bad row is NaN, nothing written.
+        out = flash_attn_with_kvcache(q, k_cache, v_cache, knew, vnew, cache_seqlens=seqlens, cache_leftpad=pad)
+        row = 0 if bad[0] < 0 else 1
+        assert out[row].isnan().all() and not out[1 - row].isnan().any()
+        assert torch.equal(k_cache[row], before[0][row]) and torch.equal(v_cache[row], before[1][row])
+        return
     with pytest.raises(exc, match=match):
         flash_attn_with_kvcache(q, k_cache, v_cache, knew, vnew, cache_seqlens=seqlens, cache_leftpad=pad,
                                 block_table=block_table)

@@ -83,6 +83,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, base: torch.Te
     half = cos.shape[1]
     rotary_kernel[(B, L)](x, out, cos, sin, base, x.stride(0), x.stride(1), x.stride(2),
                           out.stride(0), out.stride(1), out.stride(2), cos.stride(0), H, D, half,
+                          cos.shape[0],
                           BLOCK_H=triton.next_power_of_2(H), BLOCK_HALF=triton.next_power_of_2(half),
                           BLOCK_D=triton.next_power_of_2(D), ALONG=bool(along), INTERLEAVED=bool(interleaved),
                           PASS_THROUGH=2 * half < D, enable_fp_fusion=False)

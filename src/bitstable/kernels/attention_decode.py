@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .attention_core import LOG2E, empty_state, finalize, fold_block, merge_states, tile_key_range
+from .cache_checks import cache_row_ok
 
 
 @triton.jit
@@ -134,6 +135,8 @@ def attention_split_partial_kernel(
     USE_TMA: tl.constexpr, USE_PDL: tl.constexpr,
     LEFTPAD=None, HAS_LEFTPAD: tl.constexpr = False,
     head_dim_v=0, SMALLER_V: tl.constexpr = False,
+    max_before=0, num_rows=0, max_pages=0, CHECK: tl.constexpr = False,
+    BLOCK_B: tl.constexpr = 1, BLOCK_P: tl.constexpr = 1,
 ):
     """Grid: (num_splits * num_m_tiles, B * Hkv).  One split of one tile of packed rows.
 
@@ -156,7 +159,9 @@ def attention_split_partial_kernel(
     there (the bits of the unpadded sequence).  ``SMALLER_V``: v's head dim ``head_dim_v`` is
     below q/k's; v's columns past it load as zeros.  ``USE_PDL``: the combine kernel is launched as this
     kernel's programmatic dependent and may start (and wait) as soon as every program
-    here has begun.
+    here has begun.  ``CHECK``: the row's values were not checked on the host
+    (kernels/cache_checks.py; ``max_before``, ``num_rows`` = the cache's rows or pages,
+    ``max_pages``, ``BLOCK_B``, ``BLOCK_P``): a failing row reads no key and writes nothing.
     """
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -174,6 +179,13 @@ def attention_split_partial_kernel(
     b_cache = b
     if HAS_BATCH_IDX:
         b_cache = tl.load(BATCH_IDX + b)
+    if CHECK:
+        valid = cache_row_ok(CACHE_SEQLENS, b, n_new, max_before, BATCH_IDX, num_rows, batch, LEFTPAD,
+                             BLOCK_TABLE, stride_bt_b, page_size, max_pages,
+                             HAS_BATCH_IDX, HAS_LEFTPAD, PAGED, BLOCK_B, BLOCK_P)
+        seqlen_k = tl.where(valid, seqlen_k, 0)
+        b_cache = tl.where(valid, b_cache, 0)
+        lp = tl.where(valid, lp, 0)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     t = rows // group_size
@@ -302,6 +314,9 @@ def attention_split_combine_kernel(
     num_heads_q, batch, seqlen_q, head_dim, split_size, n_new,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, USE_PDL: tl.constexpr,
     LEFTPAD=None, HAS_LEFTPAD: tl.constexpr = False,
+    max_before=0, BATCH_IDX=None, num_rows=0, BLOCK_TABLE=None, stride_bt=0, page_size=1, max_pages=0,
+    CHECK: tl.constexpr = False, HAS_BATCH_IDX: tl.constexpr = False, PAGED: tl.constexpr = False,
+    BLOCK_B: tl.constexpr = 1, BLOCK_P: tl.constexpr = 1,
 ):
     """Grid: (cdiv(Lq, BLOCK_M), B * Hq).  Merge the splits that hold keys of this
     sequence (``cdiv(CACHE_SEQLENS[b] + n_new - LEFTPAD[b], split_size)``) in ascending order and
@@ -315,6 +330,9 @@ def attention_split_combine_kernel(
     the merges was measured to change nothing: the time is the merge chain).  The merge
     order and arithmetic are the dense kernel's; rows are independent, so BLOCK_M changes
     no bits.
+
+    ``CHECK``: the row's values were not checked on the host (kernels/cache_checks.py): a
+    failing row merges nothing and its outputs and lse are NaN.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -324,6 +342,12 @@ def attention_split_combine_kernel(
     if HAS_LEFTPAD:
         seqlen_k = seqlen_k - tl.load(LEFTPAD + b)
     num_splits = tl.cdiv(seqlen_k, split_size)
+    valid = True
+    if CHECK:
+        valid = cache_row_ok(CACHE_SEQLENS, b, n_new, max_before, BATCH_IDX, num_rows, batch, LEFTPAD,
+                             BLOCK_TABLE, stride_bt, page_size, max_pages,
+                             HAS_BATCH_IDX, HAS_LEFTPAD, PAGED, BLOCK_B, BLOCK_P)
+        num_splits = tl.where(valid, num_splits, 0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seqlen_q
@@ -344,6 +368,9 @@ def attention_split_combine_kernel(
         m_t, l_t, acc_t = _merge_four(m_t, l_t, acc_t, f2, s0 + 8, num_splits)
         m_t, l_t, acc_t = _merge_four(m_t, l_t, acc_t, f3, s0 + 12, num_splits)
     out, lse = finalize(m_t, l_t, acc_t)
+    if CHECK:
+        out = tl.where(valid, out, float("nan"))
+        lse = tl.where(valid, lse, float("nan"))
     tl.store(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
              + offs_m[:, None] * stride_om + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d < head_dim)[None, :])

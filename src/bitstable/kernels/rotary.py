@@ -16,11 +16,13 @@ import triton.language as tl
 @triton.jit
 def rotary_kernel(X, OUT, COS, SIN, BASE,
                   stride_xb, stride_xt, stride_xh, stride_ob, stride_ot, stride_oh, stride_cs,
-                  H, D, HALF,
+                  H, D, HALF, seqlen_ro,
                   BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
                   ALONG: tl.constexpr, INTERLEAVED: tl.constexpr, PASS_THROUGH: tl.constexpr):
     """Grid (B, L).  X / OUT [B, L, H, D] (unit stride on D); COS / SIN [seqlen_ro, HALF];
-    BASE [B] int32; R = 2 * HALF <= D; BLOCK_HALF >= HALF, BLOCK_D >= D."""
+    BASE [B] int32; R = 2 * HALF <= D; BLOCK_HALF >= HALF, BLOCK_D >= D.  A position
+    outside ``[0, seqlen_ro)`` reads no table row and rotates to NaN (a length the host did
+    not check: kernels/cache_checks.py fails that row)."""
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1).to(tl.int64)
     pos = tl.load(BASE + b).to(tl.int64)
@@ -29,8 +31,9 @@ def rotary_kernel(X, OUT, COS, SIN, BASE,
     offs_h = tl.arange(0, BLOCK_H)[:, None]
     offs_i = tl.arange(0, BLOCK_HALF)[None, :]
     ok = (offs_h < H) & (offs_i < HALF)
-    c = tl.load(COS + pos * stride_cs + offs_i, mask=offs_i < HALF, other=0.0).to(tl.float32)
-    s = tl.load(SIN + pos * stride_cs + offs_i, mask=offs_i < HALF, other=0.0).to(tl.float32)
+    in_table = (offs_i < HALF) & (pos >= 0) & (pos < seqlen_ro)
+    c = tl.load(COS + pos * stride_cs + offs_i, mask=in_table, other=float("nan")).to(tl.float32)
+    s = tl.load(SIN + pos * stride_cs + offs_i, mask=in_table, other=float("nan")).to(tl.float32)
     if INTERLEAVED:
         d1 = 2 * offs_i
         d2 = 2 * offs_i + 1

@@ -27,7 +27,7 @@ from .append import append
 from .launch import launch_decode
 from .plan import plan_call
 from .stock import stock_kvcache
-from .validation import validate
+from .validation import _capturing, validate
 
 
 def _check_rotary_range(call, rotary_cos, q, n_new: int, along: bool) -> None:
@@ -49,16 +49,22 @@ def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
     and the new k (flash-attn's positions: k at cache_seqlens + i; q too when causal or
     windowed, else all at cache_seqlens), the append, the attention (bitstable's kernels
     when ``deterministic``, else stock PyTorch) and the sink.  A call that raises has written
-    nothing.  Returns (out, lse or None unless ``need_lse`` or ``deterministic``)."""
+    nothing.  Values on the GPU (lengths, batch indices, pages, left pads) are checked by
+    the kernels, not read back (kernels/cache_checks.py): a failing row writes nothing and
+    gets NaN outputs.  Returns (out, lse or None unless ``need_lse`` or ``deterministic``)."""
     call = validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, softmax_scale,
-                    causal, window_size, softcap, alibi_slopes, cache_leftpad)
+                    causal, window_size, softcap, alibi_slopes, cache_leftpad,
+                    read_device_values=not deterministic and not _capturing(q.device))
     rotary_dim = check_rotary(rotary_cos, rotary_sin, q.shape[3], q.dtype, q.device)
     if not isinstance(rotary_interleaved, bool):
         raise TypeError(f"rotary_interleaved must be a bool, got {type(rotary_interleaved).__name__}")
     check_learnable_sink(learnable_sink, q, q.shape[2])
     along = bool(causal) or tuple(int(x) for x in window_size) != (-1, -1)
+    # The largest valid cache_seqlens entry: the device checks' bound (kernels/cache_checks.py).
+    max_before = call.capacity - call.n_new
     if rotary_dim is not None:
         _check_rotary_range(call, rotary_cos, q, call.n_new, along)
+        max_before = min(max_before, rotary_cos.shape[0] - max(call.n_new, q.shape[1] if along else 1))
     need_lse = need_lse or learnable_sink is not None
     if not deterministic and call.before is None:
         raise RuntimeError("the stock (non-deterministic) KV-cache path reads cache_seqlens on the "
@@ -76,14 +82,16 @@ def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
             k = rotate(k, rotary_cos, rotary_sin, call.cache_seqlens, True, rotary_interleaved)
     if k is not None and call.n_new > 0 and q.shape[0] > 0:
         append(k_cache, v_cache, k, v, call.cache_seqlens, call.cache_batch_idx, call.block_table,
-               call.page_size)
+               call.page_size, device_checks=call.device_checks, max_before=max_before,
+               cache_leftpad=call.cache_leftpad)
     if not deterministic:
         totals = [s + call.n_new for s in call.before]
         out, lse = stock_kvcache(q, k_cache, v_cache, totals, call.cache_batch_idx, call.block_table,
                                  call.page_size, call.softmax_scale, causal, window_size, softcap, alibi_slopes,
                                  need_lse=need_lse, leftpad=call.cache_leftpad)
     else:
-        out, lse = launch_decode(plan, last_dim_contiguous(q), k_cache_c, v_cache_c, call, softcap, alibi_slopes)
+        out, lse = launch_decode(plan, last_dim_contiguous(q), k_cache_c, v_cache_c, call, softcap, alibi_slopes,
+                                 max_before=max_before)
     if learnable_sink is not None:
         out, lse = apply_learnable_sink(out, lse, learnable_sink)
     return out, lse

@@ -34,15 +34,31 @@ def _capturing(device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def check_cache_args(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table):
-    """Check everything before the cache is touched; returns (seqlens_before [B] int32 tensor
-    on q's device, their host list or None, the new-token count, page size or 0).
+def host_readable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be read on the host without a device sync: a CPU tensor.
+    Lengths, batch indices, page tables and left pads on a GPU are checked on the device
+    instead (kernels/cache_checks.py), so a decode step never waits for the GPU."""
+    return t.device.type == "cpu"
 
-    Value checks (lengths against the cache, page ids, cache_batch_idx) read the
-    values on the host: free when ``cache_seqlens`` is an int or a CPU tensor, one
-    device sync for a device tensor, and skipped while a CUDA graph is being
-    captured (nothing can be read then; shapes and dtypes are still checked).
+
+def check_cache_args(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table,
+                     read_device_values: bool = False):
+    """Check everything before the cache is touched; returns (seqlens_before [B] int32 tensor
+    on q's device, their host list or None, the new-token count, page size or 0, whether
+    some value checks are left to the device).
+
+    Value checks (lengths against the cache, page ids, cache_batch_idx) run on the host
+    where the values are there for free: ``cache_seqlens`` an int or a CPU tensor (and CPU
+    ``cache_batch_idx`` / ``block_table``).  Values that live on the GPU are never read
+    back (no sync per decode step): the kernels check them instead (kernels/cache_checks.py):
+    a row that fails writes nothing into the cache and gets NaN outputs and lse.  One
+    exception, flash-attn's own: a paged cache with GPU lengths reads their maximum back
+    (one sync) and raises if it overflows the block table (pass the lengths as an int or a
+    CPU tensor to avoid that sync).  Shapes,
+    dtypes and devices are always checked on the host, before anything is written.
+    ``read_device_values``: read GPU values too (the stock path, which syncs anyway).
     """
+    readable = (lambda t: True) if read_device_values else host_readable
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -88,10 +104,11 @@ def check_cache_args(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, 
         host = cache_seqlens.tolist()
         cache_seqlens = cache_seqlens.to(q.device, non_blocking=True)
     _check_int32_vector("cache_seqlens", cache_seqlens, B, q.device)
-    check_values = not _capturing(q.device)
-    if host is None and check_values:
+    capturing = _capturing(q.device)
+    if host is None and not capturing and readable(cache_seqlens):
         host = cache_seqlens.tolist()
     before = host
+    on_device = before is None      # some value checks are the kernels' (kernels/cache_checks.py)
     if before is not None and min(before, default=0) < 0:
         raise ValueError(f"cache_seqlens must be >= 0, got {before}")
     totals = [s + n_new for s in before] if before is not None else None
@@ -114,33 +131,40 @@ def check_cache_args(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, 
             if total > capacity:
                 raise CacheCapacityError(f"cache too small: sequence {b} needs {total} slots after the "
                                          f"append, block_table gives {capacity}")
-        # Check the pages in use on the device (the table can be large; copy only a verdict).
-        if totals is None:
-            return cache_seqlens, before, n_new, page_size
-        pages_used = torch.tensor([triton.cdiv(t, page_size) for t in totals], device=q.device)
-        in_use = torch.arange(block_table.shape[1], device=q.device)[None, :] < pages_used[:, None]
-        bad = in_use & ((block_table < 0) | (block_table >= k_cache.shape[0]))
-        if bool(bad.any()):
-            b = int(bad.any(dim=1).nonzero()[0])
-            used = block_table[b, : int(pages_used[b])].tolist()
-            raise ValueError(f"block_table row {b} names pages outside [0, {k_cache.shape[0]}): {used}")
+        if totals is None and not capturing and B > 0:
+            # flash-attn's own guard for paged caches, and its one sync: the longest length
+            # against the table's width (the page ids stay the kernels' to check).
+            longest = int(cache_seqlens.max()) + n_new
+            if longest > capacity:
+                raise CacheCapacityError(f"cache too small: the longest sequence needs {longest} slots after "
+                                         f"the append, block_table gives {capacity}")
+        if totals is None or capturing or not readable(block_table):
+            return cache_seqlens, before, n_new, page_size, True
+        table = block_table.tolist()
+        for b, total in enumerate(totals):
+            used = table[b][: triton.cdiv(total, page_size)]
+            if any(p < 0 or p >= k_cache.shape[0] for p in used):
+                raise ValueError(f"block_table row {b} names pages outside [0, {k_cache.shape[0]}): {used}")
     else:
         if cache_batch_idx is not None:
             _check_int32_vector("cache_batch_idx", cache_batch_idx, B, q.device)
-            idx = cache_batch_idx.tolist() if check_values else []
-            if any(i < 0 or i >= k_cache.shape[0] for i in idx):
-                raise ValueError(f"cache_batch_idx entries must be in [0, {k_cache.shape[0]}), got {idx}")
-            if n_new > 0 and len(set(idx)) != len(idx):
-                rows = sorted({i for i in idx if idx.count(i) > 1})
-                raise ValueError(f"cache_batch_idx names cache rows {rows} for more than one batch row while "
-                                 f"k/v append new tokens (they would overwrite each other), got {idx}")
+            if capturing or not readable(cache_batch_idx):
+                on_device = True
+            else:
+                idx = cache_batch_idx.tolist()
+                if any(i < 0 or i >= k_cache.shape[0] for i in idx):
+                    raise ValueError(f"cache_batch_idx entries must be in [0, {k_cache.shape[0]}), got {idx}")
+                if n_new > 0 and len(set(idx)) != len(idx):
+                    rows = sorted({i for i in idx if idx.count(i) > 1})
+                    raise ValueError(f"cache_batch_idx names cache rows {rows} for more than one batch row "
+                                     f"while k/v append new tokens (they would overwrite each other), got {idx}")
         elif k_cache.shape[0] < B:
             raise ValueError(f"k_cache has {k_cache.shape[0]} rows for a batch of {B}")
         for b, total in enumerate(totals or ()):
             if total > k_cache.shape[1]:
                 raise CacheCapacityError(f"cache too small: sequence {b} needs {total} slots after the "
                                          f"append, the cache holds {k_cache.shape[1]}")
-    return cache_seqlens, before, n_new, page_size
+    return cache_seqlens, before, n_new, page_size, on_device
 
 
 def check_num_splits(num_splits) -> None:
@@ -153,8 +177,8 @@ def check_num_splits(num_splits) -> None:
 
 def check_cache_leftpad(cache_leftpad, before, B: int, device, paged: bool) -> Optional[torch.Tensor]:
     """``cache_leftpad`` checked: None, or int32 (batch,) on q's device with ``0 <= leftpad[b]
-    <= cache_seqlens[b]`` (values read on the host unless a CUDA graph is being captured);
-    contiguous caches only (flash-attn has no paged left padding either)."""
+    <= cache_seqlens[b]`` (values checked on the host when both are there for free, else by
+    the kernels); contiguous caches only (flash-attn has no paged left padding either)."""
     if cache_leftpad is None:
         return None
     _check_int32_vector("cache_leftpad", cache_leftpad, B, device)
@@ -177,7 +201,9 @@ class CheckedCall(NamedTuple):
     ``page_size`` (0: contiguous cache), ``capacity`` (keys a row can hold), the resolved
     ``softmax_scale`` and the normalised window ``left``/``right`` (-1: unbounded;
     causal is right = 0), and the contiguous ``cache_batch_idx``/``block_table``/``cache_leftpad``
-    (row b's keys are cache positions ``cache_leftpad[b]`` on; None: 0)."""
+    (row b's keys are cache positions ``cache_leftpad[b]`` on; None: 0).  ``device_checks``:
+    some value checks were not made on the host (values on the GPU, or a CUDA graph being
+    captured): the kernels make them (kernels/cache_checks.py)."""
 
     cache_seqlens: torch.Tensor
     before: Optional[list]
@@ -190,18 +216,24 @@ class CheckedCall(NamedTuple):
     cache_batch_idx: Optional[torch.Tensor]
     block_table: Optional[torch.Tensor]
     cache_leftpad: Optional[torch.Tensor] = None
+    device_checks: bool = False
 
 
 def validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, softmax_scale,
-             causal, window_size, softcap, alibi_slopes, cache_leftpad=None) -> CheckedCall:
+             causal, window_size, softcap, alibi_slopes, cache_leftpad=None,
+             read_device_values: bool = False) -> CheckedCall:
     """Every argument check of ``flash_attn_with_kvcache`` (the split size is checked with
-    the plan, also before the append)."""
-    cache_seqlens, before, n_new, page_size = check_cache_args(q, k_cache, v_cache, k, v, cache_seqlens,
-                                                               cache_batch_idx, block_table)
-    cache_leftpad = check_cache_leftpad(cache_leftpad, before, q.shape[0], q.device, block_table is not None)
+    the plan, also before the append); ``read_device_values``: as :func:`check_cache_args`."""
+    cache_seqlens, before, n_new, page_size, on_device = check_cache_args(
+        q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, read_device_values)
+    if cache_leftpad is not None and not (read_device_values or host_readable(cache_leftpad)):
+        on_device = True
+        cache_leftpad = check_cache_leftpad(cache_leftpad, None, q.shape[0], q.device, block_table is not None)
+    else:
+        cache_leftpad = check_cache_leftpad(cache_leftpad, before, q.shape[0], q.device, block_table is not None)
     softmax_scale, left, right = check_options(q, 0.0, softmax_scale, window_size, softcap, alibi_slopes)
     capacity = block_table.shape[1] * page_size if block_table is not None else k_cache.shape[1]
     left, right = normalize_window(causal, left, right, max(capacity, 1))
     return CheckedCall(cache_seqlens.contiguous(), before, n_new, page_size, capacity, softmax_scale, left,
                        right, None if cache_batch_idx is None else cache_batch_idx.contiguous(),
-                       None if block_table is None else block_table.contiguous(), cache_leftpad)
+                       None if block_table is None else block_table.contiguous(), cache_leftpad, on_device)
