@@ -65,17 +65,24 @@ def cpu_bf16_gpu_marked(p, keep: bool):
     return pytest.param(*p.values, id=p.id, marks=[*p.marks, pytest.mark.gpu])
 
 
-def matrix(dtypes, features, sizes, bf16_on_cpu=()):
+def matrix(dtypes, features, sizes, bf16_on_cpu=(), fp32_off_cpu=()):
     """pytest params over dtype x feature x size (ids ``dtype-feature-size``, the ids of
     stacked parametrize decorators); bf16 cases at CPU sizes run through the interpreter
-    only for the feature ids in ``bf16_on_cpu`` (see :func:`cpu_bf16_gpu_marked`)."""
+    only for the feature ids in ``bf16_on_cpu`` (see :func:`cpu_bf16_gpu_marked`).  The fp32
+    cases at CPU sizes of the features in ``fp32_off_cpu`` run on the GPU only: there the
+    kept bf16 case already runs the fp32 arithmetic through the interpreter (the same kernels
+    and tile products on bf16-rounded inputs)."""
     out = []
     for dt in dtypes:
         for feat in features:
             for size in sizes:
                 p = pytest.param(*dt.values, *feat.values, *size.values,
                                  marks=[*dt.marks, *feat.marks, *size.marks], id=f"{dt.id}-{feat.id}-{size.id}")
-                out.append(cpu_bf16_gpu_marked(p, keep=feat.id in bf16_on_cpu))
+                p = cpu_bf16_gpu_marked(p, keep=feat.id in bf16_on_cpu)
+                if (feat.id in fp32_off_cpu and torch.float32 in p.values
+                        and not any(m.name == "gpu" for m in p.marks)):
+                    p = pytest.param(*p.values, id=p.id, marks=[*p.marks, pytest.mark.gpu])
+                out.append(p)
     return out
 
 

@@ -96,8 +96,10 @@ def _one_token_steps(L, block_n, split):
     return steps
 
 
-# bf16 through the interpreter for one feature only (cases.cpu_bf16_gpu_marked)
-@pytest.mark.parametrize("dtype,feature,sz", matrix(DTYPES, FEATURES, SIZES, bf16_on_cpu=("window-softcap",)))
+# bf16 through the interpreter for one feature only (cases.cpu_bf16_gpu_marked), and fp32 for
+# the others (that bf16 case runs the fp32 arithmetic there)
+@pytest.mark.parametrize("dtype,feature,sz", matrix(DTYPES, FEATURES, SIZES, bf16_on_cpu=("window-softcap",),
+                                                    fp32_off_cpu=("window-softcap",)))
 def test_prefill_chunks_and_decode_equal_the_full_forward(dtype, feature, sz, device):
     rng = random.Random(0)
     q, k, v = _seq(sz, dtype, device, seed=1)

@@ -223,7 +223,7 @@ def test_nan_in_v_reaches_every_row_of_the_query_tiles_that_fold_its_key_block(d
     v[0, j, 0, 3] = float("nan")            # one element, KV head 0
     out = flash_attn_func(q, k, v, causal=True)
     last_row_of_tile = [min((r // bm + 1) * bm, L) - 1 for r in range(L)]
-    expect_nan = torch.tensor([last >= jb * bn for last in last_row_of_tile])
+    expect_nan = torch.tensor([last >= jb * bn for last in last_row_of_tile], device=device)
     nan = out[0, :, 0].isnan()
     assert torch.equal(nan[:, 3], expect_nan)
     assert not nan[:, :3].any() and not nan[:, 4:].any()   # only the NaN's own head-dim column

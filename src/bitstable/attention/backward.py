@@ -23,6 +23,7 @@ from ..launch_options import LaunchOptions
 from .dropout import Dropout
 from .launch import alibi_args, compute_dtype, dropout_launch_args, score_scales
 from .validation import last_dim_contiguous
+from .._launch import launch
 
 
 class BackwardPlan(NamedTuple):
@@ -118,14 +119,14 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                seq_keys, *drop_args)
 
     pre_b, pre_l = (1, total_q) if varlen else (B, Lq)   # every packed row at once
-    attention_bwd_preprocess_kernel[(triton.cdiv(pre_l, 64), pre_b * Hq)](
+    launch(attention_bwd_preprocess_kernel, (triton.cdiv(pre_l, 64), pre_b * Hq),
         out, dout, dlse if dlse is not None else lse, delta,
         out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         Hq, pre_l, D, HEAD_DIM=HD, BLOCK_M=64, HAS_DLSE=dlse is not None)
     cu_q = cu_seqlens_q if varlen else lse
     cu_k = cu_seqlens_k if varlen else lse
-    attention_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), B * Hk)](
+    launch(attention_bwd_dkdv_kernel, (triton.cdiv(Lk, cfg.block_n), B * Hk),
         q, k, v, dout, lse, delta, dk, dv, alibi, cu_q, cu_k,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -137,7 +138,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         HEAD_DIM=HD, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, VARLEN=varlen,
         PER_HEAD_SUMS=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
     dq_m, dq_n, dq_w, dq_s = cfg.dq_tiles()
-    attention_bwd_dq_kernel[(triton.cdiv(Lq, dq_m), B * Hq)](
+    launch(attention_bwd_dq_kernel, (triton.cdiv(Lq, dq_m), B * Hq),
         q, k, v, dout, lse, delta, dq, alibi, cu_q, cu_k,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

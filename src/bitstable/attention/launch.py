@@ -27,6 +27,7 @@ from .. import launch_options as _launch_options
 from ..launch_options import LaunchOptions
 from .dropout import Dropout
 from .validation import last_dim_contiguous, normalize_window
+from .._launch import launch
 
 _LOOP_CODES = {"branch": 0, "nested": 1}
 
@@ -162,7 +163,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     grid = (triton.cdiv(Lq, plan.block_m), B * Hq)
     sq, sk, sv, so = q.stride(), k.stride(), v.stride(), out.stride()
     seq_keys, drop_args, drop_kw = dropout_launch_args(dropout, lse)
-    attention_fwd_kernel[grid](
+    launch(attention_fwd_kernel, grid,
         q, k_arg, v_arg, out, lse, alibi,
         cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse,
         sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], so[0], so[1], so[2],

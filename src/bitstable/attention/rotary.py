@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 import triton
+from .._launch import launch
 
 
 def check_rotary(rotary_cos, rotary_sin, head_dim: int, dtype: torch.dtype, device) -> Optional[int]:
@@ -81,7 +82,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, base: torch.Te
     sin = sin if sin.stride() == cos.stride() else sin.contiguous()
     cos = cos if sin.stride() == cos.stride() else cos.contiguous()
     half = cos.shape[1]
-    rotary_kernel[(B, L)](x, out, cos, sin, base, x.stride(0), x.stride(1), x.stride(2),
+    launch(rotary_kernel, (B, L), x, out, cos, sin, base, x.stride(0), x.stride(1), x.stride(2),
                           out.stride(0), out.stride(1), out.stride(2), cos.stride(0), H, D, half,
                           cos.shape[0],
                           BLOCK_H=triton.next_power_of_2(H), BLOCK_HALF=triton.next_power_of_2(half),

@@ -33,6 +33,7 @@ from ..configs import arch_key, matmul_classes, matmul_config, matmul_tma_config
 from ..kernels.matmul import matmul_kernel
 from ..kernels.matmul_tma import matmul_tma_kernel
 from ..launch_options import _ACTIVE as _LAUNCH_OPTIONS
+from .._launch import launch
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -113,7 +114,7 @@ def _launch_tma(a, b, c, M: int, N: int, K: int, sa, sb, cfg, kwargs) -> bool:
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     grid = (min(tiles, sm_count(c.device)) if cfg.persistent else tiles,)
     c_desc = TensorDescriptor(c, [M, N], [N, 1], [cfg.block_m, cfg.block_n])
-    matmul_tma_kernel[grid](da[0], db[0], c_desc, M, N, K, A_T=da[1], B_T=db[1], **kwargs)
+    launch(matmul_tma_kernel, grid, da[0], db[0], c_desc, M, N, K, A_T=da[1], B_T=db[1], **kwargs)
     return True
 
 
@@ -171,7 +172,7 @@ def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, Bt: int, M: int, 
                                                                          tma_kwargs):
         return c
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), Bt)
-    matmul_kernel[grid](a, b, c, M, N, K, sab, sam, sak, sbb, sbk, sbn, sc[0], sc[1], sc[2],
+    launch(matmul_kernel, grid, a, b, c, M, N, K, sab, sam, sak, sbb, sbk, sbn, sc[0], sc[1], sc[2],
                         MASK_M=sam == 1 and sak != 1, MASK_N=b_n_major, **kwargs)
     return c
 

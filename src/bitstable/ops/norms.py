@@ -9,6 +9,7 @@ import torch
 from ..configs import ROW_BLOCK, arch_key
 from ..kernels.rowwise import layer_norm_kernel
 from .reductions import _check
+from .._launch import launch
 
 
 def _check_args(x, normalized_shape, weight, bias, eps) -> Tuple[int, ...]:
@@ -58,7 +59,7 @@ def _norm(x, normalized_shape, weight, bias, eps, rms) -> Tuple[torch.Tensor, to
     w = weight.contiguous() if weight is not None else rows
     b = bias.contiguous() if bias is not None else rows
     if rows.shape[0] and n:
-        layer_norm_kernel[(rows.shape[0],)](rows, w, b, y, mean, rstd, n, rows.stride(0), y.stride(0),
+        launch(layer_norm_kernel, (rows.shape[0],), rows, w, b, y, mean, rstd, n, rows.stride(0), y.stride(0),
                                             float(eps), HAS_W=weight is not None, HAS_B=bias is not None,
                                             RMS=rms, BLOCK=ROW_BLOCK[arch_key(x.device)])
     stat_shape = tuple(x.shape[:x.dim() - k]) + (1,) * k

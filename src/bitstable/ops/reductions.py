@@ -15,6 +15,7 @@ import torch
 from .._backend import kernel_device_type
 from ..configs import ROW_BLOCK, arch_key
 from ..kernels.rowwise import row_sum_kernel, softmax_kernel
+from .._launch import launch
 
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -70,7 +71,7 @@ def _softmax(x: torch.Tensor, dim: int, log: bool, dtype=None) -> torch.Tensor:
     rows = moved.reshape(-1, moved.shape[-1])
     y = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
     if rows.numel():
-        softmax_kernel[(rows.shape[0],)](rows, y, rows.shape[1], rows.stride(0), y.stride(0),
+        launch(softmax_kernel, (rows.shape[0],), rows, y, rows.shape[1], rows.stride(0), y.stride(0),
                                          LOG=log, BLOCK=ROW_BLOCK[arch_key(x.device)])
     y = y.reshape(moved.shape).movedim(-1, dim)
     return y.reshape(()) if scalar else y
@@ -107,7 +108,7 @@ def _reduce(x, dim, keepdim, dtype, mean_: bool):
     n = rows.shape[1]
     if rows.shape[0]:
         scale = (1.0 / n if n else float("nan")) if mean_ else 1.0
-        row_sum_kernel[(rows.shape[0],)](rows, y, n, rows.stride(0), scale,
+        launch(row_sum_kernel, (rows.shape[0],), rows, y, n, rows.stride(0), scale,
                                          BLOCK=ROW_BLOCK[arch_key(x.device)])
     y = y.reshape(kept_shape)
     if keepdim and not scalar:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import triton
 
 from ...kernels.kv_append import kv_append_kernel
+from ..._launch import launch
 
 
 def append(k_cache, v_cache, k, v, seqlens_before, cache_batch_idx, block_table, page_size, *,
@@ -22,7 +23,7 @@ def append(k_cache, v_cache, k, v, seqlens_before, cache_batch_idx, block_table,
     if device_checks:
         checks = dict(CHECK=True, HAS_LEFTPAD=cache_leftpad is not None, BLOCK_B=triton.next_power_of_2(B),
                       BLOCK_P=triton.next_power_of_2(bt.shape[1]) if block_table is not None else 1)
-    kv_append_kernel[(B, n_new)](
+    launch(kv_append_kernel, (B, n_new),
         k, v, k_cache, v_cache, seqlens_before, bidx, bt, *k.stride(), *v.stride(),
         *k_cache.stride(), *v_cache.stride(), bt.stride(0) if block_table is not None else 0,
         max(page_size, 1), Hk, D, Dv, n_new, max_before, k_cache.shape[0], B,

@@ -15,6 +15,7 @@ from ..decode_wgmma import launch_partial_wgmma
 from ..launch import alibi_args, kv_descriptors, score_scales
 from .plan import DecodePlan
 from .validation import CheckedCall
+from ..._launch import launch
 
 
 def launch_decode(plan: DecodePlan, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -49,7 +50,7 @@ def launch_decode(plan: DecodePlan, q: torch.Tensor, k_cache: torch.Tensor, v_ca
         bidx = cache_batch_idx if cache_batch_idx is not None else cache_seqlens
         k_desc, v_desc, use_tma = kv_descriptors(k_cache, v_cache, plan.block_n, HD, plan.tma)
         leftpad = dict(LEFTPAD=call.cache_leftpad, HAS_LEFTPAD=True) if call.cache_leftpad is not None else {}
-        attention_split_partial_kernel[(num_splits * plan.num_m_tiles, B * Hk)](
+        launch(attention_split_partial_kernel, (num_splits * plan.num_m_tiles, B * Hk),
             q, k_cache, v_cache, k_desc, v_desc, ws_acc, ws_ml, cache_seqlens, bidx, bt, alibi,
             q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -92,7 +93,7 @@ def launch_combine(ws_acc, ws_ml, out, lse, cache_seqlens, split, n_new, head_di
     ``checks``: :func:`device_check_args` when the kernels check the row values."""
     B, Lq, Hq, D = out.shape
     comb_m, comb_w = tile
-    attention_split_combine_kernel[(triton.cdiv(max(Lq, 1), comb_m), B * Hq)](
+    launch(attention_split_combine_kernel, (triton.cdiv(max(Lq, 1), comb_m), B * Hq),
         ws_acc, ws_ml, out, lse, cache_seqlens, out.stride(0), out.stride(1), out.stride(2),
         Hq, B, Lq, D, split, n_new, HEAD_DIM=head_dim_tile, BLOCK_M=comb_m, USE_PDL=pdl, num_warps=comb_w,
         **({"launch_pdl": True} if pdl else {}),
