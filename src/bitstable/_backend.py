@@ -50,6 +50,18 @@ def sm_count(device: torch.device) -> int:
     return n
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host ints (``triton.cdiv`` is a constexpr function in Triton 3.6
+    and costs microseconds per host call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= ``n`` (0 for 0), as ``triton.next_power_of_2``, without
+    its per-call wrapper."""
+    return n if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def compute_dtype(dtype: torch.dtype):
     """The triton dtype the kernels multiply tiles of ``dtype`` in.
 

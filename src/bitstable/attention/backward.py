@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Tuple
 
 import torch
-import triton
 
 from .. import _poison as poison
 from .. import launch_options as _launch_options
-from .._backend import interpreting
+from .._backend import cdiv, interpreting
 from ..configs import BackwardConfig, arch_key, backward_config, padded_head_dim
 from ..kernels.attention_bwd import (attention_bwd_dkdv_kernel, attention_bwd_dq_kernel,
                                      attention_bwd_preprocess_kernel)
@@ -119,14 +118,14 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                seq_keys, *drop_args)
 
     pre_b, pre_l = (1, total_q) if varlen else (B, Lq)   # every packed row at once
-    launch(attention_bwd_preprocess_kernel, (triton.cdiv(pre_l, 64), pre_b * Hq),
+    launch(attention_bwd_preprocess_kernel, (cdiv(pre_l, 64), pre_b * Hq),
         out, dout, dlse if dlse is not None else lse, delta,
         out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         Hq, pre_l, D, HEAD_DIM=HD, BLOCK_M=64, HAS_DLSE=dlse is not None)
     cu_q = cu_seqlens_q if varlen else lse
     cu_k = cu_seqlens_k if varlen else lse
-    launch(attention_bwd_dkdv_kernel, (triton.cdiv(Lk, cfg.block_n), B * Hk),
+    launch(attention_bwd_dkdv_kernel, (cdiv(Lk, cfg.block_n), B * Hk),
         q, k, v, dout, lse, delta, dk, dv, alibi, cu_q, cu_k,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -138,7 +137,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         HEAD_DIM=HD, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, VARLEN=varlen,
         PER_HEAD_SUMS=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
     dq_m, dq_n, dq_w, dq_s = cfg.dq_tiles()
-    launch(attention_bwd_dq_kernel, (triton.cdiv(Lq, dq_m), B * Hq),
+    launch(attention_bwd_dq_kernel, (cdiv(Lq, dq_m), B * Hq),
         q, k, v, dout, lse, delta, dq, alibi, cu_q, cu_k,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

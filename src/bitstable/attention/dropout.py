@@ -22,9 +22,8 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
-import triton
 
-from .._backend import interpreting
+from .._backend import cdiv, interpreting
 from ..kernels.dropout import dropout_mask_kernel
 
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -113,7 +112,7 @@ def keep_mask(dropout: Dropout, batch: int, nheads: int, seqlen_q: int, seqlen_k
     bm, bn = (16, 16) if interpreting() else (64, 64)
     lo, hi, thr = dropout.kernel_args()
     seeds = dropout.seeds if dropout.seeds is not None else out
-    grid = (triton.cdiv(seqlen_q, bm), triton.cdiv(seqlen_k, bn), batch * nheads)
+    grid = (cdiv(seqlen_q, bm), cdiv(seqlen_k, bn), batch * nheads)
     dropout_mask_kernel[grid](out, seeds, cu_seqlens_q if varlen else out, cu_seqlens_k if varlen else out,
                               lo, hi, thr, nheads, seqlen_q, seqlen_k,
                               out.stride(0), out.stride(1), out.stride(2),

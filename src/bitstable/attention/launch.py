@@ -17,7 +17,7 @@ try:
 except ImportError:  # triton without host-side tensor descriptors
     TensorDescriptor = None
 
-from .._backend import compute_dtype, interpreting  # noqa: F401  (compute_dtype: re-exported)
+from .._backend import cdiv, compute_dtype, interpreting  # noqa: F401  (compute_dtype: re-exported)
 from ..configs import AttentionConfig, arch_key, attention_config, padded_head_dim
 from ..kernels.attention_core import LOG2E
 from ..kernels.attention_fwd import attention_fwd_kernel
@@ -160,7 +160,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     qk_scale, softcap_scaled = score_scales(softmax_scale, softcap)
     alibi, stride_alibi_b = alibi_args(alibi_slopes, lse)
     k_arg, v_arg, use_tma = kv_descriptors(k, v, plan.block_n, plan.head_dim_tile, plan.want_tma)
-    grid = (triton.cdiv(Lq, plan.block_m), B * Hq)
+    grid = (cdiv(Lq, plan.block_m), B * Hq)
     sq, sk, sv, so = q.stride(), k.stride(), v.stride(), out.stride()
     seq_keys, drop_args, drop_kw = dropout_launch_args(dropout, lse)
     launch(attention_fwd_kernel, grid,

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
+from .._backend import next_power_of_2
 from .._launch import launch
 
 
@@ -85,7 +85,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, base: torch.Te
     launch(rotary_kernel, (B, L), x, out, cos, sin, base, x.stride(0), x.stride(1), x.stride(2),
                           out.stride(0), out.stride(1), out.stride(2), cos.stride(0), H, D, half,
                           cos.shape[0],
-                          BLOCK_H=triton.next_power_of_2(H), BLOCK_HALF=triton.next_power_of_2(half),
-                          BLOCK_D=triton.next_power_of_2(D), ALONG=bool(along), INTERLEAVED=bool(interleaved),
+                          BLOCK_H=next_power_of_2(H), BLOCK_HALF=next_power_of_2(half),
+                          BLOCK_D=next_power_of_2(D), ALONG=bool(along), INTERLEAVED=bool(interleaved),
                           PASS_THROUGH=2 * half < D, enable_fp_fusion=False)
     return out

@@ -18,8 +18,8 @@ sink of -inf they keep lse +inf.  A sink of -inf leaves every bit of out and lse
 from __future__ import annotations
 
 import torch
-import triton
 
+from .._backend import next_power_of_2
 from ..kernels.sink import sink_backward_kernel, sink_forward_kernel
 
 
@@ -38,7 +38,7 @@ def check_learnable_sink(sink, q: torch.Tensor, heads: int, name: str = "learnab
 
 
 def _blocks(H: int, D: int):
-    return triton.next_power_of_2(max(H, 1)), triton.next_power_of_2(max(D, 1))
+    return next_power_of_2(max(H, 1)), next_power_of_2(max(D, 1))
 
 
 class _Sink(torch.autograd.Function):

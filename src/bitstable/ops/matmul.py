@@ -28,7 +28,7 @@ except ImportError:  # triton without host-side tensor descriptors
     TensorDescriptor = None
 
 from .. import _poison
-from .._backend import compute_dtype, interpreting, kernel_device_type, sm_count
+from .._backend import cdiv, compute_dtype, interpreting, kernel_device_type, sm_count
 from ..configs import arch_key, matmul_classes, matmul_config, matmul_tma_config
 from ..kernels.matmul import matmul_kernel
 from ..kernels.matmul_tma import matmul_tma_kernel
@@ -111,7 +111,7 @@ def _launch_tma(a, b, c, M: int, N: int, K: int, sa, sb, cfg, kwargs) -> bool:
     db = _tma_matrix(b, K, N, sb[1], sb[2], cfg.block_k, cfg.block_n) if da is not None else None
     if db is None:
         return False
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
     grid = (min(tiles, sm_count(c.device)) if cfg.persistent else tiles,)
     c_desc = TensorDescriptor(c, [M, N], [N, 1], [cfg.block_m, cfg.block_n])
     launch(matmul_tma_kernel, grid, da[0], db[0], c_desc, M, N, K, A_T=da[1], B_T=db[1], **kwargs)
@@ -171,7 +171,7 @@ def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, Bt: int, M: int, 
     if tma_cfg is not None and Bt == 1 and c.dim() == 2 and _launch_tma(a, b, c, M, N, K, sa, sb, tma_cfg,
                                                                          tma_kwargs):
         return c
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), Bt)
+    grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n), Bt)
     launch(matmul_kernel, grid, a, b, c, M, N, K, sab, sam, sak, sbb, sbk, sbn, sc[0], sc[1], sc[2],
                         MASK_M=sam == 1 and sak != 1, MASK_N=b_n_major, **kwargs)
     return c

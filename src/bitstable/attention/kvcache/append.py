@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import triton
 
+from ..._backend import next_power_of_2
 from ...kernels.kv_append import kv_append_kernel
 from ..._launch import launch
 
@@ -21,13 +21,13 @@ def append(k_cache, v_cache, k, v, seqlens_before, cache_batch_idx, block_table,
     bidx = cache_batch_idx if cache_batch_idx is not None else seqlens_before
     checks = {}
     if device_checks:
-        checks = dict(CHECK=True, HAS_LEFTPAD=cache_leftpad is not None, BLOCK_B=triton.next_power_of_2(B),
-                      BLOCK_P=triton.next_power_of_2(bt.shape[1]) if block_table is not None else 1)
+        checks = dict(CHECK=True, HAS_LEFTPAD=cache_leftpad is not None, BLOCK_B=next_power_of_2(B),
+                      BLOCK_P=next_power_of_2(bt.shape[1]) if block_table is not None else 1)
     launch(kv_append_kernel, (B, n_new),
         k, v, k_cache, v_cache, seqlens_before, bidx, bt, *k.stride(), *v.stride(),
         *k_cache.stride(), *v_cache.stride(), bt.stride(0) if block_table is not None else 0,
         max(page_size, 1), Hk, D, Dv, n_new, max_before, k_cache.shape[0], B,
         cache_leftpad if cache_leftpad is not None else seqlens_before,
         bt.shape[1] if block_table is not None else 0,
-        BLOCK_H=triton.next_power_of_2(Hk), BLOCK_D=triton.next_power_of_2(max(D, Dv)),
+        BLOCK_H=next_power_of_2(Hk), BLOCK_D=next_power_of_2(max(D, Dv)),
         PAGED=block_table is not None, HAS_BATCH_IDX=cache_batch_idx is not None, **checks)

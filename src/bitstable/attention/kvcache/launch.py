@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import triton
 
+from ..._backend import cdiv, next_power_of_2
 from ... import _poison as poison
 from ...kernels.attention_decode import attention_split_combine_kernel, attention_split_partial_kernel
 from ..decode_wgmma import launch_partial_wgmma
@@ -71,8 +71,8 @@ def device_check_args(call: CheckedCall, max_before: int, num_rows: int, batch: 
     bt = call.block_table
     return dict(CHECK=True, max_before=max_before, num_rows=num_rows,
                 max_pages=bt.shape[1] if bt is not None else 0,
-                BLOCK_B=triton.next_power_of_2(max(batch, 1)),
-                BLOCK_P=triton.next_power_of_2(bt.shape[1]) if bt is not None else 1,
+                BLOCK_B=next_power_of_2(max(batch, 1)),
+                BLOCK_P=next_power_of_2(bt.shape[1]) if bt is not None else 1,
                 BATCH_IDX=call.cache_batch_idx, HAS_BATCH_IDX=call.cache_batch_idx is not None,
                 BLOCK_TABLE=bt, stride_bt=bt.stride(0) if bt is not None else 0,
                 page_size=max(call.page_size, 1), PAGED=bt is not None)
@@ -93,7 +93,7 @@ def launch_combine(ws_acc, ws_ml, out, lse, cache_seqlens, split, n_new, head_di
     ``checks``: :func:`device_check_args` when the kernels check the row values."""
     B, Lq, Hq, D = out.shape
     comb_m, comb_w = tile
-    launch(attention_split_combine_kernel, (triton.cdiv(max(Lq, 1), comb_m), B * Hq),
+    launch(attention_split_combine_kernel, (cdiv(max(Lq, 1), comb_m), B * Hq),
         ws_acc, ws_ml, out, lse, cache_seqlens, out.stride(0), out.stride(1), out.stride(2),
         Hq, B, Lq, D, split, n_new, HEAD_DIM=head_dim_tile, BLOCK_M=comb_m, USE_PDL=pdl, num_warps=comb_w,
         **({"launch_pdl": True} if pdl else {}),

@@ -14,9 +14,8 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Tuple
 
 import torch
-import triton
 
-from ..._backend import compute_dtype, interpreting
+from ..._backend import cdiv, compute_dtype, interpreting
 from ...configs import DECODE_COMBINE_TILE, arch_key, attention_config, padded_head_dim
 from ...launch_options import LaunchOptions
 from ...mode import get_deterministic_mode
@@ -127,8 +126,8 @@ def plan_call(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cal
     # nothing and the combine kernel merges only the splits that hold keys: the grid
     # changes no bits, and the workspace stays sized by the keys actually cached.
     longest = max(call.before, default=0) + call.n_new if call.before is not None else call.capacity
-    num_splits = max(triton.cdiv(max(longest, 1), st.split), 1)
-    num_m_tiles = triton.cdiv(max(Lq, 1) * (Hq // Hk), st.block_m)   # GQA heads packed as rows
+    num_splits = max(cdiv(max(longest, 1), st.split), 1)
+    num_m_tiles = cdiv(max(Lq, 1) * (Hq // Hk), st.block_m)   # GQA heads packed as rows
     # One query token on Hopper, grids of few waves: the Gluon kernel that overlaps the
     # tensor-core products with the softmax (same bits as the Triton kernel).
     gluon = options.decode_gluon   # None: the table's choice; forced: 4 stages

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-import triton
+from ..._backend import cdiv
 
 
 def stock_kvcache(q, k_cache, v_cache, totals, cache_batch_idx, block_table, page_size,
@@ -17,7 +17,7 @@ def stock_kvcache(q, k_cache, v_cache, totals, cache_batch_idx, block_table, pag
     L = max(max(totals, default=0), 1)
     dev = q.device
     if block_table is not None:
-        pages = block_table[:, : triton.cdiv(L, page_size)].long()
+        pages = block_table[:, : cdiv(L, page_size)].long()
         keys = k_cache[pages].reshape(B, -1, Hk, D)[:, :L]
         vals = v_cache[pages].reshape(B, -1, Hk, D)[:, :L]
     else:

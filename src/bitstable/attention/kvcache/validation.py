@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
-import triton
 
+from ..._backend import cdiv
 from ..validation import check_options, check_qkv, normalize_window
 
 
@@ -142,7 +142,7 @@ def check_cache_args(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, 
             return cache_seqlens, before, n_new, page_size, True
         table = block_table.tolist()
         for b, total in enumerate(totals):
-            used = table[b][: triton.cdiv(total, page_size)]
+            used = table[b][: cdiv(total, page_size)]
             if any(p < 0 or p >= k_cache.shape[0] for p in used):
                 raise ValueError(f"block_table row {b} names pages outside [0, {k_cache.shape[0]}): {used}")
     else:
