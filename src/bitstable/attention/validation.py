@@ -129,6 +129,10 @@ def check_window_size(window_size) -> Tuple[int, int]:
     sync if it lives on a GPU).  Returns ``(left, right)`` as Python ints, each >= -1
     (-1: unbounded).  Anything else raises ``TypeError`` / ``ValueError`` naming
     ``window_size``."""
+    if type(window_size) is tuple and len(window_size) == 2:     # the common form, checked cheaply
+        left, right = window_size
+        if type(left) is int and type(right) is int and left >= -1 and right >= -1:
+            return left, right
     entries = None
     if isinstance(window_size, torch.Tensor):
         if (window_size.numel() == 2 and window_size.dim() <= 1 and not window_size.is_floating_point()
