@@ -10,6 +10,12 @@ import bitstable
 from bitstable import _launch, ops
 
 
+@pytest.fixture
+def direct(monkeypatch):
+    """The direct path on wherever this Triton supports it (it is opt-in by default)."""
+    monkeypatch.setattr(_launch, "_ENABLED", not _launch.interpreting() and _launch._supported())
+
+
 def _standard(fn):
     saved = _launch._ENABLED
     _launch._ENABLED = False
@@ -20,7 +26,7 @@ def _standard(fn):
 
 
 @pytest.mark.gpu
-def test_direct_launches_give_the_standard_bits():
+def test_direct_launches_give_the_standard_bits(direct):
     if not _launch._ENABLED:
         pytest.skip("this Triton takes the standard path only (bitstable/_launch.py)")
     g = torch.Generator(device="cuda").manual_seed(0)
