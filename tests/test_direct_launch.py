@@ -12,7 +12,7 @@ from bitstable import _launch, ops
 
 @pytest.fixture
 def direct(monkeypatch):
-    """The direct path on wherever this Triton supports it (it is opt-in by default)."""
+    """The direct path on wherever this Triton supports it (whatever BITSTABLE_DIRECT_LAUNCH says)."""
     monkeypatch.setattr(_launch, "_ENABLED", not _launch.interpreting() and _launch._supported())
 
 
