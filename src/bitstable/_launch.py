@@ -23,11 +23,12 @@ import os
 
 import torch
 
-from ._backend import interpreting
+from ._backend import interpreting    # first: it decides the interpreter before triton loads
+
+import triton  # noqa: E402
+
 
 def _supported() -> bool:
-    import triton
-
     major, minor = (int(x) for x in triton.__version__.split(".")[:2])
     return (3, 4) <= (major, minor) <= (3, 6)
 
@@ -49,18 +50,17 @@ def _installed(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
-def _hooks_installed() -> bool:
-    from triton import knobs
+_KNOBS = getattr(triton, "knobs", None)   # Triton 3.4+: its runtime switches
 
-    return _installed(knobs.runtime.launch_enter_hook) or _installed(knobs.runtime.launch_exit_hook)
+
+def _hooks_installed() -> bool:
+    return _installed(_KNOBS.runtime.launch_enter_hook) or _installed(_KNOBS.runtime.launch_exit_hook)
 
 
 def _triton_options(kwargs: dict) -> None:
     """The two options ``JITFunction.run`` adds to every call's keyword arguments."""
-    from triton import knobs
-
-    kwargs["debug"] = kwargs.get("debug", False) or knobs.runtime.debug
-    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    kwargs["debug"] = kwargs.get("debug", False) or _KNOBS.runtime.debug
+    kwargs["instrumentation_mode"] = _KNOBS.compilation.instrumentation_mode
 
 
 def launch(kernel, grid, *args, **kwargs):
@@ -68,7 +68,7 @@ def launch(kernel, grid, *args, **kwargs):
     specialization has been compiled (see the module docstring).  ``grid``: a tuple of 1-3
     ints.  Returns nothing."""
     global direct_launches, _ENABLED
-    if not _ENABLED or _hooks_installed():
+    if not _ENABLED or _KNOBS is None or _hooks_installed():
         kernel[grid](*args, **kwargs)
         return
     try:

@@ -27,13 +27,21 @@ from .append import append
 from .launch import launch_decode
 from .plan import plan_call
 from .stock import stock_kvcache
-from .validation import _capturing, validate
+from .validation import validate
 
 
-def _check_rotary_range(call, rotary_cos, q, n_new: int, along: bool) -> None:
-    if call.before is None:     # inside CUDA-graph capture: nothing can be read
+def _rotary_span(q, n_new: int, along: bool) -> int:
+    """How many positions past ``cache_seqlens[b]`` the call rotates: the new keys, and q's
+    tokens (``along``: causal or windowed) or its one position."""
+    return max(n_new, q.shape[1] if along else 1) if q.shape[0] else 0
+
+
+def _check_rotary_range(call, rotary_cos, span: int) -> None:
+    """The host check of the rotary table's length, where the lengths are on the host (else
+    the kernels check it: ``max_before`` in kernels/cache_checks.py)."""
+    if call.before is None:
         return
-    need = max(call.before, default=0) + (max(n_new, q.shape[1] if along else 1) if q.shape[0] else 0)
+    need = max(call.before, default=0) + span
     if need > rotary_cos.shape[0]:
         raise ValueError(f"rotary_cos/rotary_sin have {rotary_cos.shape[0]} positions (seqlen_ro), the call "
                          f"rotates up to position {need - 1}")
@@ -54,7 +62,7 @@ def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
     gets NaN outputs.  Returns (out, lse or None unless ``need_lse`` or ``deterministic``)."""
     call = validate(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, softmax_scale,
                     causal, window_size, softcap, alibi_slopes, cache_leftpad,
-                    read_device_values=not deterministic and not _capturing(q.device))
+                    read_device_values=not deterministic)
     rotary_dim = check_rotary(rotary_cos, rotary_sin, q.shape[3], q.dtype, q.device)
     if not isinstance(rotary_interleaved, bool):
         raise TypeError(f"rotary_interleaved must be a bool, got {type(rotary_interleaved).__name__}")
@@ -63,8 +71,9 @@ def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
     # The largest valid cache_seqlens entry: the device checks' bound (kernels/cache_checks.py).
     max_before = call.capacity - call.n_new
     if rotary_dim is not None:
-        _check_rotary_range(call, rotary_cos, q, call.n_new, along)
-        max_before = min(max_before, rotary_cos.shape[0] - max(call.n_new, q.shape[1] if along else 1))
+        span = _rotary_span(q, call.n_new, along)
+        _check_rotary_range(call, rotary_cos, span)
+        max_before = min(max_before, rotary_cos.shape[0] - span)
     need_lse = need_lse or learnable_sink is not None
     if not deterministic and call.before is None:
         raise RuntimeError("the stock (non-deterministic) KV-cache path reads cache_seqlens on the "
