@@ -282,3 +282,58 @@ def test_rms_norm_under_the_mode_is_batch_invariant_with_deterministic_grads(dty
         err = (got.double() - ref).abs().max().item()
         err_stock = (stock.double() - ref).abs().max().item()
         assert err <= 2 * err_stock + torch.finfo(dtype).eps * ref.abs().max().item()
+
+
+def test_calls_without_grad_skip_autograd_and_keep_the_bits(device, monkeypatch):
+    """Under the mode a call that needs no gradient takes the override directly (no stock
+    autograd round trip); its bits equal the same call on inputs that require grad, and
+    forward-mode AD still gets the autograd kernel's tangent."""
+    from bitstable.ops import batch_invariant as bi
+
+    F = torch.nn.functional
+    x, w, b = _r(6, 40, device=device), _r(40, device=device, seed=1), _r(40, device=device, seed=2)
+    m2 = _r(40, 24, device=device, seed=3)
+    calls = {
+        "softmax": lambda x: torch.softmax(x, -1),
+        "log_softmax": lambda x: torch.log_softmax(x, -1),
+        "sum": lambda x: x.sum(-1),
+        "mean": lambda x: x.mean(-1),
+        "mm": lambda x: x @ m2,
+        "addmm": lambda x: torch.addmm(b[:24], x, m2),
+        "bmm": lambda x: torch.bmm(x.view(2, 3, 40), m2.expand(2, 40, 24)),
+        "layer_norm": lambda x: F.layer_norm(x, (40,), w, b),
+        "rms_norm": lambda x: F.rms_norm(x, (40,), w),
+    }
+    stock_calls = []
+    real = bi._STOCK_AUTOGRAD
+
+    class Counting(dict):
+        def __getitem__(self, name):
+            kernel = real[name]
+
+            class K:
+                @staticmethod
+                def call_boxed(*a, **k):
+                    stock_calls.append(name)
+                    return kernel.call_boxed(*a, **k)
+            return K
+    monkeypatch.setattr(bi, "_STOCK_AUTOGRAD", Counting())
+    monkeypatch.setattr(bi, "_AUTOGRAD_IMPLS", {n: bi._autograd_entry(n, fn, takes)
+                                                for n, (fn, takes) in bi._TRACED.items() if n in real})
+    monkeypatch.setattr(bi, "_active", (False, frozenset(), None))   # re-register with the counting entries
+    for name, fn in calls.items():
+        with bitstable.set_batch_invariant_mode():
+            stock_calls.clear()
+            plain = fn(x)
+            assert not stock_calls, f"{name}: a call without grad went through the stock autograd kernel"
+            xg = x.clone().requires_grad_(True)
+            with_grad = fn(xg)
+            assert with_grad.requires_grad, name
+            assert torch.equal(plain, with_grad.detach()), f"{name}: bits differ with and without grad"
+            with torch.no_grad():
+                assert torch.equal(fn(xg), plain), f"{name}: bits differ under no_grad"
+    import torch.autograd.forward_ad as fwad
+    with bitstable.set_batch_invariant_mode(), fwad.dual_level():
+        dual = fwad.make_dual(x, torch.ones_like(x))
+        tangent = fwad.unpack_dual(torch.softmax(dual, -1)).tangent
+    assert tangent is not None and torch.isfinite(tangent).all()

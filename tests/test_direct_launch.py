@@ -34,6 +34,8 @@ def test_direct_launches_give_the_standard_bits(direct):
     unaligned = torch.randn(64 * 1000 + 3, device="cuda", dtype=torch.float16, generator=g)[3:].view(64, 1000)
     assert unaligned.data_ptr() % 16 != 0
     q, k, v = (torch.randn(2, 300, 4, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    kc, vc = (torch.randn(1, 4096, 8, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    qd = torch.randn(1, 1, 32, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     calls = {
         "softmax": lambda: ops.softmax(x, -1),
         "softmax unaligned": lambda: ops.softmax(unaligned, -1),
@@ -41,6 +43,8 @@ def test_direct_launches_give_the_standard_bits(direct):
         "mm": lambda: ops.mm(x, x.t()),
         "attention": lambda: bitstable.flash_attn_func(q, k, v, causal=True),
         "attention d32": lambda: bitstable.flash_attn_func(q[..., :32], k[..., :32], v[..., :32]),
+        # the Gluon partial kernel (B1, one token, d128), the combine kernel
+        "decode": lambda: bitstable.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=4000, causal=True),
     }
     for name, fn in calls.items():
         ref = _standard(fn)

@@ -9,12 +9,15 @@ changes an output.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import triton
 
 from .._backend import sm_count
+from .._descriptors import descriptor
+from .._launch import launch
 from .launch import tma_eligible
 
 try:
@@ -30,6 +33,13 @@ _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 #: Gluon's API moves between triton releases: the kernel ran on 3.6 and compiles on 3.8
 #: (tools/compile_check_sm90.py); older releases keep the Triton kernel.
 _TRITON_OK = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 6)
+
+@functools.lru_cache(maxsize=None)
+def _smem_layout(block_n: int, head_dim: int, dtype: torch.dtype):
+    """The kernel's shared-memory layout of one [block_n, head_dim] key/value tile (the
+    descriptors' layout), made once per (block_n, head_dim, dtype)."""
+    return gl.NVMMASharedLayout.get_default_for([block_n, head_dim], getattr(gl, _GL_DTYPES[dtype]))
+
 
 def table_stages(waves, programs: int, device: torch.device) -> int:
     """Pipeline stages the config table's ``decode_wgmma_waves`` gives a grid of ``programs``
@@ -71,15 +81,15 @@ def launch_partial_wgmma(q, k_cache, v_cache, ws_acc, ws_ml, cache_seqlens, cach
     its programmatic dependent.  Call only when :func:`wgmma_decode_eligible` holds."""
     B, _, Hq, D = q.shape
     Bc, L, Hk, _ = k_cache.shape
-    layout = gl.NVMMASharedLayout.get_default_for([block_n, D], getattr(gl, _GL_DTYPES[q.dtype]))
-    rows = [Bc * L, Hk * D]
+    layout = _smem_layout(block_n, D, q.dtype)
+    rows, box = (Bc * L, Hk * D), (block_n, D)
 
     def desc(t):
         flat = t.view(Bc * L, Hk * D)
-        return GluonTensorDescriptor(flat, rows, list(flat.stride()), [block_n, D], layout)
+        return descriptor(GluonTensorDescriptor, flat, rows, flat.stride(), box, layout)
 
     bidx = cache_batch_idx if cache_batch_idx is not None else cache_seqlens
-    attention_decode_wgmma_kernel[(num_splits, B * Hk)](
+    launch(attention_decode_wgmma_kernel, (num_splits, B * Hk),
         q, k_cache, v_cache, desc(k_cache), desc(v_cache), ws_acc, ws_ml, cache_seqlens, bidx,
         q.stride(0), q.stride(2), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         L, Hq, Hq // Hk, B, n_new, qk_scale,

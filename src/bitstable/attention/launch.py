@@ -28,6 +28,7 @@ from ..launch_options import LaunchOptions
 from .dropout import Dropout
 from .validation import last_dim_contiguous, normalize_window
 from .._launch import launch
+from .._descriptors import descriptor
 
 _LOOP_CODES = {"branch": 0, "nested": 1}
 
@@ -58,9 +59,9 @@ def kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, head_dim_tile
     Launch-only: the kernels load the same values."""
     if not tma_usable(k, v, wanted):
         return k, v, False
-    box = [1, block_n, 1, head_dim_tile]
-    return (TensorDescriptor(k, list(k.shape), list(k.stride()), box),
-            TensorDescriptor(v, list(v.shape), list(v.stride()), box), True)
+    box = (1, block_n, 1, head_dim_tile)
+    return (descriptor(TensorDescriptor, k, k.shape, k.stride(), box),
+            descriptor(TensorDescriptor, v, v.shape, v.stride(), box), True)
 
 
 def score_scales(softmax_scale: float, softcap: float) -> Tuple[float, float]:

@@ -31,6 +31,7 @@ import threading
 from typing import Iterable, List, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as _fwad
 
 from .. import ops
 from .matmul import check_tp_tree
@@ -105,6 +106,17 @@ def _stock(name: str, fallback, *args, **kwargs):
         return kernel.call_boxed(keyset, *args, **kwargs)
     with stock_ops():
         return fallback(*args, **kwargs)
+
+
+def _grad_wanted(*args) -> bool:
+    """Whether autograd would record anything for a call on ``args``: grad mode on and a
+    tensor argument that requires grad, or a forward-mode AD level open (its dual tensors
+    need the autograd kernel's jvp).  False lets the overrides skip the autograd layer."""
+    if _fwad._current_level >= 0:
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in args)
 
 
 def _ok(*tensors) -> bool:
@@ -198,6 +210,8 @@ def _rms_norm(x, normalized_shape, weight=None, eps=None):
     if not _ok(x) or (weight is not None and (not _ok(weight) or weight.dtype != x.dtype)):
         return _stock("rms_norm", torch.ops.aten.rms_norm, x, normalized_shape, weight, eps)
     eps = torch.finfo(x.dtype).eps if eps is None else eps
+    if not _grad_wanted(x, weight):      # _RMSNorm.forward's own call, without the Function
+        return traced.rms_norm_forward(x, tuple(normalized_shape), weight, eps)[0]
     return _RMSNorm.apply(x, tuple(normalized_shape), weight, eps)
 
 
@@ -206,8 +220,10 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, 
 
 
 def _autograd_entry(name: str, traced_fn, takes):
-    """The autograd-key entry of ``name``: eager calls go back to the stock autograd kernel
-    (which records aten's formula and reaches the backend-key override), so eager bits are
+    """The autograd-key entry of ``name``: eager calls that need a gradient go back to the
+    stock autograd kernel (which records aten's formula and reaches the backend-key
+    override), eager calls that need none call the backend-key override directly (what the
+    stock autograd kernel would reach, one dispatcher round trip sooner), so eager bits are
     unchanged; traced calls (torch.compile) whose inputs the kernels take run
     ``traced_fn`` (ops/traced.py: custom ops the compiled graph keeps)."""
     stock = _STOCK_AUTOGRAD[name]
@@ -217,9 +233,13 @@ def _autograd_entry(name: str, traced_fn, takes):
     keys = (torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, "Autograd" + key))
             | torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key)))
 
+    impl = _IMPLS[name]
+
     def entry(x, *args, **kwargs):
         if traced.tracing(x) and takes(x, *args, **kwargs):
             return traced_fn(x, *args, **kwargs)
+        if not _grad_wanted(x, *args):
+            return impl(x, *args, **kwargs)
         return stock.call_boxed(keys, x, *args, **kwargs)
 
     return entry
@@ -265,14 +285,14 @@ _COMPOSITE = ("rms_norm", "scaled_dot_product_attention")
 _capture_stock_kernels()
 set_stock_guard(stock_ops)
 
-#: name -> autograd-key entry (torch.compile); empty on torch without get_kernel (< 2.9)
-_AUTOGRAD_IMPLS = {name: _autograd_entry(name, fn, takes) for name, (fn, takes) in _TRACED.items()
-                   if name in _STOCK_AUTOGRAD}
-
 _IMPLS = {"mm": _mm, "addmm": _addmm, "bmm": _bmm, "_softmax": _softmax,
           "_log_softmax": _log_softmax, "mean.dim": _mean, "sum.dim_IntList": _sum,
           "native_layer_norm": _native_layer_norm, "rms_norm": _rms_norm,
           "scaled_dot_product_attention": _sdpa}
+
+#: name -> autograd-key entry (torch.compile); empty on torch without get_kernel (< 2.9)
+_AUTOGRAD_IMPLS = {name: _autograd_entry(name, fn, takes) for name, (fn, takes) in _TRACED.items()
+                   if name in _STOCK_AUTOGRAD}
 
 
 def _overload(name: str):

@@ -34,6 +34,7 @@ from ..kernels.matmul import matmul_kernel
 from ..kernels.matmul_tma import matmul_tma_kernel
 from ..launch_options import _ACTIVE as _LAUNCH_OPTIONS
 from .._launch import launch
+from .._descriptors import descriptor
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -95,9 +96,9 @@ def _tma_matrix(t: torch.Tensor, rows: int, cols: int, s_row: int, s_col: int, b
     if t.data_ptr() % 16:
         return None
     if s_col == 1 and (s_row * es) % 16 == 0 and (rows == 1 or s_row >= cols):
-        return TensorDescriptor(t, [rows, cols], [s_row, 1], [box_rows, box_cols]), False
+        return descriptor(TensorDescriptor, t, (rows, cols), (s_row, 1), (box_rows, box_cols)), False
     if s_row == 1 and (s_col * es) % 16 == 0 and (cols == 1 or s_col >= rows):
-        return TensorDescriptor(t, [cols, rows], [s_col, 1], [box_cols, box_rows]), True
+        return descriptor(TensorDescriptor, t, (cols, rows), (s_col, 1), (box_cols, box_rows)), True
     return None
 
 
@@ -113,7 +114,7 @@ def _launch_tma(a, b, c, M: int, N: int, K: int, sa, sb, cfg, kwargs) -> bool:
         return False
     tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
     grid = (min(tiles, sm_count(c.device)) if cfg.persistent else tiles,)
-    c_desc = TensorDescriptor(c, [M, N], [N, 1], [cfg.block_m, cfg.block_n])
+    c_desc = descriptor(TensorDescriptor, c, (M, N), (N, 1), (cfg.block_m, cfg.block_n))
     launch(matmul_tma_kernel, grid, da[0], db[0], c_desc, M, N, K, A_T=da[1], B_T=db[1], **kwargs)
     return True
 
