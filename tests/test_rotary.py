@@ -86,3 +86,39 @@ def test_the_kernel_is_apply_rotary_bit_for_bit(dtype, interleaved, along, devic
         want = apply_rotary(x, cos, sin, pos.expand(3, 5), interleaved)
         got = rotate(x, cos, sin, base, along, interleaved)
         assert torch.equal(got, want), (D, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+def test_the_rotary_append_writes_the_rotary_kernels_bits(dtype, device):
+    """kernels/kv_append.py's rotary append (what a decode or chunk step with rotary runs):
+    the keys it writes into the cache and the query it rotates in the same launch are
+    apply_rotary's bits; v is copied; no other slot is touched.  Strided q, a head dim that
+    is not a power of two, partial rotary dims, both pair layouts, q along or at the length,
+    and no q at all."""
+    from bitstable.attention.kvcache.append import AppendRotary, append
+
+    g = torch.Generator().manual_seed(53)
+    B, n, Hk, S = 3, 4, 2, 60
+    base = torch.tensor([0, 9, 50], dtype=torch.int32, device=device)
+    for D, r in ((32, 32), (59, 18)):
+        for interleaved, along, with_q in ((False, True, True), (True, False, True), (True, True, False)):
+            k, v = (torch.randn(B, n, Hk, D, generator=g).to(dtype).to(device) for _ in range(2))
+            q = torch.randn(B, n, 8, D, generator=g).to(dtype).to(device)[:, :, 1:7]     # strided heads
+            cos, sin = (t.to(dtype).to(device) for t in _tables(S, r))
+            kc, vc = (torch.full((B, S, Hk, D), float("nan"), dtype=dtype, device=device) for _ in range(2))
+            got_q = append(kc, vc, k, v, base, None, None, 0,
+                           rotary=AppendRotary(cos, sin, interleaved, q if with_q else None, along))
+            pos = base.long()[:, None] + torch.arange(n, device=device)[None, :]
+            want_k = apply_rotary(k, cos, sin, pos, interleaved)
+            written = torch.zeros(B, S, dtype=torch.bool, device=device)
+            for b in range(B):
+                lo = int(base[b])
+                assert torch.equal(kc[b, lo:lo + n], want_k[b]), (D, r, interleaved, b)
+                assert torch.equal(vc[b, lo:lo + n], v[b]), (D, r, b)
+                written[b, lo:lo + n] = True
+            assert kc[~written].isnan().all() and vc[~written].isnan().all()
+            if with_q:
+                q_pos = pos if along else base.long()[:, None].expand(B, n)
+                assert torch.equal(got_q, apply_rotary(q, cos, sin, q_pos, interleaved)), (D, r, interleaved, along)
+            else:
+                assert got_q is None

@@ -65,6 +65,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position
     return torch.cat((rot.to(x.dtype), x[..., r:]), dim=-1) if r < x.shape[-1] else rot.to(x.dtype)
 
 
+def rotary_tables(cos: torch.Tensor, sin: torch.Tensor):
+    """(cos, sin) as the kernels read them: unit stride on the last dim and one stride
+    shared by both (copies only where needed)."""
+    cos = cos if cos.stride(1) == 1 else cos.contiguous()
+    sin = sin if sin.stride() == cos.stride() else sin.contiguous()
+    cos = cos if sin.stride() == cos.stride() else cos.contiguous()
+    return cos, sin
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, base: torch.Tensor, along: bool,
            interleaved: bool = False) -> torch.Tensor:
     """:func:`apply_rotary` in one kernel launch (kernels/rotary.py), bit for bit: ``x``
@@ -78,9 +87,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, base: torch.Te
         return out
     if x.stride(3) != 1:
         x = x.contiguous()
-    cos = cos if cos.stride(1) == 1 else cos.contiguous()
-    sin = sin if sin.stride() == cos.stride() else sin.contiguous()
-    cos = cos if sin.stride() == cos.stride() else cos.contiguous()
+    cos, sin = rotary_tables(cos, sin)
     half = cos.shape[1]
     launch(rotary_kernel, (B, L), x, out, cos, sin, base, x.stride(0), x.stride(1), x.stride(2),
                           out.stride(0), out.stride(1), out.stride(2), cos.stride(0), H, D, half,

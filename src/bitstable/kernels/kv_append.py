@@ -13,6 +13,33 @@ import triton
 import triton.language as tl
 
 from .cache_checks import cache_row_ok
+from .rotary import rotary_table_rows, rotate_token
+
+
+@triton.jit
+def _destination(SEQLENS, BATCH_IDX, BLOCK_TABLE, b, t, stride_bt, page_size,
+                 n_new, max_before, num_rows, batch, LEFTPAD, max_pages,
+                 PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, CHECK: tl.constexpr,
+                 HAS_LEFTPAD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(pos, row, slot, ok) of new token ``t`` of batch row ``b``: its absolute position
+    ``SEQLENS[b] + t``, the cache row (or page) and slot it goes to, and whether the row
+    passed :func:`cache_row_ok` (True unless ``CHECK``)."""
+    pos = tl.load(SEQLENS + b).to(tl.int64) + t
+    ok = b >= 0
+    if CHECK:
+        ok = cache_row_ok(SEQLENS, b, n_new, max_before, BATCH_IDX, num_rows, batch, LEFTPAD,
+                          BLOCK_TABLE, stride_bt, page_size, max_pages,
+                          HAS_BATCH_IDX, HAS_LEFTPAD, PAGED, BLOCK_B, BLOCK_P)
+    if PAGED:
+        row = tl.load(BLOCK_TABLE + b * stride_bt + pos // page_size).to(tl.int64)
+        slot = pos % page_size
+    else:
+        if HAS_BATCH_IDX:
+            row = tl.load(BATCH_IDX + b).to(tl.int64)
+        else:
+            row = b
+        slot = pos
+    return pos, row, slot, ok
 
 
 @triton.jit
@@ -33,30 +60,72 @@ def kv_append_kernel(K_NEW, V_NEW, K_CACHE, V_CACHE, SEQLENS, BATCH_IDX, BLOCK_T
     ``max_pages``, ``BLOCK_B``, ``BLOCK_P``: kernels/cache_checks.py's arguments)."""
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1).to(tl.int64)
-    pos = tl.load(SEQLENS + b).to(tl.int64) + t
-    ok = True
-    if CHECK:
-        ok = cache_row_ok(SEQLENS, b, n_new, max_before, BATCH_IDX, num_rows, batch, LEFTPAD,
-                          BLOCK_TABLE, stride_bt, page_size, max_pages,
-                          HAS_BATCH_IDX, HAS_LEFTPAD, PAGED, BLOCK_B, BLOCK_P)
-    if PAGED:
-        row = tl.load(BLOCK_TABLE + b * stride_bt + pos // page_size).to(tl.int64)
-        slot = pos % page_size
-    else:
-        if HAS_BATCH_IDX:
-            row = tl.load(BATCH_IDX + b).to(tl.int64)
-        else:
-            row = b
-        slot = pos
+    pos, row, slot, ok = _destination(SEQLENS, BATCH_IDX, BLOCK_TABLE, b, t, stride_bt, page_size,
+                                      n_new, max_before, num_rows, batch, LEFTPAD, max_pages,
+                                      PAGED, HAS_BATCH_IDX, CHECK, HAS_LEFTPAD, BLOCK_B, BLOCK_P)
     offs_h = tl.arange(0, BLOCK_H)[:, None]
     offs_d = tl.arange(0, BLOCK_D)[None, :]
     mask = (offs_h < H) & (offs_d < D) & ok
-    mask_v = (offs_h < H) & (offs_d < DV) & ok
     kv = tl.load(K_NEW + b * stride_knb + t * stride_knt + offs_h * stride_knh + offs_d * stride_knd,
                  mask=mask)
     tl.store(K_CACHE + row * stride_kcb + slot * stride_kct + offs_h * stride_kch + offs_d * stride_kcd,
              kv, mask=mask)
+    _copy_v(V_NEW, V_CACHE, b, t, row, slot, stride_vnb, stride_vnt, stride_vnh, stride_vnd,
+            stride_vcb, stride_vct, stride_vch, stride_vcd, H, DV, ok, BLOCK_H, BLOCK_D)
+
+
+@triton.jit
+def _copy_v(V_NEW, V_CACHE, b, t, row, slot, stride_vnb, stride_vnt, stride_vnh, stride_vnd,
+            stride_vcb, stride_vct, stride_vch, stride_vcd, H, DV, ok,
+            BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """New value token (b, t) into cache row ``row``, slot ``slot`` (nothing unless ``ok``)."""
+    offs_h = tl.arange(0, BLOCK_H)[:, None]
+    offs_d = tl.arange(0, BLOCK_D)[None, :]
+    mask_v = (offs_h < H) & (offs_d < DV) & ok
     vv = tl.load(V_NEW + b * stride_vnb + t * stride_vnt + offs_h * stride_vnh + offs_d * stride_vnd,
                  mask=mask_v)
     tl.store(V_CACHE + row * stride_vcb + slot * stride_vct + offs_h * stride_vch + offs_d * stride_vcd,
              vv, mask=mask_v)
+
+
+@triton.jit
+def kv_append_rotary_kernel(K_NEW, V_NEW, K_CACHE, V_CACHE, SEQLENS, BATCH_IDX, BLOCK_TABLE,
+                            Q, Q_OUT, COS, SIN,
+                            stride_knb, stride_knt, stride_knh, stride_knd,
+                            stride_vnb, stride_vnt, stride_vnh, stride_vnd,
+                            stride_kcb, stride_kct, stride_kch, stride_kcd,
+                            stride_vcb, stride_vct, stride_vch, stride_vcd,
+                            stride_qb, stride_qt, stride_qh, stride_qd,
+                            stride_ob, stride_ot, stride_oh, stride_cs,
+                            stride_bt, page_size, H, HQ, D, DV, HALF, seqlen_ro,
+                            n_new, max_before, num_rows, batch, LEFTPAD, max_pages,
+                            BLOCK_H: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_D: tl.constexpr,
+                            BLOCK_HALF: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
+                            INTERLEAVED: tl.constexpr, PASS_THROUGH: tl.constexpr,
+                            ROTATE_Q: tl.constexpr, Q_ALONG: tl.constexpr,
+                            CHECK: tl.constexpr = False, HAS_LEFTPAD: tl.constexpr = False,
+                            BLOCK_B: tl.constexpr = 1, BLOCK_P: tl.constexpr = 1):
+    """:func:`kv_append_kernel` with ``flash_attn_with_kvcache``'s rotary in the same launch:
+    new key token (b, t) is rotated at its position ``SEQLENS[b] + t`` as it is written
+    (kernels/rotary.py's functions: rotary_kernel's bits), and, with ``ROTATE_Q``, query
+    token (b, t) of Q [B, n_new, HQ, D] is rotated into Q_OUT at ``SEQLENS[b] + t``
+    (``Q_ALONG``) or ``SEQLENS[b]``.  The query is rotated whether or not the row passed
+    its checks (as the separate rotary launch does: a failing row's outputs are NaN
+    anyway).  Launch with FMA contraction off."""
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1).to(tl.int64)
+    pos, row, slot, ok = _destination(SEQLENS, BATCH_IDX, BLOCK_TABLE, b, t, stride_bt, page_size,
+                                      n_new, max_before, num_rows, batch, LEFTPAD, max_pages,
+                                      PAGED, HAS_BATCH_IDX, CHECK, HAS_LEFTPAD, BLOCK_B, BLOCK_P)
+    c, s = rotary_table_rows(COS, SIN, pos, stride_cs, HALF, seqlen_ro, BLOCK_HALF)
+    rotate_token(K_NEW + b * stride_knb + t * stride_knt, stride_knh, stride_knd,
+                 K_CACHE + row * stride_kcb + slot * stride_kct, stride_kch, stride_kcd,
+                 c, s, H, D, HALF, ok, BLOCK_H, BLOCK_HALF, BLOCK_D, INTERLEAVED, PASS_THROUGH)
+    _copy_v(V_NEW, V_CACHE, b, t, row, slot, stride_vnb, stride_vnt, stride_vnh, stride_vnd,
+            stride_vcb, stride_vct, stride_vch, stride_vcd, H, DV, ok, BLOCK_H, BLOCK_D)
+    if ROTATE_Q:
+        if not Q_ALONG:
+            c, s = rotary_table_rows(COS, SIN, pos - t, stride_cs, HALF, seqlen_ro, BLOCK_HALF)
+        rotate_token(Q + b * stride_qb + t * stride_qt, stride_qh, stride_qd,
+                     Q_OUT + b * stride_ob + t * stride_ot, stride_oh, 1,
+                     c, s, HQ, D, HALF, True, BLOCK_HQ, BLOCK_HALF, BLOCK_D, INTERLEAVED, PASS_THROUGH)

@@ -6,11 +6,54 @@ of each of its ``H`` heads (halves, or even/odd pairs when ``INTERLEAVED``), the
 are copied.  ``(x1, x2) -> (x1 c - x2 s, x1 s + x2 c)`` in float32 with each product and
 sum rounded on its own (the launcher turns off FMA contraction), then rounded once to the
 output dtype: the same operations, in the same order, as the torch function, so the same
-bits.  Elementwise: a token's output depends on nothing but its own values and position.
+bits.  kernels/kv_append.py's rotary append runs the same two functions.  Elementwise: a token's output depends on nothing but its own values and position.
 """
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def rotary_table_rows(COS, SIN, pos, stride_cs, HALF, seqlen_ro, BLOCK_HALF: tl.constexpr):
+    """(cos, sin) [1, BLOCK_HALF] float32: row ``pos`` of the tables, NaN where ``pos`` lies
+    outside ``[0, seqlen_ro)`` (no table row is read) and 0 past ``HALF``."""
+    offs_i = tl.arange(0, BLOCK_HALF)[None, :]
+    in_table = (offs_i < HALF) & (pos >= 0) & (pos < seqlen_ro)
+    c = tl.load(COS + pos * stride_cs + offs_i, mask=in_table, other=float("nan")).to(tl.float32)
+    s = tl.load(SIN + pos * stride_cs + offs_i, mask=in_table, other=float("nan")).to(tl.float32)
+    return c, s
+
+
+@triton.jit
+def rotate_token(X, stride_xh, stride_xd, OUT, stride_oh, stride_od, c, s, H, D, HALF, keep,
+                 BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+                 INTERLEAVED: tl.constexpr, PASS_THROUGH: tl.constexpr):
+    """One token's ``H`` heads, ``X`` -> ``OUT`` (pointers at the token; head and dim strides
+    given): the first ``2 * HALF`` dims rotated by ``(c, s)`` (:func:`rotary_table_rows`),
+    ``(x1, x2) -> (x1 c - x2 s, x1 s + x2 c)`` in float32 rounded once to OUT's dtype; the
+    rest copied (``PASS_THROUGH``).  ``keep``: a scalar bool, False stores nothing.  Every
+    caller launches with FMA contraction off, so each product and sum rounds on its own."""
+    offs_h = tl.arange(0, BLOCK_H)[:, None]
+    offs_i = tl.arange(0, BLOCK_HALF)[None, :]
+    ok = (offs_h < H) & (offs_i < HALF) & keep
+    if INTERLEAVED:
+        d1 = 2 * offs_i
+        d2 = 2 * offs_i + 1
+    else:
+        d1 = offs_i
+        d2 = offs_i + HALF
+    x_row = X + offs_h * stride_xh
+    o_row = OUT + offs_h * stride_oh
+    x1 = tl.load(x_row + d1 * stride_xd, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(x_row + d2 * stride_xd, mask=ok, other=0.0).to(tl.float32)
+    o1 = x1 * c - x2 * s
+    o2 = x1 * s + x2 * c
+    tl.store(o_row + d1 * stride_od, o1.to(OUT.dtype.element_ty), mask=ok)
+    tl.store(o_row + d2 * stride_od, o2.to(OUT.dtype.element_ty), mask=ok)
+    if PASS_THROUGH:       # dims R .. D-1 unrotated
+        offs_d = tl.arange(0, BLOCK_D)[None, :]
+        rest = (offs_h < H) & (offs_d >= 2 * HALF) & (offs_d < D) & keep
+        tl.store(o_row + offs_d * stride_od, tl.load(x_row + offs_d * stride_xd, mask=rest), mask=rest)
 
 
 @triton.jit
@@ -28,27 +71,6 @@ def rotary_kernel(X, OUT, COS, SIN, BASE,
     pos = tl.load(BASE + b).to(tl.int64)
     if ALONG:
         pos = pos + t
-    offs_h = tl.arange(0, BLOCK_H)[:, None]
-    offs_i = tl.arange(0, BLOCK_HALF)[None, :]
-    ok = (offs_h < H) & (offs_i < HALF)
-    in_table = (offs_i < HALF) & (pos >= 0) & (pos < seqlen_ro)
-    c = tl.load(COS + pos * stride_cs + offs_i, mask=in_table, other=float("nan")).to(tl.float32)
-    s = tl.load(SIN + pos * stride_cs + offs_i, mask=in_table, other=float("nan")).to(tl.float32)
-    if INTERLEAVED:
-        d1 = 2 * offs_i
-        d2 = 2 * offs_i + 1
-    else:
-        d1 = offs_i
-        d2 = offs_i + HALF
-    x_row = X + b * stride_xb + t * stride_xt + offs_h * stride_xh
-    o_row = OUT + b * stride_ob + t * stride_ot + offs_h * stride_oh
-    x1 = tl.load(x_row + d1, mask=ok, other=0.0).to(tl.float32)
-    x2 = tl.load(x_row + d2, mask=ok, other=0.0).to(tl.float32)
-    o1 = x1 * c - x2 * s
-    o2 = x1 * s + x2 * c
-    tl.store(o_row + d1, o1.to(OUT.dtype.element_ty), mask=ok)
-    tl.store(o_row + d2, o2.to(OUT.dtype.element_ty), mask=ok)
-    if PASS_THROUGH:       # dims R .. D-1 unrotated
-        offs_d = tl.arange(0, BLOCK_D)[None, :]
-        rest = (offs_h < H) & (offs_d >= 2 * HALF) & (offs_d < D)
-        tl.store(o_row + offs_d, tl.load(x_row + offs_d, mask=rest), mask=rest)
+    c, s = rotary_table_rows(COS, SIN, pos, stride_cs, HALF, seqlen_ro, BLOCK_HALF)
+    rotate_token(X + b * stride_xb + t * stride_xt, stride_xh, 1, OUT + b * stride_ob + t * stride_ot,
+                 stride_oh, 1, c, s, H, D, HALF, True, BLOCK_H, BLOCK_HALF, BLOCK_D, INTERLEAVED, PASS_THROUGH)

@@ -23,7 +23,7 @@ from ..launch import resolve_split_size
 from ..rotary import check_rotary, rotate
 from ..sinks import apply_learnable_sink, check_learnable_sink
 from ..validation import last_dim_contiguous
-from .append import append
+from .append import AppendRotary, append
 from .launch import launch_decode
 from .plan import plan_call
 from .stock import stock_kvcache
@@ -84,15 +84,22 @@ def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
         plan = plan_call(q, k_cache_c, v_cache_c, call, softcap, alibi_slopes, split_size, options)
     else:   # the split size is still checked before the append
         resolve_split_size(attention_config(arch_key(q.device), q.dtype, q.shape[3]).block_n, split_size)
-    if rotary_dim is not None and q.shape[0] > 0:
-        # one launch each (kernels/rotary.py; apply_rotary's bits), positions from the device lengths
+    appending = k is not None and call.n_new > 0 and q.shape[0] > 0
+    # Rotary (apply_rotary's bits, positions from the device lengths): the new keys are rotated
+    # inside the append launch, and q too when it has one token per new key (decode); else q
+    # takes a launch of its own (kernels/rotary.py).
+    fuse_q = appending and q.shape[1] == call.n_new
+    if rotary_dim is not None and q.shape[0] > 0 and not fuse_q:
         q = rotate(q, rotary_cos, rotary_sin, call.cache_seqlens, along, rotary_interleaved)
-        if k is not None and call.n_new > 0:
-            k = rotate(k, rotary_cos, rotary_sin, call.cache_seqlens, True, rotary_interleaved)
-    if k is not None and call.n_new > 0 and q.shape[0] > 0:
-        append(k_cache, v_cache, k, v, call.cache_seqlens, call.cache_batch_idx, call.block_table,
-               call.page_size, device_checks=call.device_checks, max_before=max_before,
-               cache_leftpad=call.cache_leftpad)
+    if appending:
+        rotary = None
+        if rotary_dim is not None:
+            rotary = AppendRotary(rotary_cos, rotary_sin, rotary_interleaved, q if fuse_q else None, along)
+        q_rotated = append(k_cache, v_cache, k, v, call.cache_seqlens, call.cache_batch_idx, call.block_table,
+                           call.page_size, device_checks=call.device_checks, max_before=max_before,
+                           cache_leftpad=call.cache_leftpad, rotary=rotary)
+        if q_rotated is not None:
+            q = q_rotated
     if not deterministic:
         totals = [s + call.n_new for s in call.before]
         out, lse = stock_kvcache(q, k_cache, v_cache, totals, call.cache_batch_idx, call.block_table,
