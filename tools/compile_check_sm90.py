@@ -28,8 +28,10 @@ from kernels.attention_decode import attention_split_combine_kernel, attention_s
 from kernels.attention_decode_wgmma import HAVE_GLUON  # noqa: E402
 from kernels.attention_fwd import attention_fwd_kernel  # noqa: E402
 from kernels.dropout import dropout_mask_kernel  # noqa: E402
+from kernels.kv_append import kv_append_kernel, kv_append_rotary_kernel  # noqa: E402
 from kernels.matmul import matmul_kernel  # noqa: E402
 from kernels.matmul_tma import matmul_tma_kernel  # noqa: E402
+from kernels.rotary import rotary_kernel  # noqa: E402
 from kernels.rowwise import layer_norm_kernel, row_sum_kernel, softmax_kernel  # noqa: E402
 
 
@@ -94,7 +96,8 @@ def build_gluon_decode(d: int, batch_idx: bool) -> None:
 _KERNELS = {fn.__name__: fn for fn in (
     attention_fwd_kernel, attention_bwd_dkdv_kernel, attention_bwd_dq_kernel, attention_bwd_preprocess_kernel,
     attention_split_partial_kernel, attention_split_combine_kernel, matmul_kernel, matmul_tma_kernel, softmax_kernel,
-    row_sum_kernel, layer_norm_kernel, dropout_mask_kernel)}
+    row_sum_kernel, layer_norm_kernel, dropout_mask_kernel, kv_append_kernel, kv_append_rotary_kernel,
+    rotary_kernel)}
 _TL = {"bf16": tl.bfloat16, "fp32": tl.float32}
 
 
@@ -190,6 +193,20 @@ def variants(full: bool):
     job(row_sum_kernel, dict(BLOCK=1024), ("X", "Y"), floats=("scale",), num_warps=4)
     job(layer_norm_kernel, dict(HAS_W=True, HAS_B=True, RMS=False, BLOCK=1024), ("X", "W", "Bias", "Y"),
         ("MEAN", "RSTD"), floats=("eps",), num_warps=4)
+    # the KV-cache append: paged with the device checks; with rotary (keys, and the query in the
+    # same launch, at the length; partial rotary dims), FMA contraction off as launched
+    cache_ptrs = ("SEQLENS", "BATCH_IDX", "BLOCK_TABLE", "LEFTPAD")
+    job(kv_append_kernel, dict(BLOCK_H=8, BLOCK_D=128, PAGED=True, HAS_BATCH_IDX=False, CHECK=True,
+                               HAS_LEFTPAD=True, BLOCK_B=8, BLOCK_P=16),
+        ("K_NEW", "V_NEW", "K_CACHE", "V_CACHE"), pi32=cache_ptrs, num_warps=4)
+    job(kv_append_rotary_kernel, dict(BLOCK_H=8, BLOCK_HQ=32, BLOCK_D=128, BLOCK_HALF=32, PAGED=False,
+                                      HAS_BATCH_IDX=True, INTERLEAVED=True, PASS_THROUGH=True, ROTATE_Q=True,
+                                      Q_ALONG=False, CHECK=True, BLOCK_B=8),
+        ("K_NEW", "V_NEW", "K_CACHE", "V_CACHE", "Q", "Q_OUT"), ("COS", "SIN"), cache_ptrs, num_warps=4,
+        enable_fp_fusion=False)
+    job(rotary_kernel, dict(BLOCK_H=32, BLOCK_HALF=64, BLOCK_D=128, ALONG=True, INTERLEAVED=False,
+                            PASS_THROUGH=False), ("X", "OUT"), ("COS", "SIN"), ("BASE",), num_warps=4,
+        enable_fp_fusion=False)
     if HAVE_GLUON:
         jobs += [("gluon", 128, False), ("gluon", 64, True)]
     return jobs

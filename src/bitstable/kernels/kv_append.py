@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .cache_checks import cache_row_ok
-from .rotary import rotary_table_rows, rotate_token
+from .rotary import load_token, rotary_table_rows, store_token
 
 
 @triton.jit
@@ -65,27 +65,34 @@ def kv_append_kernel(K_NEW, V_NEW, K_CACHE, V_CACHE, SEQLENS, BATCH_IDX, BLOCK_T
                                       PAGED, HAS_BATCH_IDX, CHECK, HAS_LEFTPAD, BLOCK_B, BLOCK_P)
     offs_h = tl.arange(0, BLOCK_H)[:, None]
     offs_d = tl.arange(0, BLOCK_D)[None, :]
-    mask = (offs_h < H) & (offs_d < D) & ok
+    # every load before the first store (stores may alias later loads for the compiler, so
+    # loads issued after a store wait for it)
     kv = tl.load(K_NEW + b * stride_knb + t * stride_knt + offs_h * stride_knh + offs_d * stride_knd,
-                 mask=mask)
+                 mask=(offs_h < H) & (offs_d < D))
+    vv = _load_v(V_NEW, b, t, stride_vnb, stride_vnt, stride_vnh, stride_vnd, H, DV, BLOCK_H, BLOCK_D)
     tl.store(K_CACHE + row * stride_kcb + slot * stride_kct + offs_h * stride_kch + offs_d * stride_kcd,
-             kv, mask=mask)
-    _copy_v(V_NEW, V_CACHE, b, t, row, slot, stride_vnb, stride_vnt, stride_vnh, stride_vnd,
-            stride_vcb, stride_vct, stride_vch, stride_vcd, H, DV, ok, BLOCK_H, BLOCK_D)
+             kv, mask=(offs_h < H) & (offs_d < D) & ok)
+    _store_v(V_CACHE, row, slot, stride_vcb, stride_vct, stride_vch, stride_vcd, vv, H, DV, ok, BLOCK_H, BLOCK_D)
 
 
 @triton.jit
-def _copy_v(V_NEW, V_CACHE, b, t, row, slot, stride_vnb, stride_vnt, stride_vnh, stride_vnd,
-            stride_vcb, stride_vct, stride_vch, stride_vcd, H, DV, ok,
+def _load_v(V_NEW, b, t, stride_vnb, stride_vnt, stride_vnh, stride_vnd, H, DV,
             BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """New value token (b, t) into cache row ``row``, slot ``slot`` (nothing unless ``ok``)."""
+    """New value token (b, t), [BLOCK_H, BLOCK_D]."""
     offs_h = tl.arange(0, BLOCK_H)[:, None]
     offs_d = tl.arange(0, BLOCK_D)[None, :]
-    mask_v = (offs_h < H) & (offs_d < DV) & ok
-    vv = tl.load(V_NEW + b * stride_vnb + t * stride_vnt + offs_h * stride_vnh + offs_d * stride_vnd,
-                 mask=mask_v)
+    return tl.load(V_NEW + b * stride_vnb + t * stride_vnt + offs_h * stride_vnh + offs_d * stride_vnd,
+                   mask=(offs_h < H) & (offs_d < DV))
+
+
+@triton.jit
+def _store_v(V_CACHE, row, slot, stride_vcb, stride_vct, stride_vch, stride_vcd, vv, H, DV, ok,
+             BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``vv`` into cache row ``row``, slot ``slot`` (nothing unless ``ok``)."""
+    offs_h = tl.arange(0, BLOCK_H)[:, None]
+    offs_d = tl.arange(0, BLOCK_D)[None, :]
     tl.store(V_CACHE + row * stride_vcb + slot * stride_vct + offs_h * stride_vch + offs_d * stride_vcd,
-             vv, mask=mask_v)
+             vv, mask=(offs_h < H) & (offs_d < DV) & ok)
 
 
 @triton.jit
@@ -117,15 +124,22 @@ def kv_append_rotary_kernel(K_NEW, V_NEW, K_CACHE, V_CACHE, SEQLENS, BATCH_IDX, 
     pos, row, slot, ok = _destination(SEQLENS, BATCH_IDX, BLOCK_TABLE, b, t, stride_bt, page_size,
                                       n_new, max_before, num_rows, batch, LEFTPAD, max_pages,
                                       PAGED, HAS_BATCH_IDX, CHECK, HAS_LEFTPAD, BLOCK_B, BLOCK_P)
-    c, s = rotary_table_rows(COS, SIN, pos, stride_cs, HALF, seqlen_ro, BLOCK_HALF)
-    rotate_token(K_NEW + b * stride_knb + t * stride_knt, stride_knh, stride_knd,
-                 K_CACHE + row * stride_kcb + slot * stride_kct, stride_kch, stride_kcd,
-                 c, s, H, D, HALF, ok, BLOCK_H, BLOCK_HALF, BLOCK_D, INTERLEAVED, PASS_THROUGH)
-    _copy_v(V_NEW, V_CACHE, b, t, row, slot, stride_vnb, stride_vnt, stride_vnh, stride_vnd,
-            stride_vcb, stride_vct, stride_vch, stride_vcd, H, DV, ok, BLOCK_H, BLOCK_D)
+    # every load before the first store (see kv_append_kernel)
+    k1, k2, k_rest = load_token(K_NEW + b * stride_knb + t * stride_knt, stride_knh, stride_knd, H, D, HALF,
+                                BLOCK_H, BLOCK_HALF, BLOCK_D, INTERLEAVED, PASS_THROUGH)
+    vv = _load_v(V_NEW, b, t, stride_vnb, stride_vnt, stride_vnh, stride_vnd, H, DV, BLOCK_H, BLOCK_D)
     if ROTATE_Q:
-        if not Q_ALONG:
-            c, s = rotary_table_rows(COS, SIN, pos - t, stride_cs, HALF, seqlen_ro, BLOCK_HALF)
-        rotate_token(Q + b * stride_qb + t * stride_qt, stride_qh, stride_qd,
-                     Q_OUT + b * stride_ob + t * stride_ot, stride_oh, 1,
-                     c, s, HQ, D, HALF, True, BLOCK_HQ, BLOCK_HALF, BLOCK_D, INTERLEAVED, PASS_THROUGH)
+        q1, q2, q_rest = load_token(Q + b * stride_qb + t * stride_qt, stride_qh, stride_qd, HQ, D, HALF,
+                                    BLOCK_HQ, BLOCK_HALF, BLOCK_D, INTERLEAVED, PASS_THROUGH)
+    c, s = rotary_table_rows(COS, SIN, pos, stride_cs, HALF, seqlen_ro, BLOCK_HALF)
+    if ROTATE_Q:
+        if Q_ALONG:
+            qc, qs = c, s
+        else:
+            qc, qs = rotary_table_rows(COS, SIN, pos - t, stride_cs, HALF, seqlen_ro, BLOCK_HALF)
+    store_token(K_CACHE + row * stride_kcb + slot * stride_kct, stride_kch, stride_kcd, k1, k2, k_rest,
+                c, s, H, D, HALF, ok, BLOCK_H, BLOCK_HALF, BLOCK_D, INTERLEAVED, PASS_THROUGH)
+    _store_v(V_CACHE, row, slot, stride_vcb, stride_vct, stride_vch, stride_vcd, vv, H, DV, ok, BLOCK_H, BLOCK_D)
+    if ROTATE_Q:
+        store_token(Q_OUT + b * stride_ob + t * stride_ot, stride_oh, 1, q1, q2, q_rest,
+                    qc, qs, HQ, D, HALF, True, BLOCK_HQ, BLOCK_HALF, BLOCK_D, INTERLEAVED, PASS_THROUGH)
