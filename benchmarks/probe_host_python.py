@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 GPU = "--gpu" in sys.argv
 if not GPU:
@@ -42,6 +40,7 @@ DEV = "cuda" if GPU else "cpu"
 
 import bitstable  # noqa: E402
 from bitstable import ops  # noqa: E402
+from bitstable.timing import synced_call_us  # noqa: E402
 
 
 def _cases():
@@ -84,16 +83,7 @@ def _sync():
 
 
 def _median_us(fn, reps: int) -> float:
-    for _ in range(20):
-        fn()
-    _sync()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        ts.append(time.perf_counter() - t0)
-    return 1e6 * statistics.median(ts)
+    return synced_call_us(fn, reps)
 
 
 def main(argv=None) -> int:

@@ -18,15 +18,14 @@ import io
 import os
 import pstats
 import re
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 import torch  # noqa: E402
 
 from bitstable import _backend  # noqa: E402
+from bitstable.timing import synced_call_us  # noqa: E402
 from bitstable.cli.bench_model import CPU_OVERHEAD_SHAPES, GPU_OVERHEAD_SHAPES, _overhead_cases  # noqa: E402
 
 
@@ -36,16 +35,7 @@ def _sync():
 
 
 def _median_us(fn, calls: int) -> float:
-    for _ in range(20):
-        fn()
-    _sync()
-    ts = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        ts.append(time.perf_counter() - t0)
-    return 1e6 * statistics.median(ts)
+    return synced_call_us(fn, calls)
 
 
 def _profile(fn, calls: int) -> str:

@@ -5,6 +5,8 @@ bench_model): one definition of how a kernel or an eager call is timed.
   launch overhead included for kernels of a few microseconds; plain calls under the
   interpreter).
 * :func:`time_graph_ms`: median ms of CUDA-graph replays (kernel time, no host overhead).
+* :func:`synced_call_us`: median us of one eager call synchronised after each (host time
+  plus the kernels; the host-overhead probes).
 * :func:`with_backward`: a forward + backward call to time.
 """
 
@@ -39,6 +41,28 @@ def time_graph_ms(fn: Callable, reps: int) -> float:
     import triton
 
     return triton.testing.do_bench_cudagraph(fn, rep=max(reps, 20), return_mode="median")
+
+
+def synced_call_us(fn: Callable, reps: int, warmup: int = 20) -> float:
+    """Median us of ``fn()`` followed by a device synchronize (none on the CPU), over
+    ``reps`` calls after ``warmup``: a call's host time plus its kernels, one at a time."""
+    import statistics
+
+    import torch
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    for _ in range(warmup):
+        fn()
+    sync()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(ts)
 
 
 def with_backward(fn: Callable, dout, inputs) -> Callable:
