@@ -182,3 +182,42 @@ def test_mode_fallback_calls_stock_kernels_without_rebuilding_registrations(monk
         m = torch.mm(x, x.t())
         assert len(calls) == entered
     assert torch.equal(s, torch.tensor([6, 22, 38])) and torch.equal(m, x @ x.t())
+
+
+def test_rows_of_no_elements_and_no_rows_give_stocks_results(device):
+    """The row ops' edge shapes: rows with no elements and no rows at all, as stock gives them
+    (the fast paths for the last dim of a contiguous tensor included)."""
+    from bitstable import ops
+
+    F = torch.nn.functional
+    empty_rows, no_rows = torch.zeros(3, 0, device=device), torch.zeros(0, 4, device=device)
+    for x in (empty_rows, no_rows):
+        n = x.shape[-1]
+        assert torch.equal(ops.softmax(x, -1), torch.softmax(x, -1))
+        assert torch.equal(ops.sum(x, -1), x.sum(-1)) and ops.sum(x, -1, keepdim=True).shape == (x.shape[0], 1)
+        assert ops.mean(x, -1).shape == x.mean(-1).shape
+        assert torch.equal(ops.mean(x, -1).isnan(), x.mean(-1).isnan())
+        y, mean, rstd = torch.ops.aten.native_layer_norm(x, (n,), None, None, 1e-5)
+        from bitstable.ops.norms import native_layer_norm
+        oy, omean, orstd = native_layer_norm(x, (n,), None, None, 1e-5)
+        assert oy.shape == y.shape and omean.shape == mean.shape and orstd.shape == rstd.shape
+        assert torch.equal(omean, mean) and torch.equal(orstd.isnan(), rstd.isnan())
+        assert ops.layer_norm(x, (n,)).shape == F.layer_norm(x, (n,)).shape
+
+
+def test_the_last_dim_fast_paths_give_the_general_paths_bits(device):
+    """softmax / log_softmax / sum / mean over the last dim of a contiguous tensor, and the
+    norms, skip the general path's copies: the same bits as the general path on a
+    non-contiguous copy of the same values (3-d, keepdim, a dtype argument)."""
+    from bitstable import ops
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, 40, generator=g).to(device)
+    strided = x.transpose(0, 1).contiguous().transpose(0, 1)      # same values, not contiguous
+    assert not strided.is_contiguous() and torch.equal(strided, x)
+    for fn in (lambda t: ops.softmax(t, -1), lambda t: ops.log_softmax(t, 2),
+               lambda t: ops.sum(t, -1), lambda t: ops.mean(t, -1, keepdim=True),
+               lambda t: ops.sum(t, 2, dtype=torch.float32),
+               lambda t: ops.layer_norm(t, (40,), t[0, 0], t[0, 1]), lambda t: ops.rms_norm(t, (5, 40))):
+        fast, general = fn(x), fn(strided)
+        assert fast.shape == general.shape and torch.equal(fast, general)

@@ -39,9 +39,12 @@ def tma_eligible(*tensors: torch.Tensor) -> bool:
     for t in tensors:
         if t.numel() == 0:
             return False
-        es = t.element_size()
-        if t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:-1]):
+        if t.data_ptr() % 16:
             return False
+        es = t.element_size()
+        for st in t.stride()[:-1]:
+            if (st * es) % 16:
+                return False
     return True
 
 

@@ -52,18 +52,21 @@ def _norm(x, normalized_shape, weight, bias, eps, rms) -> Tuple[torch.Tensor, to
     n = 1
     for s in normalized_shape:
         n *= s
-    rows = x.contiguous().reshape(-1, n)
-    y = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    mean = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
-    rstd = torch.empty_like(mean)
-    w = weight.contiguous() if weight is not None else rows
-    b = bias.contiguous() if bias is not None else rows
-    if rows.shape[0] and n:
-        launch(layer_norm_kernel, (rows.shape[0],), rows, w, b, y, mean, rstd, n, rows.stride(0), y.stride(0),
-                                            float(eps), HAS_W=weight is not None, HAS_B=bias is not None,
-                                            RMS=rms, BLOCK=ROW_BLOCK[arch_key(x.device)])
+    xc = x if x.is_contiguous() else x.contiguous()
     stat_shape = tuple(x.shape[:x.dim() - k]) + (1,) * k
-    return y.reshape(x.shape), mean.reshape(stat_shape), rstd.reshape(stat_shape)
+    # outputs in their final shapes (contiguous: row r at r * n, its stats at r)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    mean = torch.empty(stat_shape, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(stat_shape, dtype=torch.float32, device=x.device)
+    w = weight.contiguous() if weight is not None else xc
+    b = bias.contiguous() if bias is not None else xc
+    if not n:       # rows of no elements: stock's statistics (mean 0, 1/sqrt(var) NaN)
+        mean.zero_()
+        rstd.fill_(float("nan"))
+    elif xc.numel():
+        launch(layer_norm_kernel, (xc.numel() // n,), xc, w, b, y, mean, rstd, n, n, n, float(eps),
+               HAS_W=weight is not None, HAS_B=bias is not None, RMS=rms, BLOCK=ROW_BLOCK[arch_key(x.device)])
+    return y, mean, rstd
 
 
 def layer_norm(x: torch.Tensor, normalized_shape: Sequence[int], weight: Optional[torch.Tensor] = None,

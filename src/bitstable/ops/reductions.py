@@ -51,12 +51,18 @@ def _wrap_dim(d, ndim: int) -> int:
 
 
 def _rows(x: torch.Tensor, dims: Sequence[int]):
+    """(x's reduced dims moved last and flattened: [rows, n], the kept dims' sizes); rows of
+    no elements (n = 0) keep their count."""
     keep = [d for d in range(x.dim()) if d not in dims]
     moved = x.permute(*keep, *dims).contiguous()
     n = 1
     for d in dims:
         n *= x.shape[d]
-    return moved.reshape(-1, n), [x.shape[d] for d in keep]
+    kept = [x.shape[d] for d in keep]
+    rows = 1
+    for s in kept:
+        rows *= s
+    return moved.reshape(rows, n), kept
 
 
 def _softmax(x: torch.Tensor, dim: int, log: bool, dtype=None) -> torch.Tensor:
@@ -64,6 +70,16 @@ def _softmax(x: torch.Tensor, dim: int, log: bool, dtype=None) -> torch.Tensor:
     _check_dtype(dtype)
     dim = _wrap_dim(dim, x.dim())
     out_dtype = dtype or x.dtype
+    if x.numel() == 0:        # no rows, or rows of no elements: nothing to compute
+        return torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    n = x.shape[-1] if x.dim() else 1
+    if dim == x.dim() - 1 and x.is_contiguous():
+        # the common case (the last dim of a contiguous tensor): the rows are x itself, the
+        # launch the general path below makes for it, without its views and copies
+        y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        if x.numel():
+            launch(softmax_kernel, (x.numel() // n,), x, y, n, n, n, LOG=log, BLOCK=ROW_BLOCK[arch_key(x.device)])
+        return y
     scalar = x.dim() == 0
     if scalar:
         x = x.reshape(1)
@@ -103,6 +119,16 @@ def _reduce(x, dim, keepdim, dtype, mean_: bool):
     if scalar:   # torch reduces a 0-d tensor over dim 0 / -1 (or none) to itself, 0-d
         x, dims = x.reshape(1), [0]
     dims = sorted(dims)
+    n = x.shape[-1]
+    if dims == [x.dim() - 1] and n and x.is_contiguous():
+        # the common case (the last dim of a contiguous tensor, as in x.pow(2).mean(-1)): the
+        # rows are x itself, the launch the general path makes for it, without its copies
+        lead = tuple(x.shape[:-1])
+        y = torch.empty(lead + (1,) if keepdim and not scalar else lead, dtype=out_dtype, device=x.device)
+        if x.numel():
+            launch(row_sum_kernel, (x.numel() // n,), x, y, n, n, 1.0 / n if mean_ else 1.0,
+                   BLOCK=ROW_BLOCK[arch_key(x.device)])
+        return y.reshape(()) if scalar else y
     rows, kept_shape = _rows(x, dims)
     y = torch.empty(rows.shape[0], dtype=out_dtype, device=x.device)
     n = rows.shape[1]
