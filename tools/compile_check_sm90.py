@@ -5,10 +5,15 @@ compiles them; this catches code that only the GPU path sees (TMA descriptors,
 paged/varlen pointer arithmetic, constexpr branches) failing to compile.
 Needs triton only, and must run without TRITON_INTERPRET:
 
-    python tools/compile_check_sm90.py [--all] [--jobs N] [--shard I/N]
+    python tools/compile_check_sm90.py [--all] [--jobs N] [--shard I/N] [--to ptx]
 
 The variants compile in a pool of one process per CPU (``--jobs``); ``--shard`` picks
-every N-th of them (the test suite runs the shards as separate tests).
+every N-th of them (the test suite runs the shards as separate tests).  ``--to ptx`` stops
+the Triton kernels after Triton's own pipeline (source -> TTIR -> TTGIR -> LLVM IR -> PTX)
+and skips ptxas, a third of the time on a cold cache: every failure this check exists for
+(a constexpr branch, a layout, a descriptor or pointer type the interpreter never sees)
+happens in Triton's pipeline.  The Gluon kernels, whose inline PTX only ptxas reads, are
+still assembled.  The default assembles everything (cubin).
 """
 import argparse
 import itertools
@@ -228,6 +233,21 @@ def compile_variant(job) -> str:
         return f"{job[:2]}: {traceback.format_exc()}"
 
 
+def _stop_triton_kernels_at_ptx() -> None:
+    """Make every later Triton-language compile end at PTX (the cubin stage returns no binary;
+    nothing here loads one); Gluon compiles keep every stage.  Through Triton's stage
+    inspection hook, whose key keeps these compiles out of the full ones' cache entries."""
+    from triton import knobs
+    from triton.backends.compiler import Language
+
+    def hook(backend=None, stages=None, options=None, language=None, capability=None):
+        if backend is None:                 # compile() asks for the hook's cache key first
+            return "ptx-only", "ptx-only"
+        if language == Language.TRITON and "cubin" in stages:
+            stages["cubin"] = lambda src, metadata: b""
+    knobs.runtime.add_stages_inspection_hook = hook
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--all", action="store_true", help="every feature combination (slower)")
@@ -236,7 +256,11 @@ def main() -> int:
     ap.add_argument("--shard", default="0/1", metavar="I/N",
                     help="compile only every N-th variant from the I-th (0-based; the test suite "
                          "spreads the shards over its workers)")
+    ap.add_argument("--to", choices=("cubin", "ptx"), default="cubin",
+                    help="the last stage of the Triton kernels (ptx: skip ptxas; Gluon kernels always cubin)")
     args = ap.parse_args()
+    if args.to == "ptx":
+        _stop_triton_kernels_at_ptx()
     i, n = (int(x) for x in args.shard.split("/"))
     if not 0 <= i < n:
         ap.error(f"--shard wants I/N with 0 <= I < N, got {args.shard!r}")
@@ -260,7 +284,7 @@ def main() -> int:
         print(f"{len(errors)} of {len(jobs)} kernel variants FAILED to compile for sm_90{shard}", file=sys.stderr)
         return 1
     print(f"compiled {len(jobs)} kernel variants for sm_90 with triton {triton.__version__} "
-          f"({workers} processes{shard})")
+          f"({workers} processes{shard}{', Triton kernels to PTX' if args.to == 'ptx' else ''})")
     return 0
 
 
