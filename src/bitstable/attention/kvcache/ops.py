@@ -55,7 +55,8 @@ def kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx,
     """``flash_attn_with_kvcache``'s work, in its order: every check (validate, the rotary
     tables and the sink, then the plan, which checks the split size), then the rotary of q
     and the new k (flash-attn's positions: k at cache_seqlens + i; q too when causal or
-    windowed, else all at cache_seqlens), the append, the attention (bitstable's kernels
+    windowed, else all at cache_seqlens) and the append, in one launch where q has one
+    token per new key (kernels/kv_append.py), then the attention (bitstable's kernels
     when ``deterministic``, else stock PyTorch) and the sink.  A call that raises has written
     nothing.  Values on the GPU (lengths, batch indices, pages, left pads) are checked by
     the kernels, not read back (kernels/cache_checks.py): a failing row writes nothing and
