@@ -134,3 +134,24 @@ def test_inference_mode_still_takes_the_mode(device):
     a, b = (torch.randn(9, 33, generator=g).to(device) for _ in range(2))
     with set_batch_invariant_mode(), torch.inference_mode():
         assert torch.equal(a @ b.t(), ops.mm(a, b.t()))
+
+
+def test_tracing_tells_fake_from_real_tensors_through_wrappers():
+    """ops/traced.py's ``tracing``: a real tensor (plain, a Parameter, inside vmap, inside
+    functionalize) is computed; a fake one (bare, or under a functionalization or
+    functorch wrapper) is traced."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bitstable.ops.traced import tracing
+
+    real = torch.randn(3, 4)
+    seen = []
+    assert not tracing(real) and not tracing(torch.nn.Parameter(real)) and not tracing(3)
+    torch.vmap(lambda r: seen.append(tracing(r)) or r)(real)
+    torch.func.functionalize(lambda r: seen.append(tracing(r)) or r)(real)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(real)
+        assert tracing(fake)
+        torch.vmap(lambda r: seen.append(not tracing(r)) or r)(fake)
+        torch.func.functionalize(lambda r: seen.append(not tracing(r)) or r)(fake)
+    assert seen == [False, False, False, False], seen

@@ -116,11 +116,17 @@ def _grad_wanted(*args) -> bool:
         return True
     if not torch.is_grad_enabled():
         return False
-    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in args)
+    for t in args:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            return True
+    return False
 
 
 def _ok(*tensors) -> bool:
-    return all(isinstance(t, torch.Tensor) and t.dtype in _DTYPES for t in tensors)
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.dtype not in _DTYPES:
+            return False
+    return True
 
 
 def _mm(a, b):

@@ -34,8 +34,18 @@ from . import reductions as _red
 
 
 def tracing(t) -> bool:
-    """Whether ``t`` is being traced (torch.compile / export) rather than computed."""
-    return torch.compiler.is_compiling() or (isinstance(t, torch.Tensor) and is_fake(t))
+    """Whether ``t`` is being traced (torch.compile / export) rather than computed.  A tensor
+    of the exact type ``torch.Tensor`` is fake only through a functionalization or functorch
+    wrapper, which ``is_fake`` unwraps; without either it is real (the eager case, checked
+    without ``is_fake``'s Python: a few microseconds on every call of the mode's ops)."""
+    if torch.compiler.is_compiling():
+        return True
+    if type(t) is torch.Tensor and not torch._is_functional_tensor(t) and not _functorch_wrapped(t):
+        return False
+    return isinstance(t, torch.Tensor) and is_fake(t)
+
+
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 # --------------------------------------------------------------------------- custom ops (forward)
