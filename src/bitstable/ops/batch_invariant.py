@@ -112,7 +112,7 @@ def _grad_wanted(*args) -> bool:
     """Whether autograd would record anything for a call on ``args``: grad mode on and a
     tensor argument that requires grad, or a forward-mode AD level open (its dual tensors
     need the autograd kernel's jvp).  False lets the overrides skip the autograd layer."""
-    if _fwad._current_level >= 0:
+    if getattr(_fwad, "_current_level", 0) >= 0:     # (unknown: assume a level is open)
         return True
     if not torch.is_grad_enabled():
         return False

@@ -72,13 +72,12 @@ def _softmax(x: torch.Tensor, dim: int, log: bool, dtype=None) -> torch.Tensor:
     out_dtype = dtype or x.dtype
     if x.numel() == 0:        # no rows, or rows of no elements: nothing to compute
         return torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    n = x.shape[-1] if x.dim() else 1
     if dim == x.dim() - 1 and x.is_contiguous():
         # the common case (the last dim of a contiguous tensor): the rows are x itself, the
         # launch the general path below makes for it, without its views and copies
+        n = x.shape[-1]
         y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-        if x.numel():
-            launch(softmax_kernel, (x.numel() // n,), x, y, n, n, n, LOG=log, BLOCK=ROW_BLOCK[arch_key(x.device)])
+        launch(softmax_kernel, (x.numel() // n,), x, y, n, n, n, LOG=log, BLOCK=ROW_BLOCK[arch_key(x.device)])
         return y
     scalar = x.dim() == 0
     if scalar:
@@ -123,12 +122,12 @@ def _reduce(x, dim, keepdim, dtype, mean_: bool):
     if dims == [x.dim() - 1] and n and x.is_contiguous():
         # the common case (the last dim of a contiguous tensor, as in x.pow(2).mean(-1)): the
         # rows are x itself, the launch the general path makes for it, without its copies
-        lead = tuple(x.shape[:-1])
+        lead = tuple(x.shape[:-1])       # () for a 0-d input (reshaped to [1] above)
         y = torch.empty(lead + (1,) if keepdim and not scalar else lead, dtype=out_dtype, device=x.device)
         if x.numel():
             launch(row_sum_kernel, (x.numel() // n,), x, y, n, n, 1.0 / n if mean_ else 1.0,
                    BLOCK=ROW_BLOCK[arch_key(x.device)])
-        return y.reshape(()) if scalar else y
+        return y
     rows, kept_shape = _rows(x, dims)
     y = torch.empty(rows.shape[0], dtype=out_dtype, device=x.device)
     n = rows.shape[1]

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-
-from ..._backend import next_power_of_2
 from typing import NamedTuple, Optional
 
 import torch
 
+from ..._backend import next_power_of_2
 from ...kernels.kv_append import kv_append_kernel, kv_append_rotary_kernel
 from ..._launch import launch
 from ..rotary import rotary_tables
