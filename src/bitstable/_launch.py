@@ -136,6 +136,9 @@ def _installed(hook) -> bool:
 
 
 _KNOBS = getattr(triton, "knobs", None)   # Triton 3.4+: its runtime switches
+#: The current CUDA device's index without ``torch.cuda.current_device``'s Python (its lazy
+#: init check: a launch has CUDA tensors, so CUDA is initialised)
+_current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 
 
 def _hooks_installed() -> bool:
@@ -157,7 +160,7 @@ def launch(kernel, grid, *args, **kwargs):
         kernel[grid](*args, **kwargs)
         return
     try:
-        device = torch.cuda.current_device()
+        device = _current_device()
         caches = kernel.device_caches[device]
         binder = caches[4]
         _triton_options(kwargs)

@@ -63,36 +63,34 @@ def kv_append_kernel(K_NEW, V_NEW, K_CACHE, V_CACHE, SEQLENS, BATCH_IDX, BLOCK_T
     pos, row, slot, ok = _destination(SEQLENS, BATCH_IDX, BLOCK_TABLE, b, t, stride_bt, page_size,
                                       n_new, max_before, num_rows, batch, LEFTPAD, max_pages,
                                       PAGED, HAS_BATCH_IDX, CHECK, HAS_LEFTPAD, BLOCK_B, BLOCK_P)
-    offs_h = tl.arange(0, BLOCK_H)[:, None]
-    offs_d = tl.arange(0, BLOCK_D)[None, :]
     # every load before the first store (stores may alias later loads for the compiler, so
     # loads issued after a store wait for it)
-    kv = tl.load(K_NEW + b * stride_knb + t * stride_knt + offs_h * stride_knh + offs_d * stride_knd,
-                 mask=(offs_h < H) & (offs_d < D))
-    vv = _load_v(V_NEW, b, t, stride_vnb, stride_vnt, stride_vnh, stride_vnd, H, DV, BLOCK_H, BLOCK_D)
-    tl.store(K_CACHE + row * stride_kcb + slot * stride_kct + offs_h * stride_kch + offs_d * stride_kcd,
-             kv, mask=(offs_h < H) & (offs_d < D) & ok)
-    _store_v(V_CACHE, row, slot, stride_vcb, stride_vct, stride_vch, stride_vcd, vv, H, DV, ok, BLOCK_H, BLOCK_D)
+    kv = _load_new_row(K_NEW, b, t, stride_knb, stride_knt, stride_knh, stride_knd, H, D, BLOCK_H, BLOCK_D)
+    vv = _load_new_row(V_NEW, b, t, stride_vnb, stride_vnt, stride_vnh, stride_vnd, H, DV, BLOCK_H, BLOCK_D)
+    _store_cache_row(K_CACHE, row, slot, stride_kcb, stride_kct, stride_kch, stride_kcd, kv, H, D, ok, BLOCK_H, BLOCK_D)
+    _store_cache_row(V_CACHE, row, slot, stride_vcb, stride_vct, stride_vch, stride_vcd, vv, H, DV, ok, BLOCK_H, BLOCK_D)
 
 
 @triton.jit
-def _load_v(V_NEW, b, t, stride_vnb, stride_vnt, stride_vnh, stride_vnd, H, DV,
-            BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """New value token (b, t), [BLOCK_H, BLOCK_D]."""
+def _load_new_row(NEW, b, t, stride_b, stride_t, stride_h, stride_d, H, DIM,
+                BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """New key or value token (b, t) of NEW [B, n_new, H, DIM], as [BLOCK_H, BLOCK_D]
+    (zeros past H and DIM)."""
     offs_h = tl.arange(0, BLOCK_H)[:, None]
     offs_d = tl.arange(0, BLOCK_D)[None, :]
-    return tl.load(V_NEW + b * stride_vnb + t * stride_vnt + offs_h * stride_vnh + offs_d * stride_vnd,
-                   mask=(offs_h < H) & (offs_d < DV))
+    return tl.load(NEW + b * stride_b + t * stride_t + offs_h * stride_h + offs_d * stride_d,
+                   mask=(offs_h < H) & (offs_d < DIM))
 
 
 @triton.jit
-def _store_v(V_CACHE, row, slot, stride_vcb, stride_vct, stride_vch, stride_vcd, vv, H, DV, ok,
-             BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``vv`` into cache row ``row``, slot ``slot`` (nothing unless ``ok``)."""
+def _store_cache_row(CACHE, row, slot, stride_b, stride_t, stride_h, stride_d, x, H, DIM, ok,
+                 BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``x`` [BLOCK_H, BLOCK_D] into cache row ``row``, slot ``slot``: its first H heads and
+    DIM columns, nothing unless ``ok``."""
     offs_h = tl.arange(0, BLOCK_H)[:, None]
     offs_d = tl.arange(0, BLOCK_D)[None, :]
-    tl.store(V_CACHE + row * stride_vcb + slot * stride_vct + offs_h * stride_vch + offs_d * stride_vcd,
-             vv, mask=(offs_h < H) & (offs_d < DV) & ok)
+    tl.store(CACHE + row * stride_b + slot * stride_t + offs_h * stride_h + offs_d * stride_d,
+             x, mask=(offs_h < H) & (offs_d < DIM) & ok)
 
 
 @triton.jit
@@ -127,7 +125,7 @@ def kv_append_rotary_kernel(K_NEW, V_NEW, K_CACHE, V_CACHE, SEQLENS, BATCH_IDX, 
     # every load before the first store (see kv_append_kernel)
     k1, k2, k_rest = load_token(K_NEW + b * stride_knb + t * stride_knt, stride_knh, stride_knd, H, D, HALF,
                                 BLOCK_H, BLOCK_HALF, BLOCK_D, INTERLEAVED, PASS_THROUGH)
-    vv = _load_v(V_NEW, b, t, stride_vnb, stride_vnt, stride_vnh, stride_vnd, H, DV, BLOCK_H, BLOCK_D)
+    vv = _load_new_row(V_NEW, b, t, stride_vnb, stride_vnt, stride_vnh, stride_vnd, H, DV, BLOCK_H, BLOCK_D)
     if ROTATE_Q:
         q1, q2, q_rest = load_token(Q + b * stride_qb + t * stride_qt, stride_qh, stride_qd, HQ, D, HALF,
                                     BLOCK_HQ, BLOCK_HALF, BLOCK_D, INTERLEAVED, PASS_THROUGH)
@@ -139,7 +137,7 @@ def kv_append_rotary_kernel(K_NEW, V_NEW, K_CACHE, V_CACHE, SEQLENS, BATCH_IDX, 
             qc, qs = rotary_table_rows(COS, SIN, pos - t, stride_cs, HALF, seqlen_ro, BLOCK_HALF)
     store_token(K_CACHE + row * stride_kcb + slot * stride_kct, stride_kch, stride_kcd, k1, k2, k_rest,
                 c, s, H, D, HALF, ok, BLOCK_H, BLOCK_HALF, BLOCK_D, INTERLEAVED, PASS_THROUGH)
-    _store_v(V_CACHE, row, slot, stride_vcb, stride_vct, stride_vch, stride_vcd, vv, H, DV, ok, BLOCK_H, BLOCK_D)
+    _store_cache_row(V_CACHE, row, slot, stride_vcb, stride_vct, stride_vch, stride_vcd, vv, H, DV, ok, BLOCK_H, BLOCK_D)
     if ROTATE_Q:
         store_token(Q_OUT + b * stride_ob + t * stride_ot, stride_oh, 1, q1, q2, q_rest,
                     qc, qs, HQ, D, HALF, True, BLOCK_HQ, BLOCK_HALF, BLOCK_D, INTERLEAVED, PASS_THROUGH)
