@@ -9,7 +9,7 @@ import torch
 from bitstable import (flash_attn_func, flash_attn_qkvpacked_func, flash_attn_varlen_func,
                        set_deterministic_mode)
 from bitstable.attention.dropout import (Dropout, keep_mask, keep_mask_reference,
-                                         philox4x32_10_reference, stream_key)
+                                         philox4x32_reference, stream_key)
 from bitstable.reference import attention_reference, flash_backward_slack
 
 from cases import make_inputs
@@ -17,14 +17,20 @@ from cases import make_inputs
 P = 0.17
 
 
-@pytest.mark.parametrize("ctr,key,expected", [
-    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
-], ids=["zeros", "ones", "pi"])
-def test_philox_reference_gives_random123_known_answers(ctr, key, expected):
-    assert tuple(int(x) for x in philox4x32_10_reference(*ctr, *key)) == expected
+_PI_CTR, _PI_KEY = (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0)
+
+
+@pytest.mark.parametrize("rounds,ctr,key,expected", [
+    (10, (0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    (10, (0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (10, _PI_CTR, _PI_KEY, (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (7, (0, 0, 0, 0), (0, 0), (0x5F6FB709, 0x0D893F64, 0x4F121F81, 0x4F730A48)),
+    (7, (0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x5207DDC2, 0x45165E59, 0x4D8EE751, 0x8C52F662)),
+    (7, _PI_CTR, _PI_KEY, (0x4DFCCABA, 0x190A87F0, 0xC47362BA, 0xB6B5242A)),
+], ids=["10-zeros", "10-ones", "10-pi", "7-zeros", "7-ones", "7-pi"])
+def test_philox_reference_gives_random123_known_answers(rounds, ctr, key, expected):
+    """The reference's rounds against Random123's kat_vectors (the mask uses 7)."""
+    assert tuple(int(x) for x in philox4x32_reference(*ctr, *key, rounds=rounds)) == expected
 
 
 @pytest.mark.parametrize("seeds", [None, [5, (1 << 40) + 7, -3]], ids=["batch-index", "dropout_seeds"])
@@ -39,6 +45,10 @@ def test_kernel_mask_is_the_specified_function(seeds, device):
     assert torch.equal(got, want)
     frac = 1 - want.float().mean().item()
     assert abs(frac - P) < 0.03, frac
+    # the other tile shapes the kernels take: 32 rows, and 32- and 64-key tiles (the
+    # kernel's whole-group branch; the interpreter's attention kernels use 16 x 16)
+    for tile in ((32, 32), (16, 64)):
+        assert torch.equal(keep_mask(d, 3, 2, 37, 45, torch.device(device), tile=tile).cpu(), want), tile
 
 
 def test_mask_depends_on_every_input():

@@ -43,8 +43,9 @@ class Dropout(NamedTuple):
 
     @property
     def threshold(self) -> int:
-        """The 16-bit drop threshold: an entry is dropped iff its 16-bit draw is below it."""
-        return min(int(self.p * 2.0 ** 16), (1 << 16) - 1)
+        """The 8-bit drop threshold: an entry is dropped iff its 8-bit draw is below it
+        (``p`` in steps of 1/256, as flash-attn draws it; a p below 1/256 drops nothing)."""
+        return min(int(self.p * 256.0), 255)
 
     @property
     def scale(self) -> float:
@@ -101,15 +102,17 @@ def check_dropout_seeds(dropout_seeds, dropout_p: float, batch: int, device: tor
 
 def keep_mask(dropout: Dropout, batch: int, nheads: int, seqlen_q: int, seqlen_k: int,
               device: torch.device, cu_seqlens_q: Optional[torch.Tensor] = None,
-              cu_seqlens_k: Optional[torch.Tensor] = None) -> torch.Tensor:
+              cu_seqlens_k: Optional[torch.Tensor] = None, tile=None) -> torch.Tensor:
     """The call's keep-mask, bool [batch, nheads, seqlen_q, seqlen_k], from the kernels' own
     mask function (varlen: sequence ``b``'s entries at ``[b, :, :Lq_b, :Lk_b]``, False past
-    them; ``seqlen_q/k`` are then the max lengths)."""
+    them; ``seqlen_q/k`` are then the max lengths).  ``tile``: (rows, keys) per program, for
+    tests (launch-only: the mask is the same for every tile; default 64 x 64, 16 x 16 under
+    the interpreter)."""
     out = torch.zeros((batch, nheads, seqlen_q, seqlen_k), dtype=torch.int8, device=device)
     if out.numel() == 0:
         return out.bool()
     varlen = cu_seqlens_q is not None
-    bm, bn = (16, 16) if interpreting() else (64, 64)
+    bm, bn = tile or ((16, 16) if interpreting() else (64, 64))
     lo, hi, thr = dropout.kernel_args()
     seeds = dropout.seeds if dropout.seeds is not None else out
     grid = (cdiv(seqlen_q, bm), cdiv(seqlen_k, bn), batch * nheads)
@@ -138,12 +141,16 @@ def _mulhilo(a: torch.Tensor, m: int):
     return hi, lo
 
 
-def philox4x32_10_reference(c0, c1, c2, c3, k0, k1):
-    """Random123's philox4x32-10 on int64 tensors (or ints) holding uint32 values."""
+#: Philox rounds of the mask (kernels/dropout.py's DROPOUT_ROUNDS).
+MASK_ROUNDS = 7
+
+
+def philox4x32_reference(c0, c1, c2, c3, k0, k1, rounds: int = MASK_ROUNDS):
+    """Random123's philox4x32-``rounds`` on int64 tensors (or ints) holding uint32 values."""
     c = [torch.as_tensor(x, dtype=torch.int64) for x in (c0, c1, c2, c3)]
     k0 = torch.as_tensor(k0, dtype=torch.int64)
     k1 = torch.as_tensor(k1, dtype=torch.int64)
-    for r in range(10):
+    for r in range(rounds):
         if r > 0:
             k0 = (k0 + 0x9E3779B9) & _U32
             k1 = (k1 + 0xBB67AE85) & _U32
@@ -164,13 +171,14 @@ def keep_mask_reference(dropout: Dropout, seq_keys, nheads: int, seqlen_q: int,
         kk = torch.arange(seqlen_k, dtype=torch.int64).view(1, 1, -1)
         h = torch.arange(nheads, dtype=torch.int64).view(-1, 1, 1)
         shape = (nheads, seqlen_q, seqlen_k)
-        r = philox4x32_10_reference((4 * (kk // 16) + (kk % 8) // 2).expand(shape),
-                                    (16 * (q // 16) + q % 8).expand(shape), h.expand(shape),
-                                    torch.full(shape, key & _U32, dtype=torch.int64),
-                                    dropout.stream & _U32, (dropout.stream >> 32) ^ (key >> 32))
-        which = ((kk // 8) % 2 + 2 * ((q // 8) % 2)).expand(shape)
+        r = philox4x32_reference((4 * (kk // 32) + (kk % 8) // 2).expand(shape),
+                                 (16 * (q // 16) + q % 8).expand(shape), h.expand(shape),
+                                 torch.full(shape, key & _U32, dtype=torch.int64),
+                                 dropout.stream & _U32, (dropout.stream >> 32) ^ (key >> 32))
+        which = ((kk // 8) % 4).expand(shape)
         word = torch.stack(r, 0).gather(0, which.unsqueeze(0)).squeeze(0)
-        draw = (word >> (16 * (kk % 2))) & 0xFFFF        # half key % 2 of that output
+        byte = kk % 2 + 2 * ((q // 8) % 2)
+        draw = (word >> (8 * byte)) & 0xFF               # byte key % 2 + 2 (query // 8 % 2)
         rows.append(draw >= dropout.threshold)
     return torch.stack(rows, 0)
 
