@@ -205,32 +205,36 @@ def _tp(world):
         runs = {"tree": (S, "tree", "reduce_scatter" if world == 2 else "all_gather")}
         if world == 4:
             runs["plain"] = (None, "all_reduce")     # (c): the plain all-reduce TP path
+        # the negative control compares logits, loss and gradients; its decode would add nothing
         _RUNS[world] = harness.run_tp(world, {"runs": runs, "seq": SEQ, "decode_from": DECODE_FROM,
-                                              "check_collectives": True}, timeout=240)
+                                              "no_decode": ("plain",), "check_collectives": True},
+                                      timeout=240)
     return _RUNS[world]
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_tiny_llama_logits_and_gradients_equal_tp1(world):
+def test_tiny_llama_logits_and_gradients_equal_tp1():
     """The tree path at TP=2 and 4 equals the unsharded model bitwise (logits, loss, every
     gradient, decode).  At TP=4 also (c): the same harness on the plain TP path (local
     products, gloo's all-reduce sum, no tree) reports differences against the unsharded
-    model with and without the tree.  (One test per world size: under pytest-xdist each
-    TP=4 run of 4 spawned processes would otherwise run again in another worker.)"""
+    model with and without the tree.  (One test for both world sizes: the TP=1 reference
+    is computed once, where pytest-xdist would compute it again in every worker.)"""
     pytest.importorskip("transformers")
     from bitstable.parallel.harness import compare
 
     ref, ref_plain = _tp1()
-    ranks = _tp(world)
     assert len(ref["grads"]) == 2 * 9 + 3          # every parameter got a gradient
-    assert compare(ref, [r["tree"] for r in ranks]) == []
-    # both collectives, on a product alone (fp32 and fp16, padded element count)
-    assert all(all(r["collectives"].values()) for r in ranks), [r["collectives"] for r in ranks]
-    # the sharded parameters are the sharded ones (7 per layer), the rest replicated
-    assert len(ranks[0]["tree"]["slices"]) == 2 * 7
-    if world == 4:
-        assert compare(ref_plain, [r["plain"] for r in ranks]) != []
-        assert compare(ref, [r["plain"] for r in ranks]) != []
+    for world in (2, 4):
+        ranks = _tp(world)
+        assert compare(ref, [r["tree"] for r in ranks]) == [], world
+        # both collectives, on a product alone (fp32 and fp16, padded element count)
+        assert all(all(r["collectives"].values()) for r in ranks), (world, [r["collectives"] for r in ranks])
+        # the sharded parameters are the sharded ones (7 per layer), the rest replicated
+        assert len(ranks[0]["tree"]["slices"]) == 2 * 7, world
+        assert all("decode" in r["tree"] for r in ranks), world
+    ranks = _tp(4)
+    assert all("decode" not in r["plain"] for r in ranks)
+    assert compare(ref_plain, [r["plain"] for r in ranks]) != []
+    assert compare(ref, [r["plain"] for r in ranks]) != []
 
 
 # --- one GPU: a real-size product ----------------------------------------------------------------

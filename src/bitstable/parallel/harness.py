@@ -133,7 +133,8 @@ def _worker(rank: int, world: int, port: int, outdir: str, job: dict) -> None:
             model = tiny_llama(job.get("seed", 0), device=device, **job.get("overrides", {}))
             shard_llama(model, tp_tree=tree if reduce == "tree" else None, reduce=reduce,
                         collective=collective[0] if collective else "auto")
-            results[name] = run_step(model, ids, tree if reduce == "tree" else None, job.get("decode_from"))
+            decode = job.get("decode_from") if name not in job.get("no_decode", ()) else None
+            results[name] = run_step(model, ids, tree if reduce == "tree" else None, decode)
             results[name]["slices"] = shard_slices(model)
         torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
         dist.barrier()
@@ -148,7 +149,8 @@ def run_tp(world: int, job: dict, timeout: float = 120.0) -> list:
     """Run ``job`` in ``world`` spawned processes (one TP group); return each rank's results.
 
     ``job``: ``{"runs": {name: (tp_tree, "tree" | "all_reduce"[, collective])}, "seed",
-    "input_seed", "seq", "decode_from", "overrides", "backend", "check_collectives"}``.  Raises ``TimeoutError`` (after killing the
+    "input_seed", "seq", "decode_from", "no_decode" (run names that skip the decode), "overrides",
+    "backend", "check_collectives"}``.  Raises ``TimeoutError`` (after killing the
     processes) when they do not finish within ``timeout`` seconds, ``RuntimeError`` with a
     rank's traceback when one fails."""
     import torch.multiprocessing as mp
