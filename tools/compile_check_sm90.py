@@ -149,7 +149,9 @@ def variants(full: bool):
         job(fn, dict(drop, VARLEN=False, SKIP_FULL_MASKS=True, HAS_SEQ_KEYS=True),
             ("Q", "K", "V", "DO", "DK", "DV", "DQ"), ("LSE", "DELTA", "ALIBI"), ("CU_Q", "CU_K"),
             ("qk_scale", "softcap_scaled", "grad_scale"), num_warps=4, num_stages=2)
-    job(dropout_mask_kernel, dict(HAS_SEQ_KEYS=True, VARLEN=True, BLOCK_M=64, BLOCK_N=64), pi32=("CU_Q", "CU_K"),
+    # 16-key tiles: the mask's half-group branch (the float32 configs' key block); the
+    # attention variants above take the whole-group one
+    job(dropout_mask_kernel, dict(HAS_SEQ_KEYS=True, VARLEN=True, BLOCK_M=32, BLOCK_N=16), pi32=("CU_Q", "CU_K"),
         num_warps=4)
     # kvcache: cache_leftpad (per-row key offsets, pointer loads), a head dim not a multiple of 8, Dv < D
     job(attention_split_partial_kernel, dict(HEAD_DIM=64, BLOCK_M=64, BLOCK_N=64, COMPUTE_DTYPE="bf16",
