@@ -73,7 +73,7 @@ def kv_append_kernel(K_NEW, V_NEW, K_CACHE, V_CACHE, SEQLENS, BATCH_IDX, BLOCK_T
 
 @triton.jit
 def _load_new_row(NEW, b, t, stride_b, stride_t, stride_h, stride_d, H, DIM,
-                BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     """New key or value token (b, t) of NEW [B, n_new, H, DIM], as [BLOCK_H, BLOCK_D]
     (zeros past H and DIM)."""
     offs_h = tl.arange(0, BLOCK_H)[:, None]
@@ -84,7 +84,7 @@ def _load_new_row(NEW, b, t, stride_b, stride_t, stride_h, stride_d, H, DIM,
 
 @triton.jit
 def _store_cache_row(CACHE, row, slot, stride_b, stride_t, stride_h, stride_d, x, H, DIM, ok,
-                 BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     """``x`` [BLOCK_H, BLOCK_D] into cache row ``row``, slot ``slot``: its first H heads and
     DIM columns, nothing unless ``ok``."""
     offs_h = tl.arange(0, BLOCK_H)[:, None]
