@@ -119,6 +119,71 @@ def test_dropout_matches_float64_with_the_same_mask(sizes, kw, dtype, device):
     assert err_p <= 4 * torch.finfo(dtype).eps, err_p
 
 
+def _one_hot_rows(B, L, H, D, dtype, device):
+    """[B, L, H, D] with row i = e_i (L <= D): a product with it reads one entry per element."""
+    eye = torch.eye(L, D, dtype=dtype, device=device)
+    return eye.view(1, L, 1, D).expand(B, L, H, D).contiguous()
+
+
+def _dropout_terms(q, k, v, dout, keep, softmax_scale):
+    """float64 (P, dP, delta, dS) of dropout attention with mask ``keep`` [B, H, Lq, Lk]."""
+    q, k, v, dout = (t.double().transpose(1, 2) for t in (q, k, v, dout))   # B, H, L, D
+    p = torch.softmax(q @ k.transpose(-1, -2) * softmax_scale, -1)
+    pd = p * keep / (1 - P)
+    out = pd @ v
+    dp = dout @ v.transpose(-1, -2)
+    delta = (dout * out).sum(-1, keepdim=True)
+    ds = p * (dp * keep / (1 - P) - delta)
+    return p, dp, delta, ds, out, dout
+
+
+@pytest.mark.parametrize("L,D,dtype", [
+    pytest.param(32, 32, torch.float16, id="fp16-32"),
+    pytest.param(128, 128, torch.bfloat16, id="gpu-bf16-128", marks=pytest.mark.gpu),
+    pytest.param(100, 128, torch.float16, id="gpu-fp16-100", marks=pytest.mark.gpu),
+    pytest.param(64, 64, torch.bfloat16, id="gpu-bf16-64", marks=pytest.mark.gpu),
+])
+def test_every_kernel_drops_exactly_the_reported_entries(L, D, dtype, device):
+    """One-hot rows make each output element one entry of a product, so the entries each
+    kernel dropped can be read off: the forward's (out with v = one-hot keys), the dk/dv
+    kernel's weights (dv with dout = one-hot queries) and scores (dk with q = one-hot), and
+    the dq kernel's scores (dq with k = one-hot).  Each must be S_dmask's mask, entry by
+    entry (on a GPU with 16-bit inputs the forward takes the packed keep test of
+    kernels/dropout.py, the backward kernels the plain one)."""
+    B, H = 2, 2
+    scale = 1.0 / D ** 0.5
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape):
+        return (torch.randn(*shape, generator=g) * 0.5).to(dtype).to(device)
+
+    hot = _one_hot_rows(B, L, H, D, dtype, device)
+    q, k, v, dout = r(B, L, H, D), r(B, L, H, D), r(B, L, H, D), r(B, L, H, D)
+    eps = torch.finfo(dtype).eps
+
+    # forward and dv: v and dout one-hot, out[q, j] = P[q, j] keep / (1 - p), dv[j, q] likewise
+    out, s, dq, dk, dv = _run(q, k, hot, hot, 21)
+    keep = s >= 0
+    assert keep.float().mean().item() == pytest.approx(1 - P, abs=0.05)
+    assert torch.equal(out[..., :L].transpose(1, 2) != 0, keep)
+    assert torch.equal(dv[..., :L].permute(0, 2, 3, 1) != 0, keep)
+
+    # dq with k one-hot (dq[q, j] = dS[q, j] scale), dk with q one-hot (dk[j, q] = dS[q, j] scale)
+    for hot_k in (True, False):
+        qq, kk = (q, hot) if hot_k else (hot, k)
+        out, s, dq, dk, dv = _run(qq, kk, v, dout, 21)
+        assert torch.equal(s >= 0, keep)
+        p64, dp64, delta64, ds64, out64, do64 = _dropout_terms(qq, kk, v, dout, keep, scale)
+        got = (dq[..., :L].transpose(1, 2) if hot_k else dk[..., :L].permute(0, 2, 3, 1)).double()
+        want = ds64 * scale
+        # each entry's rounding: the 16-bit output, fp32 products, delta from the 16-bit out
+        # (a wrong keep bit moves an entry by P |dP| / (1 - p), tens of these bounds)
+        bound = scale * p64 * (4 * eps * (do64.abs() * out64.abs()).sum(-1, keepdim=True)
+                               + 1e-5 * (dp64.abs() / (1 - P) + delta64.abs())) + 2 * eps * want.abs()
+        bad = (got - want).abs() > bound
+        assert not bad.any(), f"{'dq' if hot_k else 'dk'}: {int(bad.sum())} entries off"
+
+
 @pytest.mark.parametrize("shape", [pytest.param((2, 37, 2, 1, 32), id="cpu"),
                                    pytest.param((3, 1500, 8, 2, 128), id="gpu", marks=pytest.mark.gpu)])
 def test_manual_seed_replays_and_the_generator_moves_on(shape, device):

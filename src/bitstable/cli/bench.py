@@ -109,6 +109,9 @@ def bench_forward(shapes: Sequence[Tuple[int, int, int, int]] = DEFAULT_SHAPES,
         impls = {"bitstable": ours}
         if p_drop:
             impls["bitstable_no_dropout"] = _with_backward(lambda: fwd(0.0), dout, (q, k, v))
+            # the forward alone, with and without dropout: what the forward kernel's mask costs
+            impls["bitstable_fwd"] = _no_grad(fwd)
+            impls["bitstable_fwd_no_dropout"] = _no_grad(lambda: fwd(0.0))
         for name in SDPA_BACKENDS:
             impls[f"sdpa_{name}"] = sdpa_fn(name, qt, kt, vt, causal, dout_t, p_drop)
         for name, fn in impls.items():
@@ -122,6 +125,9 @@ def bench_forward(shapes: Sequence[Tuple[int, int, int, int]] = DEFAULT_SHAPES,
         for name in SDPA_BACKENDS:
             ref = row.get(f"sdpa_{name}_ms")
             row[f"ratio_vs_{name}"] = (ref / row["bitstable_ms"]) if ref else None
+        if p_drop:
+            row["dropout_cost"] = row["bitstable_ms"] / row["bitstable_no_dropout_ms"]
+            row["dropout_cost_fwd"] = row["bitstable_fwd_ms"] / row["bitstable_fwd_no_dropout_ms"]
         if impls.get("sdpa_flash") is not None and not p_drop:
             with torch.no_grad():
                 diff = (fwd().transpose(1, 2).float() - sdpa_fn("flash", qt, kt, vt, causal)().float())
@@ -130,6 +136,14 @@ def bench_forward(shapes: Sequence[Tuple[int, int, int, int]] = DEFAULT_SHAPES,
         rows.append(row)
         del q, k, v, qt, kt, vt
     return rows
+
+
+def _no_grad(fn: Callable) -> Callable:
+    """``fn`` called under ``torch.no_grad()`` (a forward that saves nothing for backward)."""
+    def run():
+        with torch.no_grad():
+            return fn()
+    return run
 
 
 #: The dropout pass's probability (flash-attn's tests use 0.17; training recipes 0.0-0.1).
@@ -231,7 +245,9 @@ def markdown_table(rows: List[Dict]) -> str:
         extra = r.get("bitstable_extra_bytes")
         label = r["pass_"]
         if r.get("dropout_p"):
-            label += f" p={r['dropout_p']} (bitstable without: {_fmt(r.get('bitstable_no_dropout_ms'), '.3f')} ms)"
+            label += (f" p={r['dropout_p']} (bitstable without: {_fmt(r.get('bitstable_no_dropout_ms'), '.3f')} ms,"
+                      f" cost {_fmt(r.get('dropout_cost'), '.3f')}x; forward alone"
+                      f" {_fmt(r.get('dropout_cost_fwd'), '.3f')}x)")
         lines.append(
             f"| {label} | {r['B']} | {r['H']} | {r['L']} | {r['D']} | {'yes' if r['causal'] else 'no'} "
             f"| {_fmt(r['bitstable_ms'], '.3f')} | {_fmt(r['bitstable_tflops'], '.0f')} "

@@ -28,6 +28,8 @@ code paths: a visible element rounds identically on both.
 import triton
 import triton.language as tl
 
+from .dropout import drop_weights
+
 #: log2(e) and ln(2), the base changes of the base-2 states; the one definition every
 #: kernel (and the host's score scales) uses.
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -227,7 +229,8 @@ def block_update(m, l, acc, x, v, scale, P_DTYPE: tl.constexpr, ROWWISE: tl.cons
     float32 for float32 inputs); ``ROWWISE`` selects the interpreter's
     product (see :func:`tile_dot`).
 
-    ``DROPOUT``: ``keep`` [M, N] bool (kernels/dropout.py); dropped weights still count in
+    ``DROPOUT``: ``keep`` = (draws [M, N] uint32, threshold), kernels/dropout.py's
+    :func:`dropout_draws` of this tile and the drop threshold; dropped weights still count in
     ``l`` (the softmax denominator) but not in ``acc``; the kept ones are scaled by
     1 / (1 - p) once, on the output (the kernel's epilogue).
     """
@@ -238,8 +241,11 @@ def block_update(m, l, acc, x, v, scale, P_DTYPE: tl.constexpr, ROWWISE: tl.cons
     l = l * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if DROPOUT:
-        p = tl.where(keep, p, 0.0)
-    acc = tile_dot(p.to(P_DTYPE), v, acc, ROWWISE)
+        draws, threshold = keep
+        pv = drop_weights(p, draws, threshold, P_DTYPE, (not ROWWISE) and P_DTYPE != tl.float32)
+    else:
+        pv = p.to(P_DTYPE)
+    acc = tile_dot(pv, v, acc, ROWWISE)
     return m_new, l, acc
 
 

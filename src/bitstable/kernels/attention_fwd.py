@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .attention_core import (LOG2E, empty_state, finalize, fold_block, head_offset, merge_states, sequence_bounds,
                              tile_key_range)
-from .dropout import dropout_keep, sequence_key
+from .dropout import dropout_draws, sequence_key
 
 
 @triton.jit
@@ -69,7 +69,7 @@ def _process_block(j, m_s, l_s, acc_s, m_t, l_t, acc_t, q, kv, where, scores, dr
     keep = 0
     if DROPOUT:
         stream_lo, stream_hi, seq_lo, seq_hi, head, rows, threshold = drop
-        keep = dropout_keep(stream_lo, stream_hi, seq_lo, seq_hi, head, rows, j * BLOCK_N, threshold, BLOCK_N)
+        keep = (dropout_draws(stream_lo, stream_hi, seq_lo, seq_hi, head, rows, j * BLOCK_N, BLOCK_N), threshold)
     m_s, l_s, acc_s = fold_block(m_s, l_s, acc_s, q, k, v, pos_q, pos_k, seqlen_k,
                                  qk_scale, softcap_scaled, alibi_slope_log2, window_left, window_right,
                                  MASKED, COMPUTE_DTYPE, ROWWISE, HAS_SOFTCAP, HAS_ALIBI,

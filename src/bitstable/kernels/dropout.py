@@ -76,14 +76,14 @@ def _bytes(r):
 
 
 @triton.jit
-def dropout_keep(stream_lo, stream_hi, seq_lo, seq_hi, head, rows, key_start, threshold,
-                 BLOCK_N: tl.constexpr):
-    """[M, BLOCK_N] bool keep-mask of query rows ``rows`` [M] (``row0 + arange(M)``, positions
-    in the sequence, row0 and M multiples of 16) against keys ``key_start .. key_start +
-    BLOCK_N - 1`` of query head ``head`` (BLOCK_N 16 with ``key_start`` a multiple of 16, or a
-    multiple of 32 with ``key_start`` one too).  ``stream_lo``, ``stream_hi`` (the call's
-    stream key) and ``threshold`` (the 8-bit drop threshold) are 32-bit values in the low
-    bits of int64 arguments (the host sets bit 40 so that Triton always types them int64)."""
+def dropout_draws(stream_lo, stream_hi, seq_lo, seq_hi, head, rows, key_start, BLOCK_N: tl.constexpr):
+    """[M, BLOCK_N] uint32 8-bit draws (0..255) of query rows ``rows`` [M] (``row0 + arange(M)``,
+    positions in the sequence, row0 and M multiples of 16) against keys ``key_start ..
+    key_start + BLOCK_N - 1`` of query head ``head`` (BLOCK_N 16 with ``key_start`` a multiple
+    of 16, or a multiple of 32 with ``key_start`` one too).  ``stream_lo``, ``stream_hi`` (the
+    call's stream key) are 32-bit values in the low bits of int64 arguments (the host sets
+    bit 40 so that Triton always types them int64).  An entry is kept iff its draw is at
+    least the threshold (:func:`dropout_keep`, :func:`drop_weights`)."""
     tl.static_assert(BLOCK_N == 16 or BLOCK_N % 32 == 0, "key tiles of 16 keys or multiples of 32")
     M: tl.constexpr = rows.shape[0]
     R: tl.constexpr = M // 16
@@ -108,7 +108,70 @@ def dropout_keep(stream_lo, stream_hi, seq_lo, seq_hi, head, rows, key_start, th
         x = tl.join(tl.join(_bytes(r0), _bytes(r1)), tl.join(_bytes(r2), _bytes(r3)))  # R, t, G, h, s, i%2, i//2
         x = tl.reshape(x, [R, 8, BLOCK_N // 32, 4, 2, 2, 2, 2])                         # R, t, g, c, h, s, il, ih
         x = tl.reshape(tl.permute(x, (0, 5, 1, 2, 7, 6, 3, 4)), [M, BLOCK_N])           # R, s, t, g, ih, il, c, h
+    return x
+
+
+@triton.jit
+def dropout_keep(stream_lo, stream_hi, seq_lo, seq_hi, head, rows, key_start, threshold,
+                 BLOCK_N: tl.constexpr):
+    """[M, BLOCK_N] bool keep-mask: :func:`dropout_draws` ``>= threshold`` (the 8-bit drop
+    threshold, in the low bits of an int64 argument)."""
+    x = dropout_draws(stream_lo, stream_hi, seq_lo, seq_hi, head, rows, key_start, BLOCK_N)
     return x >= (threshold & 0xFF).to(tl.uint32)
+
+
+# Inline PTX that applies the keep test to four entries at once (``drop_weights`` with
+# ``PACKED``).  Operands after the outputs: the four values, their four
+# draws packed as the bytes of one register (entry j in byte j, as Triton packs 8-bit
+# inputs), the threshold in every byte (four copies), and the same with each byte's top bit
+# cleared (four copies).  Per byte, ``x >= t`` is computed without carries between bytes:
+# ``d = (x | 0x80) - (t & 0x7f)`` has its top bit set iff ``x & 0x7f >= t & 0x7f``, and the
+# comparison's top bit is ``(x & ~t) | (~(x ^ t) & d)`` (LUT 0xB2).  ``prmt`` with the sign
+# flag copies a byte's top bit over a 16-bit lane of a packed pair, and an ``and`` keeps
+# or clears the value: dropped entries become +0, kept ones keep their bits, exactly as ``tl.where(keep, value, 0.0)``.
+_KEEP_TEST = """
+or.b32 d, $X, 0x80808080;
+sub.u32 d, d, $T7;
+lop3.b32 g, $X, $T, d, 0xB2;
+"""
+
+_WEIGHTS_ASM = ("{\n.reg .b32 d, g, m, a;\n" + _KEEP_TEST.replace("$X", "$6").replace("$T7", "$11")
+                .replace("$T", "$7")
+                + "cvt.rn.CVT.f32 a, $3, $2;\nprmt.b32 m, g, 0, 0x9988;\nand.b32 $0, a, m;\n"
+                + "cvt.rn.CVT.f32 a, $5, $4;\nprmt.b32 m, g, 0, 0xBBAA;\nand.b32 $1, a, m;\n}")
+_WEIGHTS_BF16 = tl.constexpr(_WEIGHTS_ASM.replace("CVT", "bf16x2"))
+_WEIGHTS_F16 = tl.constexpr(_WEIGHTS_ASM.replace("CVT", "f16x2"))
+#: 15 operands: two outputs, then values, draws, threshold, threshold without top bits
+_WEIGHTS_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 2 + ["r"] * 13))
+
+
+@triton.jit
+def _threshold_words(draws, threshold):
+    """The threshold in every byte, and the same with each byte's top bit cleared, as
+    uint32 tensors of the shape of ``draws``."""
+    t = (threshold & 0xFF).to(tl.uint32) * 0x01010101
+    zero = tl.zeros(draws.shape, tl.uint32)
+    return zero + t, zero + (t & 0x7F7F7F7F)
+
+
+@triton.jit
+def drop_weights(p, draws, threshold, OUT_DTYPE: tl.constexpr, PACKED: tl.constexpr):
+    """``tl.where(draws >= threshold, p, 0.0).to(OUT_DTYPE)``: the softmax weights ``p`` [M, N]
+    float32 of the value product, with the dropped ones zero, rounded to ``OUT_DTYPE``
+    (round to nearest even).  ``PACKED`` (GPU, 16-bit ``OUT_DTYPE``): the same bits through
+    inline PTX that tests four draws at once and clears dropped entries after the packed
+    conversion; the interpreter and float32 take the plain path."""
+    keep_t = (threshold & 0xFF).to(tl.uint32)
+    if PACKED:
+        t, t7 = _threshold_words(draws, threshold)
+        if OUT_DTYPE == tl.bfloat16:
+            return tl.inline_asm_elementwise(_WEIGHTS_BF16.value, _WEIGHTS_CONSTRAINTS.value,
+                                             [p, draws.to(tl.uint8), t, t7], dtype=tl.bfloat16, is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(_WEIGHTS_F16.value, _WEIGHTS_CONSTRAINTS.value,
+                                             [p, draws.to(tl.uint8), t, t7], dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        return tl.where(draws >= keep_t, p, 0.0).to(OUT_DTYPE)
 
 
 @triton.jit(do_not_specialize=["stream_lo", "stream_hi"])   # a new stream key per call: one variant
