@@ -116,8 +116,13 @@ def dropout_keep(stream_lo, stream_hi, seq_lo, seq_hi, head, rows, key_start, th
                  BLOCK_N: tl.constexpr):
     """[M, BLOCK_N] bool keep-mask: :func:`dropout_draws` ``>= threshold`` (the 8-bit drop
     threshold, in the low bits of an int64 argument)."""
-    x = dropout_draws(stream_lo, stream_hi, seq_lo, seq_hi, head, rows, key_start, BLOCK_N)
-    return x >= (threshold & 0xFF).to(tl.uint32)
+    return _kept(dropout_draws(stream_lo, stream_hi, seq_lo, seq_hi, head, rows, key_start, BLOCK_N), threshold)
+
+
+@triton.jit
+def _kept(draws, threshold):
+    """The keep test itself: ``draws`` (uint32, 0..255) at least the 8-bit ``threshold``."""
+    return draws >= (threshold & 0xFF).to(tl.uint32)
 
 
 # Inline PTX that applies the keep test to four entries at once (``drop_weights`` with
@@ -128,7 +133,8 @@ def dropout_keep(stream_lo, stream_hi, seq_lo, seq_hi, head, rows, key_start, th
 # ``d = (x | 0x80) - (t & 0x7f)`` has its top bit set iff ``x & 0x7f >= t & 0x7f``, and the
 # comparison's top bit is ``(x & ~t) | (~(x ^ t) & d)`` (LUT 0xB2).  ``prmt`` with the sign
 # flag copies a byte's top bit over a 16-bit lane of a packed pair, and an ``and`` keeps
-# or clears the value: dropped entries become +0, kept ones keep their bits, exactly as ``tl.where(keep, value, 0.0)``.
+# or clears the value: dropped entries become +0, kept ones keep their bits, exactly as
+# ``tl.where(keep, value, 0.0)``.
 _KEEP_TEST = """
 or.b32 d, $X, 0x80808080;
 sub.u32 d, d, $T7;
@@ -161,7 +167,6 @@ def drop_weights(p, draws, threshold, OUT_DTYPE: tl.constexpr, PACKED: tl.conste
     (round to nearest even).  ``PACKED`` (GPU, 16-bit ``OUT_DTYPE``): the same bits through
     inline PTX that tests four draws at once and clears dropped entries after the packed
     conversion; the interpreter and float32 take the plain path."""
-    keep_t = (threshold & 0xFF).to(tl.uint32)
     if PACKED:
         t, t7 = _threshold_words(draws, threshold)
         if OUT_DTYPE == tl.bfloat16:
@@ -171,7 +176,7 @@ def drop_weights(p, draws, threshold, OUT_DTYPE: tl.constexpr, PACKED: tl.conste
             return tl.inline_asm_elementwise(_WEIGHTS_F16.value, _WEIGHTS_CONSTRAINTS.value,
                                              [p, draws.to(tl.uint8), t, t7], dtype=tl.float16, is_pure=True, pack=4)
     else:
-        return tl.where(draws >= keep_t, p, 0.0).to(OUT_DTYPE)
+        return tl.where(_kept(draws, threshold), p, 0.0).to(OUT_DTYPE)
 
 
 @triton.jit(do_not_specialize=["stream_lo", "stream_hi"])   # a new stream key per call: one variant
